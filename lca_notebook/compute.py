@@ -1,0 +1,467 @@
+"""Full-data gradients along the recorded path, and the loop over iterations that turns them into LCA.
+
+Every tensor that moves along the path is packed into one flat vector ``theta`` (in
+``named_parameters`` order, selected parameters first), so a point of the path is one
+``a + s * d`` and one ``torch.autograd.grad`` returns the whole gradient. The model is evaluated at
+any ``theta`` with ``torch.func.functional_call``: the user's module is never written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+
+from . import data as data_mod
+from .quadrature import check_method, refinement_points
+from .trajectory import Trajectory, as_trajectory
+
+BATCHNORM_MODES = ("eval", "batch")
+
+
+@dataclass
+class PathSpec:
+    """Which tensors move along the path and where each sits in the flat vector."""
+
+    names: list[str]  # path tensors, in flat order: selected params, other trainable, buffers, frozen
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    with_grad: list[bool]  # gradient taken (frozen params and, in "batch" mode, buffers are not)
+    n_selected_tensors: int
+    dtype: torch.dtype  # dtype of the flat vector
+    aliases: dict[str, str]  # every name the model knows (tied weights too) -> its primary name
+    fixed_names: set[str] = field(default_factory=set)  # in snapshot 0 but not floating: taken per snapshot
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def n_selected(self) -> int:
+        return sum(self.numels[: self.n_selected_tensors])
+
+    @property
+    def selected(self) -> list[tuple[str, torch.Size]]:
+        return list(zip(self.names, self.shapes))[: self.n_selected_tensors]
+
+
+def _select(model: torch.nn.Module, parameters) -> tuple[list[str], list[str], list[str]]:
+    """Split the model's (deduplicated) parameters into selected, other trainable and frozen names."""
+    named = list(model.named_parameters())  # remove_duplicate=True: a tied tensor counts once
+    trainable = [n for n, p in named if p.requires_grad]
+    frozen = [n for n, p in named if not p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no trainable parameters (requires_grad=True): nothing to allocate the loss change to"
+        )
+    if parameters is None:
+        return trainable, [], frozen
+    patterns = [parameters] if isinstance(parameters, str) else list(parameters)
+    selected = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not selected:
+        raise ValueError(f"parameters={patterns!r} match none of the model's trainable parameters: {', '.join(trainable)}")
+    return selected, [n for n in trainable if n not in selected], frozen
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    primary: dict[int, str] = {}
+    out = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        out[name] = primary.setdefault(id(t), name)
+    return out
+
+
+def _canonical(snapshot, aliases, where: str) -> dict[str, torch.Tensor]:
+    out = {}
+    unknown = []
+    for key, value in snapshot.items():
+        name = aliases.get(key)
+        if name is None:
+            unknown.append(key)
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+        else:
+            out.setdefault(name, value)
+    if unknown:
+        hint = ""
+        if all(k.startswith("module.") for k in unknown):
+            hint = " (they start with 'module.': strip that prefix left by DataParallel/DistributedDataParallel)"
+        raise ValueError(f"{where} holds tensors the model does not have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}{hint}")
+    return out
+
+
+def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0") -> PathSpec:
+    selected, other, frozen = _select(model, parameters)
+    aliases = _aliases(model)
+    snap = _canonical(snapshot0, aliases, where)
+    missing = [n for n in selected + other if n not in snap]
+    if missing:
+        raise ValueError(
+            f"{where} has no tensor {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+            "every trainable parameter of the model must be in each snapshot"
+        )
+    buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
+    frozen = [n for n in frozen if n in snap]
+    names = selected + other + buffers + frozen
+    module_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for n in names:
+        if tuple(snap[n].shape) != tuple(module_tensors[n].shape):
+            raise ValueError(f"{where}: tensor {n!r} has shape {tuple(snap[n].shape)} but the model's has {tuple(module_tensors[n].shape)}")
+    dtypes = [module_tensors[n].dtype if module_tensors[n].is_floating_point() else torch.float32 for n in names]
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
+    with_grad = [True] * (len(selected) + len(other)) + [batchnorm == "eval"] * len(buffers) + [False] * len(frozen)
+    fixed = {n for n in snap if n not in names}
+    return PathSpec(names, [module_tensors[n].shape for n in names], dtypes, with_grad, len(selected), dtype, aliases, fixed)
+
+
+class _DifferentiableBatchNorm(TorchFunctionMode):
+    """Eval-mode batch norm written out, so running statistics that move along the path get a
+    gradient (``native_batch_norm`` refuses one) and their share of the loss change is counted."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    if training or running_mean is None or not (running_mean.requires_grad or running_var.requires_grad):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    y = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+@contextlib.contextmanager
+def _fixed_function(model: torch.nn.Module, batchnorm: str):
+    """Dropout off, BatchNorm in eval (or, on request, batch-statistics) mode; flags restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        if batchnorm == "batch":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class Evaluator:
+    """Full-data mean loss and its gradient with respect to the flat path vector.
+
+    ``evaluations`` counts full-data gradient evaluations (each is one pass over all batches).
+    """
+
+    def __init__(self, model, batches, loss_fn, spec: PathSpec, device, batchnorm="eval"):
+        self.model, self.batches, self.loss_fn, self.spec = model, batches, loss_fn, spec
+        self.n = data_mod.n_samples(batches)
+        self.batchnorm = batchnorm
+        path = set(spec.names)
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        # Tensors not in the snapshots stay at the model's current values (moved to device once).
+        self.fixed = {n: t.detach().to(device) for n, t in own.items() if n not in path}
+        self.evaluations = 0
+        own_params = dict(model.named_parameters())
+        self._bn_mode = batchnorm == "eval" and any(n not in own_params for n in spec.names)
+        self._checked = False
+
+    def tensors(self, leaf: torch.Tensor, extras: dict) -> dict:
+        spec = self.spec
+        out = dict(self.fixed)
+        out.update(extras)
+        for name, piece, shape, dtype, grad in zip(spec.names, torch.split(leaf, spec.numels), spec.shapes, spec.dtypes, spec.with_grad):
+            t = piece.view(shape)
+            if not grad:
+                t = t.detach()
+            out[name] = t if dtype == spec.dtype else t.to(dtype)
+        if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
+            for name, b in self.model.named_buffers():
+                if name in out:
+                    out[name] = out[name].detach().clone()
+        return out
+
+    def __call__(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, torch.Tensor]:
+        leaf = theta.detach().requires_grad_(True)
+        tensors = self.tensors(leaf, extras)
+        total = torch.zeros((), dtype=torch.float64, device=theta.device)
+        grad = None
+        mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
+        with mode:
+            for b in self.batches:
+                out = functional_call(self.model, tensors, b.args, b.kwargs)
+                loss = self.loss_fn(out, b.target)
+                if not self._checked:
+                    self._check_loss(loss)
+                (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+                if g is None:
+                    g = torch.zeros_like(leaf)
+                w = b.size / self.n
+                if grad is None:
+                    grad = g if w == 1.0 else g.mul_(w)
+                else:
+                    grad.add_(g, alpha=w)
+                total += loss.detach().double() * w
+        self.evaluations += 1
+        value = float(total)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
+        return value, grad
+
+    def _check_loss(self, loss):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean' or add .mean()"
+            )
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a tensor with no gradient: it must be computed from the model's outputs without .detach()")
+        self._checked = True
+
+
+class SnapshotReader:
+    """Reads snapshot k of a trajectory into (flat vector, non-floating extras), checking it."""
+
+    def __init__(self, traj: Trajectory, spec: PathSpec, device):
+        self.traj, self.spec, self.device = traj, spec, device
+
+    def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
+        spec, where = self.spec, self.traj.describe(k)
+        snap = _canonical(self.traj[k], spec.aliases, where)
+        parts = []
+        for name, shape in zip(spec.names, spec.shapes):
+            t = snap.get(name)
+            if t is None:
+                raise ValueError(f"{where} has no tensor {name!r}, which snapshot 0 has")
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
+        flat = torch.cat(parts)
+        if not bool(torch.isfinite(flat).all()):
+            for name, piece in zip(spec.names, torch.split(flat, spec.numels)):
+                if not bool(torch.isfinite(piece).all()):
+                    bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
+                    raise ValueError(f"{where} (iteration {k}): tensor {name!r} holds {bad}")
+        extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
+        return flat, extras
+
+
+@dataclass
+class IterationResult:
+    t: int
+    lca: torch.Tensor  # selected parameters, flat
+    rest: float  # LCA of the path tensors outside `lca` (other parameters, running statistics)
+    residual: float
+    splits: int
+    loss_end: float
+    evaluations: int
+
+
+def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *, method: str, tol: float, max_splits: int):
+    """Yield the loss at snapshot ``start``, then one :class:`IterationResult` per iteration in ``[start, stop)``."""
+    spec = evaluate.spec
+    p_sel = spec.n_selected
+    a, extras_a = read(start)
+    loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
+    yield loss_a
+    for t in range(start, stop):
+        before = evaluate.evaluations
+        b, extras_b = read(t + 1)
+        loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
+        d = b - a
+        change = loss_b - loss_a
+        pieces = 1
+        if method == "first_order":
+            avg = g_a
+        elif method == "trapezoid":
+            avg = (g_a + g_b).mul_(0.5)
+        else:
+            # Composite Simpson kept as running sums: ends E, current midpoints A, older interior B.
+            # Weighted sum = (E + 4A + 2B) / (6n); doubling n turns A into interior points.
+            ends = g_a + g_b
+            mids = evaluate(a + 0.5 * d, extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
+            interior = torch.zeros_like(ends)
+            while True:
+                avg = (ends + 4 * mids + 2 * interior) / (6 * pieces)
+                residual = float(torch.dot(d.double(), avg.double())) - change
+                if method != "adaptive" or abs(residual) <= tol or pieces >= max_splits:
+                    break
+                interior += mids
+                mids = torch.zeros_like(ends)
+                for s in refinement_points(pieces):
+                    mids += evaluate(a + float(s) * d, extras_a, f"s={s:g} between snapshots {t} and {t + 1}")[1]
+                pieces *= 2
+        lca_all = d * avg
+        total = float(lca_all.double().sum())
+        selected = lca_all[:p_sel]
+        rest = total - float(selected.double().sum())
+        yield IterationResult(t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before)
+        a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
+
+
+def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
+    """Coordinates on the flat ``parameter`` dimension: tensor, layer, unit, index."""
+    tensors, layers, units, index = [], [], [], []
+    for name, shape in spec.selected:
+        n = math.prod(shape)
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        idx = np.arange(n)
+        per_unit = n // shape[0] if len(shape) and shape[0] else n
+        tensors.append(np.full(n, name, dtype=object))
+        layers.append(np.full(n, layer, dtype=object))
+        units.append(idx // max(per_unit, 1) if len(shape) else np.zeros(n, dtype=np.int64))
+        index.append(idx)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return {
+        "tensor": cat(tensors, str),
+        "layer": cat(layers, str),
+        "unit": cat(units, np.int64),
+        "index": cat(index, np.int64),
+    }
+
+
+def analyze(
+    model: torch.nn.Module,
+    data,
+    trajectory,
+    *,
+    loss_fn=None,
+    method: str = "adaptive",
+    tol: float = 1e-3,
+    max_splits: int = 32,
+    batch_size: int | None = None,
+    device=None,
+    parameters=None,
+    batchnorm: str = "eval",
+    store=None,
+    progress: bool = True,
+):
+    """Loss Change Allocation of every parameter at every iteration of a recorded training run.
+
+    ``LCA[t, i] = (theta_{t+1} - theta_t)_i * average over the segment of dL/dtheta_i``, with ``L``
+    the mean of ``loss_fn`` over all of ``data``; summed over parameters it is the loss change of
+    iteration ``t`` up to the quadrature error, reported per iteration as ``residual``.
+
+    Parameters
+    ----------
+    model: the ``nn.Module`` that was trained. It is never modified (evaluated with
+        ``torch.func.functional_call``).
+    data: ``(inputs, targets)`` tensors, a ``Dataset``, a ``DataLoader`` or an iterable of
+        ``(inputs, targets)`` batches. The gradient is that of the mean loss over all of it.
+    trajectory: T+1 snapshots (``state_dict``\\ s or dicts of parameters), a :class:`Trajectory`,
+        a recorder from :func:`lca_notebook.record`, or a directory / list of checkpoint files.
+    loss_fn: ``loss_fn(outputs, targets) -> scalar mean``; default cross-entropy. Any loss works.
+    method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
+        pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
+    batch_size: split the data into batches of this size (memory only; the result does not change).
+    device: where to compute (default: the model's device).
+    parameters: glob patterns (``"fc1.*"``) restricting which parameters get LCA; the others'
+        share goes into ``lca_rest``.
+    batchnorm: "eval" (running statistics of each snapshot, interpolated along the segment, their
+        share of the loss change in ``lca_rest``) or "batch" (batch statistics of each data batch).
+    store: path of a zarr store to stream the result into (resumable); the result is opened lazily.
+    progress: show a tqdm progress bar.
+
+    Example
+    -------
+    >>> import torch, lca_notebook as lca
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
+    >>> for _ in range(5):
+    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    ...     snaps.append({k: v.clone() for k, v in model.state_dict().items()})
+    >>> result = lca.analyze(model, (x, y), snaps, progress=False)
+    >>> result.lca.shape
+    (5, 15)
+    >>> bool(abs(result.residual).max() < 1e-3)
+    True
+    """
+    method = check_method(method)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if not (isinstance(max_splits, int) and max_splits >= 1):
+        raise ValueError(f"max_splits must be a positive int, got {max_splits!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    traj = as_trajectory(trajectory)
+    if len(traj) < 2:
+        raise ValueError(f"the trajectory has {len(traj)} snapshot(s): LCA needs at least two (T+1 snapshots give T iterations)")
+    loss_fn = loss_fn or F.cross_entropy
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    spec = build_spec(model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0))
+    batches = data_mod.batches(data, batch_size=batch_size, device=device)
+    config = {
+        "method": method,
+        "tol": float(tol),
+        "max_splits": int(max_splits),
+        "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+        "batchnorm": batchnorm,
+        "n_samples": data_mod.n_samples(batches),
+        "model": type(model).__name__,
+    }
+    from .result import MemorySink  # result depends on nothing here; imported late to keep layering obvious
+
+    if store is not None:
+        from .store import StoreSink
+
+        sink = StoreSink(store, spec=spec, traj=traj, batches=batches, config=config)
+    else:
+        sink = MemorySink(spec, len(traj), config, steps=traj.steps)
+    with _fixed_function(model, batchnorm):
+        evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
+        run(evaluate, SnapshotReader(traj, spec, device), sink, method=method, tol=tol, max_splits=max_splits, progress=progress)
+    return sink.finish()
+
+
+def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=None, stop=None):
+    """Drive :func:`iterate` from the sink's first missing iteration and hand each row to the sink."""
+    from tqdm.auto import tqdm
+
+    start = sink.resume_from() if start is None else start
+    stop = sink.n_iterations if stop is None else stop
+    if start >= stop:
+        return
+    t0 = time.perf_counter()
+    bar = tqdm(total=stop - start, desc="LCA", unit="it", disable=not progress, leave=False)
+    done = start
+    try:
+        steps = iterate(evaluate, read, start, stop, method=method, tol=tol, max_splits=max_splits)
+        sink.write_loss(start, next(steps))
+        for row in steps:
+            sink.write(row)
+            done = row.t + 1
+            bar.update(1)
+    except BaseException as exc:
+        sink.interrupted(done)
+        if getattr(sink, "partial", None) is not None:
+            exc.partial_result = sink.partial
+        if done > start and hasattr(exc, "add_note"):
+            exc.add_note(f"lca_notebook: iterations {start}..{done - 1} were computed before this error; {sink.where_kept()}")
+        raise
+    finally:
+        bar.close()
+    sink.seconds += time.perf_counter() - t0
+    sink.evaluations += evaluate.evaluations

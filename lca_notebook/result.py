@@ -1,0 +1,403 @@
+"""``LCAResult``: the xarray object ``analyze`` returns, and every sum the mission names.
+
+The dataset (see the README's "result contract"):
+
+- ``lca`` (iteration, parameter): LCA of each scalar parameter at each iteration
+- ``loss`` (checkpoint): full-data loss at each of the T+1 snapshots
+- ``residual`` (iteration): sum of all LCA at the iteration minus the actual loss change
+- ``lca_rest`` (iteration): LCA of path tensors outside ``lca`` (parameters left out with
+  ``parameters=``, BatchNorm running statistics), so ``lca.sum("parameter") + lca_rest - residual``
+  is exactly the loss change
+- ``splits`` (iteration): quadrature pieces used; ``evaluations`` (iteration): gradient evaluations
+
+Coordinates on ``parameter``: ``tensor``, ``layer``, ``unit`` (index along dim 0 of the tensor: the
+output neuron or channel) and ``index`` (position in ``tensor.flatten()``).
+
+Sums over iteration ranges use prefix sums (``(T+1, groups)`` cumulative arrays, float64), so any
+range costs one subtraction. A stored result keeps them on disk; an in-memory one builds them on
+first use.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import numpy as np
+import xarray as xr
+
+#: Granularities a sum can be taken at, finest first.
+GRANULARITIES = ("parameter", "unit", "tensor", "layer", "total")
+
+_ROWS = 256  # iterations per block when streaming over (iteration, parameter)
+
+
+class LCAResult:
+    """Loss Change Allocation of a training run, over an ``xarray.Dataset``.
+
+    >>> import lca_notebook as lca, numpy as np
+    >>> r = lca.LCAResult.example()  # a small hand-made result
+    >>> r.total(by="layer").values.round(3).tolist()
+    [-0.6, 0.2]
+    >>> r.sel(layer="fc2").shape
+    (3, 2)
+    """
+
+    def __init__(self, dataset: xr.Dataset):
+        missing = {"lca", "loss", "residual"} - set(dataset.data_vars)
+        if missing:
+            raise ValueError(f"not an LCA result: the dataset has no {', '.join(sorted(missing))}")
+        self.dataset = dataset
+        self._prefix_cache: dict[str, np.ndarray] = {}
+
+    # -- plain access ---------------------------------------------------------------------------
+    @property
+    def lca(self) -> xr.DataArray:
+        return self.dataset["lca"]
+
+    @property
+    def loss(self) -> xr.DataArray:
+        return self.dataset["loss"]
+
+    @property
+    def residual(self) -> xr.DataArray:
+        return self.dataset["residual"]
+
+    @property
+    def splits(self) -> xr.DataArray:
+        return self.dataset["splits"]
+
+    @property
+    def lca_rest(self) -> xr.DataArray:
+        if "lca_rest" in self.dataset:
+            return self.dataset["lca_rest"]
+        return xr.zeros_like(self.residual)
+
+    @property
+    def n_iterations(self) -> int:
+        return self.dataset.sizes["iteration"]
+
+    @property
+    def n_parameters(self) -> int:
+        return self.dataset.sizes["parameter"]
+
+    @property
+    def attrs(self) -> dict:
+        return self.dataset.attrs
+
+    @cached_property
+    def _coords(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(self.dataset[k].values) for k in ("tensor", "layer", "unit", "index")}
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._groups("layer")[1])
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(self._groups("tensor")[1])
+
+    def __repr__(self) -> str:
+        a = self.attrs
+        res = np.abs(np.asarray(self.residual.values)) if self.n_iterations else np.zeros(1)
+        return (
+            f"<LCAResult: {self.n_iterations} iterations x {self.n_parameters} parameters in {len(self.layers)} layers, "
+            f"method={a.get('method')}, loss {float(self.loss[0]):.4g} -> {float(self.loss[-1]):.4g}, "
+            f"max |residual| {res.max():.2e}>"
+        )
+
+    def sel(self, **indexers) -> xr.DataArray:
+        """``lca`` restricted by coordinate: ``layer=``, ``tensor=``, ``unit=`` (on parameters, a value or
+        a list) and ``iteration=`` (a value, list or slice, by label).
+
+        >>> import lca_notebook as lca
+        >>> lca.LCAResult.example().sel(layer="fc1", unit=0).dims
+        ('iteration', 'parameter')
+        """
+        da = self.lca
+        mask = np.ones(self.n_parameters, dtype=bool)
+        for key in ("layer", "tensor", "unit", "index"):
+            if key in indexers:
+                value = indexers.pop(key)
+                values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+                known = set(self._coords[key].tolist())
+                unknown = [v for v in values if v not in known]
+                if unknown:
+                    raise KeyError(f"no {key} {unknown[0]!r} in this result; it has: {', '.join(map(str, list(dict.fromkeys(self._coords[key].tolist()))[:20]))}")
+                mask &= np.isin(self._coords[key], values)
+        if not mask.all():
+            da = da.isel(parameter=np.flatnonzero(mask))
+        if indexers:
+            da = da.sel(**indexers)
+        return da
+
+    # -- groups ---------------------------------------------------------------------------------
+    def _groups(self, by: str):
+        """(group id of each parameter, group labels, extra coords) for a granularity."""
+        if by not in GRANULARITIES:
+            raise ValueError(f"by must be one of {GRANULARITIES}, got {by!r}")
+        return self._group_table[by]
+
+    @cached_property
+    def _group_table(self):
+        c, p = self._coords, self.n_parameters
+        table = {"parameter": (np.arange(p), np.arange(p), {}), "total": (np.zeros(p, dtype=np.int64), np.array(["total"]), {})}
+        for key in ("tensor", "layer"):
+            labels, first, ids = np.unique(c[key], return_index=True, return_inverse=True)
+            order = np.argsort(first)  # keep model order, not alphabetical
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            table[key] = (rank[ids], labels[order], {})
+        unit_key = np.char.add(np.char.add(c["layer"].astype(str), "["), np.char.add(c["unit"].astype(str), "]"))
+        labels, first, ids = np.unique(unit_key, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        table["unit"] = (rank[ids], labels[order], {"layer": c["layer"][first[order]], "unit_index": c["unit"][first[order]]})
+        return table
+
+    def _reducer(self, by: str):
+        ids, labels, _ = self._groups(by)
+        perm = np.argsort(ids, kind="stable")
+        starts = np.searchsorted(ids[perm], np.arange(len(labels)))
+        return perm, starts
+
+    def group_sum(self, block: np.ndarray, by: str) -> np.ndarray:
+        """Sum a ``(..., parameter)`` array into ``(..., groups)`` in float64."""
+        if by == "parameter":
+            return np.asarray(block, dtype=np.float64)
+        perm, starts = self._reducer(by)
+        block = np.asarray(block, dtype=np.float64)
+        if block.shape[-1] == 0:
+            return np.zeros(block.shape[:-1] + (len(starts),))
+        return np.add.reduceat(block[..., perm], starts, axis=-1)
+
+    def _wrap(self, values: np.ndarray, by: str, iteration=None) -> xr.DataArray:
+        _, labels, extra = self._groups(by)
+        dims, coords = [], {}
+        if iteration is not None:
+            dims.append("iteration")
+            coords["iteration"] = iteration
+        dims.append(by)
+        coords[by] = labels
+        for k, v in extra.items():
+            coords[k] = (by, v)
+        if by == "parameter":
+            for k in ("tensor", "layer", "unit", "index"):
+                coords[k] = ("parameter", self._coords[k])
+        return xr.DataArray(values, dims=dims, coords=coords, name="lca")
+
+    def _blocks(self, start: int = 0, stop: int | None = None):
+        """``(t0, block)`` pairs of ``lca`` rows, read ``_ROWS`` iterations at a time."""
+        stop = self.n_iterations if stop is None else stop
+        for t0 in range(start, stop, _ROWS):
+            yield t0, np.asarray(self.lca[t0 : min(t0 + _ROWS, stop)].values)
+
+    # -- prefix sums ----------------------------------------------------------------------------
+    def prefix(self, by: str = "parameter") -> np.ndarray:
+        """Cumulative LCA ``(T+1, groups)``: row k is the sum over iterations ``[0, k)`` (float64)."""
+        self._groups(by)
+        if by in self._prefix_cache:
+            return self._prefix_cache[by]
+        name = f"prefix_{by}"
+        if name in self.dataset:  # a stored result keeps them (lazy: rows are read on demand)
+            arr = self.dataset[name].data
+        else:
+            ngroups = len(self._groups(by)[1])
+            arr = np.zeros((self.n_iterations + 1, ngroups))
+            for t0, block in self._blocks():
+                sums = self.group_sum(block, by)
+                np.cumsum(sums, axis=0, out=arr[t0 + 1 : t0 + 1 + len(sums)])
+                arr[t0 + 1 : t0 + 1 + len(sums)] += arr[t0]
+        self._prefix_cache[by] = arr
+        return arr
+
+    def _range(self, start, stop) -> tuple[int, int]:
+        t = self.n_iterations
+        start = 0 if start is None else int(start)
+        stop = t if stop is None else int(stop)
+        if start < 0:
+            start += t
+        if stop < 0:
+            stop += t
+        if not 0 <= start <= stop <= t:
+            raise IndexError(f"iteration range [{start}, {stop}) is outside [0, {t}]")
+        return start, stop
+
+    def total(self, by: str = "parameter", start: int | None = None, stop: int | None = None) -> xr.DataArray:
+        """Sum of LCA over iterations ``[start, stop)`` at a granularity: "parameter", "unit" (neuron or
+        channel of a layer), "tensor", "layer" or "total". One subtraction of prefix sums."""
+        start, stop = self._range(start, stop)
+        p = self.prefix(by)
+        values = np.asarray(p[stop], dtype=np.float64) - np.asarray(p[start], dtype=np.float64)
+        return self._wrap(values, by)
+
+    def per_iteration(self, by: str = "layer", start: int | None = None, stop: int | None = None) -> xr.DataArray:
+        """LCA summed at a granularity for each iteration: ``(iteration, groups)``."""
+        start, stop = self._range(start, stop)
+        p = np.asarray(self.prefix(by)[start : stop + 1], dtype=np.float64)
+        return self._wrap(np.diff(p, axis=0), by, iteration=np.arange(start, stop))
+
+    def cumulative(self, by: str = "layer") -> xr.DataArray:
+        """Cumulative LCA over iterations ``(iteration, groups)``: row t sums iterations ``0..t``."""
+        p = np.asarray(self.prefix(by)[1:], dtype=np.float64)
+        return self._wrap(p, by, iteration=np.arange(self.n_iterations))
+
+    def fractions(self, by: str = "total", start: int | None = None, stop: int | None = None) -> xr.Dataset:
+        """Fractions of parameters that help (LCA < 0), hurt (> 0) or do not move the loss (== 0) at each
+        iteration, over all parameters (``by="total"``) or per layer/tensor/unit: ``(iteration, groups)``."""
+        start, stop = self._range(start, stop)
+        ids, labels, _ = self._groups(by)
+        counts = np.bincount(ids, minlength=len(labels)).astype(np.float64)
+        out = {k: np.zeros((stop - start, len(labels))) for k in ("helped", "hurt", "zero")}
+        for t0, block in self._blocks(start, stop):
+            rows = slice(t0 - start, t0 - start + len(block))
+            out["helped"][rows] = self.group_sum(block < 0, by) / counts
+            out["hurt"][rows] = self.group_sum(block > 0, by) / counts
+        out["zero"] = 1.0 - out["helped"] - out["hurt"]
+        it = np.arange(start, stop)
+        ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
+        return ds.squeeze("total", drop=True) if by == "total" else ds
+
+    def reconstructed_loss(self) -> xr.DataArray:
+        """The loss curve rebuilt from the first loss plus cumulative LCA (parameters and ``lca_rest``).
+        It differs from ``loss`` by the cumulative residual."""
+        per_it = np.diff(np.asarray(self.prefix("total"))[:, 0]) + np.asarray(self.lca_rest.values, dtype=np.float64)
+        values = float(self.loss[0]) + np.concatenate([[0.0], np.cumsum(per_it)])
+        return xr.DataArray(values, dims=["checkpoint"], coords={"checkpoint": self.loss["checkpoint"].values}, name="reconstructed_loss")
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path) -> str:
+        """Write the result to ``path``: netCDF when it ends in ``.nc``, else a zarr store. Lossless.
+
+        >>> import lca_notebook as lca, tempfile, os
+        >>> r = lca.LCAResult.example()
+        >>> p = r.save(os.path.join(tempfile.mkdtemp(), "run.nc"))
+        >>> lca.open(p).lca.equals(r.lca)
+        True
+        """
+        path = os.fspath(path)
+        ds = self.dataset.drop_vars([v for v in self.dataset.data_vars if str(v).startswith("prefix_")])
+        if path.endswith(".nc"):
+            ds.to_netcdf(path, engine="h5netcdf")
+        else:
+            ds.to_zarr(path, mode="w", consolidated=True)
+        return path
+
+    @staticmethod
+    def example() -> "LCAResult":
+        """A tiny hand-made result (3 iterations, 2 layers) for docs and experiments."""
+        lca = np.array(
+            [[-0.2, -0.1, 0.0, 0.1, -0.05, 0.05], [-0.1, -0.1, 0.0, 0.05, 0.0, 0.0], [0.0, -0.1, 0.0, 0.0, 0.0, 0.05]],
+            dtype=np.float32,
+        )
+        loss = np.array([2.0, 1.8, 1.65, 1.6])
+        coords = {
+            "tensor": ["fc1.weight"] * 2 + ["fc1.bias"] * 2 + ["fc2.weight"] * 2,
+            "layer": ["fc1"] * 4 + ["fc2"] * 2,
+            "unit": [0, 1, 0, 1, 0, 0],
+            "index": [0, 1, 0, 1, 0, 1],
+        }
+        return from_arrays(lca, loss, coords, attrs={"method": "example"})
+
+
+def from_arrays(lca, loss, coords, *, residual=None, lca_rest=None, splits=None, evaluations=None, steps=None, attrs=None) -> LCAResult:
+    """Build an :class:`LCAResult` from plain arrays (``coords``: tensor, layer, unit, index per parameter)."""
+    lca = np.asarray(lca)
+    loss = np.asarray(loss, dtype=np.float64)
+    t, p = lca.shape
+    if loss.shape != (t + 1,):
+        raise ValueError(f"loss must have T+1 = {t + 1} values, got {loss.shape}")
+    rest = np.zeros(t) if lca_rest is None else np.asarray(lca_rest, dtype=np.float64)
+    if residual is None:
+        residual = lca.sum(axis=1, dtype=np.float64) + rest - np.diff(loss)
+    ds = xr.Dataset(
+        {
+            "lca": (("iteration", "parameter"), lca),
+            "loss": (("checkpoint",), loss),
+            "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
+            "lca_rest": (("iteration",), rest),
+            "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
+            "evaluations": (("iteration",), np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32)),
+        },
+        coords={
+            "iteration": np.arange(t),
+            "checkpoint": np.arange(t + 1),
+            "parameter": np.arange(p),
+            **{k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64)) for k in ("tensor", "layer", "unit", "index")},
+        },
+        attrs=dict(attrs or {}),
+    )
+    if steps is not None:
+        ds = ds.assign_coords(step=("checkpoint", np.asarray(steps, dtype=np.int64)))
+    return LCAResult(ds)
+
+
+class MemorySink:
+    """Collects iterations in memory for ``analyze`` without ``store=``."""
+
+    def __init__(self, spec, n_snapshots: int, config: dict, steps=None):
+        from .compute import parameter_coords
+
+        self.n_iterations = n_snapshots - 1
+        self.coords = parameter_coords(spec)
+        dtype = np.float64 if str(spec.dtype) == "torch.float64" else np.float32
+        t = self.n_iterations
+        self.lca = np.zeros((t, spec.n_selected), dtype=dtype)
+        self.loss = np.full(t + 1, np.nan)
+        self.residual, self.rest = np.zeros(t), np.zeros(t)
+        self.splits, self.evals = np.zeros(t, np.int32), np.zeros(t, np.int32)
+        self.config, self.steps = config, steps
+        self.seconds, self.evaluations = 0.0, 0
+        self.partial: LCAResult | None = None
+
+    def resume_from(self) -> int:
+        return 0
+
+    def write_loss(self, k: int, value: float):
+        self.loss[k] = value
+
+    def write(self, row):
+        t = row.t
+        self.lca[t] = row.lca.detach().cpu().numpy()
+        self.loss[t + 1] = row.loss_end
+        self.residual[t], self.rest[t] = row.residual, row.rest
+        self.splits[t], self.evals[t] = row.splits, row.evaluations
+
+    def interrupted(self, done: int):
+        if done > 0:
+            self.partial = self._result(done)
+
+    def where_kept(self) -> str:
+        return "they are kept in this exception's .partial_result (an LCAResult)"
+
+    def _result(self, t: int) -> LCAResult:
+        attrs = dict(self.config, gradient_evaluations=int(self.evaluations), seconds=float(self.seconds))
+        steps = self.steps[: t + 1] if self.steps is not None else None
+        return from_arrays(
+            self.lca[:t], self.loss[: t + 1], self.coords, residual=self.residual[:t], lca_rest=self.rest[:t],
+            splits=self.splits[:t], evaluations=self.evals[:t], steps=steps, attrs=attrs,
+        )
+
+    def finish(self) -> LCAResult:
+        return self._result(self.n_iterations)
+
+
+def open(path) -> LCAResult:  # noqa: A001 - the public name is lca_notebook.open
+    """Open a result saved with :meth:`LCAResult.save` or computed into a store (``analyze(store=...)``).
+
+    Nothing is read into memory until used.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no LCA result at {path!r}")
+    try:
+        if path.endswith(".nc"):
+            ds = xr.open_dataset(path, engine="h5netcdf")
+        else:
+            from .store import open_store
+
+            return open_store(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path!r} is not a readable LCA result ({type(exc).__name__}: {exc})") from exc
+    return LCAResult(ds)
