@@ -79,9 +79,9 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def _canonical(snapshot, aliases, where: str) -> dict[str, torch.Tensor]:
-    out = {}
-    unknown = []
+def _canonical(snapshot, aliases, where: str, expected=()) -> dict[str, torch.Tensor]:
+    """The snapshot keyed by primary names (tied weights under one name), checked against the model."""
+    out, unknown = {}, []
     for key, value in snapshot.items():
         name = aliases.get(key)
         if name is None:
@@ -90,24 +90,25 @@ def _canonical(snapshot, aliases, where: str) -> dict[str, torch.Tensor]:
             raise TypeError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
         else:
             out.setdefault(name, value)
+    extra = ""
     if unknown:
-        hint = ""
+        extra = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         if all(k.startswith("module.") for k in unknown):
-            hint = " (they start with 'module.': strip that prefix left by DataParallel/DistributedDataParallel)"
-        raise ValueError(f"{where} holds tensors the model does not have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}{hint}")
+            extra += " (they start with 'module.': strip that prefix left by DataParallel/DistributedDataParallel)"
+    missing = [n for n in expected if n not in out]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        also = f"; it holds tensors the model does not have: {extra}" if unknown else ""
+        raise ValueError(f"{where} has no tensor {missing[0]!r}{more}{also}")
+    if unknown:
+        raise ValueError(f"{where} holds tensors the model does not have: {extra}")
     return out
 
 
 def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0") -> PathSpec:
     selected, other, frozen = _select(model, parameters)
     aliases = _aliases(model)
-    snap = _canonical(snapshot0, aliases, where)
-    missing = [n for n in selected + other if n not in snap]
-    if missing:
-        raise ValueError(
-            f"{where} has no tensor {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-            "every trainable parameter of the model must be in each snapshot"
-        )
+    snap = _canonical(snapshot0, aliases, where, expected=selected + other)
     buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
     frozen = [n for n in frozen if n in snap]
     names = selected + other + buffers + frozen
@@ -243,12 +244,10 @@ class SnapshotReader:
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
         spec, where = self.spec, self.traj.describe(k)
-        snap = _canonical(self.traj[k], spec.aliases, where)
+        snap = _canonical(self.traj[k], spec.aliases, where, expected=spec.names)
         parts = []
         for name, shape in zip(spec.names, spec.shapes):
-            t = snap.get(name)
-            if t is None:
-                raise ValueError(f"{where} has no tensor {name!r}, which snapshot 0 has")
+            t = snap[name]
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
