@@ -1,0 +1,91 @@
+"""LCAResult's sums, fractions and persistence against plain numpy on the raw array."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import lca_notebook as lca
+from lca_notebook.result import from_arrays
+
+
+@pytest.fixture(scope="module")
+def result():
+    rng = np.random.default_rng(0)
+    # conv-like (4 channels x 3 x 2 x 2), its bias, a linear layer (5 x 12) and its bias
+    shapes = {"conv.weight": (4, 3, 2, 2), "conv.bias": (4,), "fc.weight": (5, 12), "fc.bias": (5,)}
+    tensor, layer, unit, index = [], [], [], []
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        tensor += [name] * n
+        layer += [name.split(".")[0]] * n
+        unit += list(np.arange(n) // (n // shape[0]))
+        index += list(range(n))
+    T = 700  # more than one block of rows
+    values = rng.normal(size=(T, len(tensor))).astype(np.float32) * 1e-3
+    values[:, ::7] = 0.0  # parameters that did not move
+    loss = 2.0 + np.concatenate([[0], np.cumsum(values.sum(1, dtype=np.float64))]) + rng.normal(size=T + 1) * 1e-6
+    return from_arrays(values, loss, {"tensor": tensor, "layer": layer, "unit": unit, "index": index}, attrs={"method": "simpson"})
+
+
+def test_sel_gives_a_layer_block(result):
+    block = result.sel(layer="fc")
+    mask = result.dataset["layer"].values == "fc"
+    np.testing.assert_array_equal(block.values, result.lca.values[:, mask])
+    assert result.sel(layer="conv", unit=2, iteration=slice(3, 5)).shape == (3, 13)
+    with pytest.raises(KeyError, match="no layer 'fc9'.*conv, fc"):
+        result.sel(layer="fc9")
+
+
+@pytest.mark.parametrize("start,stop", [(None, None), (0, 1), (5, 600), (650, 700), (10, 10)])
+def test_range_sums_at_every_granularity(result, start, stop):
+    raw = result.lca.values.astype(np.float64)[slice(start, stop)].sum(axis=0)
+    coords = {k: result.dataset[k].values for k in ("tensor", "layer", "unit")}
+    np.testing.assert_allclose(result.total("parameter", start, stop).values, raw, atol=1e-9)
+    for name in ("conv.weight", "fc.bias"):
+        assert result.total("tensor", start, stop).sel(tensor=name).item() == pytest.approx(raw[coords["tensor"] == name].sum(), abs=1e-9)
+    by_layer = result.total("layer", start, stop)
+    assert by_layer["layer"].values.tolist() == ["conv", "fc"]
+    assert by_layer.sel(layer="fc").item() == pytest.approx(raw[coords["layer"] == "fc"].sum(), abs=1e-9)
+    units = result.total("unit", start, stop)
+    assert units.sizes["unit"] == 4 + 5
+    # fc's neuron 3: row 3 of the weight and element 3 of the bias
+    m = (coords["layer"] == "fc") & (coords["unit"] == 3)
+    assert units.sel(unit="fc[3]").item() == pytest.approx(raw[m].sum(), abs=1e-9)
+    assert units.sel(unit="fc[3]")["unit_index"].item() == 3
+    assert result.total("total", start, stop).item() == pytest.approx(raw.sum(), abs=1e-8)
+
+
+def test_per_iteration_cumulative_and_fractions(result):
+    values = result.lca.values.astype(np.float64)
+    fc = result.dataset["layer"].values == "fc"
+    per_it = result.per_iteration("layer", 100, 300)
+    np.testing.assert_allclose(per_it.sel(layer="fc").values, values[100:300, fc].sum(1), atol=1e-10)
+    np.testing.assert_allclose(result.cumulative("layer").sel(layer="fc").values, np.cumsum(values[:, fc].sum(1)), atol=1e-9)
+    f = result.fractions()
+    np.testing.assert_allclose(f.helped.values, (values < 0).mean(1))
+    np.testing.assert_allclose(f.hurt.values, (values > 0).mean(1))
+    np.testing.assert_allclose(f.zero.values, (values == 0).mean(1), atol=1e-12)
+    f_layer = result.fractions("layer", 0, 50)
+    np.testing.assert_allclose(f_layer.helped.sel(layer="fc").values, (values[:50, fc] < 0).mean(1))
+
+
+def test_reconstructed_loss_differs_by_the_cumulative_residual(result):
+    rebuilt = result.reconstructed_loss().values
+    np.testing.assert_allclose(rebuilt - result.loss.values, np.concatenate([[0], np.cumsum(result.residual.values)]), atol=1e-9)
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_save_and_open_round_trip_losslessly(result, tmp_path, suffix):
+    path = result.save(tmp_path / f"run{suffix}")
+    back = lca.open(path)
+    xr.testing.assert_identical(back.dataset.load(), result.dataset)
+    np.testing.assert_array_equal(back.total("unit", 3, 90).values, result.total("unit", 3, 90).values)
+
+
+def test_open_names_the_bad_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no LCA result at"):
+        lca.open(tmp_path / "missing.nc")
+    bad = tmp_path / "garbage.nc"
+    bad.write_bytes(b"not a netcdf file")
+    with pytest.raises(ValueError, match="garbage.nc"):
+        lca.open(bad)
