@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -432,7 +433,17 @@ def analyze(
     with _fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
         run(evaluate, SnapshotReader(traj, spec, device), sink, method=method, tol=tol, max_splits=max_splits, progress=progress)
-    return sink.finish()
+    result = sink.finish()
+    if method == "adaptive":
+        stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
+        if stuck.any():
+            warnings.warn(
+                f"adaptive LCA hit max_splits={max_splits} with |residual| > tol={tol:g} on {int(stuck.sum())} of "
+                f"{stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise max_splits or tol, or record "
+                "snapshots more often",
+                stacklevel=2,
+            )
+    return result
 
 
 def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=None, stop=None):

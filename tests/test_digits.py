@@ -1,6 +1,7 @@
 """Real training on scikit-learn's digits: residuals of each rule, and LCA against plain autograd."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -71,9 +72,14 @@ def test_per_parameter_lca_equals_plain_autograd(run):
 def test_adaptive_reaches_tol_or_says_it_hit_max_splits(run):
     name, model, x, y, snaps = run
     tol = 2e-5  # tighter than plain Simpson reaches on every iteration, so some iterations split
-    result = lca.analyze(model, (x, y), snaps, method="adaptive", tol=tol, max_splits=4, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = lca.analyze(model, (x, y), snaps, method="adaptive", tol=tol, max_splits=4, progress=False)
     res, splits = np.abs(result.residual.values), result.splits.values
     assert ((res <= tol) | (splits == 4)).all()
+    stuck = int(((res > tol) & (splits == 4)).sum())
+    said = [str(w.message) for w in caught if "max_splits" in str(w.message)]
+    assert bool(said) == bool(stuck) and (not stuck or f"on {stuck} of {len(res)} iterations" in said[0])
     assert set(np.unique(splits)) <= {1, 2, 4}
     evals = result.evaluations.values
     assert (evals[splits == 1] == 2).all() and (evals[splits == 2] == 4).all() and (evals[splits == 4] == 8).all()
