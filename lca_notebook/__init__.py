@@ -7,8 +7,9 @@
 """
 
 from .compute import analyze
+from .record import record
 from .result import LCAResult, open
 from .trajectory import Trajectory
 
-__all__ = ["analyze", "open", "LCAResult", "Trajectory"]
+__all__ = ["analyze", "record", "open", "LCAResult", "Trajectory"]
 __version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""Trajectories from files: a directory or list of checkpoint files, or a recorder's store.
+
+Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)`` only, which
+unpickles tensors and plain containers and refuses anything that could run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .trajectory import Trajectory
+
+#: File name endings taken from a directory of checkpoints.
+SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+#: Keys under which a checkpoint dict usually holds the model's state_dict, tried in this order.
+STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+def natural_key(path) -> list:
+    """Sort key that orders numbers in names by value: ``step_2`` before ``step_10``.
+
+    >>> sorted(["step_10.pt", "step_2.pt", "step_1.pt"], key=natural_key)
+    ['step_1.pt', 'step_2.pt', 'step_10.pt']
+    """
+    name = os.path.basename(os.fspath(path))
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+
+
+def _step_of(path) -> int | None:
+    numbers = re.findall(r"\d+", os.path.splitext(os.path.basename(os.fspath(path)))[0])
+    return int(numbers[-1]) if numbers else None
+
+
+class CheckpointFiles(Trajectory):
+    """Snapshots in checkpoint files, one file per snapshot, loaded when needed.
+
+    Each file holds a ``state_dict`` or a dict with one under "model", "state_dict",
+    "model_state_dict" or "net" (Lightning's ``.ckpt`` included). Files are put in natural order
+    of their names (``sort=False`` keeps the given order); ``steps`` is the last number in each name
+    when every name has one and they increase.
+
+    >>> import torch, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> for s in (10, 2, 0):
+    ...     torch.save({"model": {"w": torch.full((2,), float(s))}, "epoch": s}, os.path.join(d, f"step_{s}.pt"))
+    >>> traj = CheckpointFiles([os.path.join(d, f) for f in os.listdir(d)])
+    >>> traj.steps, traj[2]["w"].tolist()
+    ([0, 2, 10], [10.0, 10.0])
+    """
+
+    def __init__(self, paths, *, sort: bool = True):
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("no checkpoint files given")
+        self.paths = sorted(paths, key=natural_key) if sort else paths
+        for p in self.paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"checkpoint file {p!r} does not exist")
+        steps = [_step_of(p) for p in self.paths]
+        ok = all(s is not None for s in steps) and all(a < b for a, b in zip(steps, steps[1:]))
+        self.steps = steps if ok else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def describe(self, k: int) -> str:
+        return f"checkpoint file {self.paths[k]!r} (snapshot {k})"
+
+    def load(self, k: int):
+        return load_checkpoint(self.paths[k])
+
+
+def load_checkpoint(path) -> dict:
+    """The ``state_dict`` in one checkpoint file, loaded safely (``weights_only=True``) onto the CPU."""
+    path = os.fspath(path)
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
+            raise ValueError(
+                f"checkpoint file {path!r} was refused: it holds Python objects beyond tensors and plain containers, and "
+                "unpickling them could run code. Nothing from it was executed. If you trust the file, re-save only the "
+                "tensors: torch.save(model.state_dict(), path)."
+            ) from exc
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
+        raise ValueError(f"{path!r} is not a PyTorch checkpoint: torch.load failed ({type(exc).__name__}: {exc})") from exc
+    return state_dict_of(obj, path)
+
+
+def state_dict_of(obj, path="checkpoint") -> dict:
+    """Find the ``state_dict`` inside a loaded checkpoint object."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict; save model.state_dict() (or a dict with it under 'model')")
+    for key in STATE_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise ValueError(
+        f"{path!r} holds a dict with keys {list(obj)[:8]} but no state_dict: expected tensors by name, or one under "
+        f"{' / '.join(repr(k) for k in STATE_KEYS)}"
+    )
+
+
+def open_path(path) -> Trajectory:
+    """A trajectory from a path: a recorder store, or a directory of checkpoint files.
+
+    >>> import torch, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> for s in (0, 1, 2):
+    ...     torch.save({"w": torch.full((2,), float(s))}, os.path.join(d, f"ckpt-{s}.pt"))
+    >>> len(open_path(d))
+    3
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no trajectory at {path!r}: give a directory of checkpoint files or a recorder store")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "zarr.json")):
+            from .store import KIND, RecordedTrajectory, read_attrs
+
+            kind = read_attrs(path).get(KIND)
+            if kind == "result":
+                raise ValueError(f"{path!r} is an LCA result store, not a trajectory: lca.open(path) opens it")
+            return RecordedTrajectory(path)
+        files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES) and os.path.isfile(os.path.join(path, f))]
+        if not files:
+            listing = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
+            raise ValueError(f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}); it has: {listing}")
+        return CheckpointFiles(files)
+    return CheckpointFiles([path])

@@ -1,0 +1,268 @@
+"""Recording a trajectory while a model trains: an optimizer step hook, and a background writer.
+
+The recorder snapshots the model's ``state_dict`` (parameters and buffers) before the first
+``optimizer.step()`` and after every ``every``-th one. In memory it keeps CPU copies; with a
+``path`` it copies the tensors to CPU in the training thread (cheap: one concatenation per dtype) and
+hands them to a writer thread through a bounded queue, so training waits on the disk only when the
+disk is slower than training for longer than the queue is deep.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import queue
+import threading
+
+import torch
+
+from .trajectory import Trajectory
+
+_QUEUE_BYTES = 256 << 20  # at most this much of snapshots waits for the disk
+
+
+class RecordingError(RuntimeError):
+    """Writing the recorded trajectory failed; raised in the training thread."""
+
+
+class Recorder(Trajectory):
+    """A trajectory recorded from an optimizer's steps; use it as a context manager around training.
+
+    >>> import torch, lca_notebook as lca
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with lca.record(model, opt) as rec:
+    ...     for _ in range(4):
+    ...         opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    >>> len(rec), rec.steps
+    (5, [0, 1, 2, 3, 4])
+    >>> lca.analyze(model, (x, y), rec, progress=False).lca.shape
+    (4, 15)
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, every: int = 1, parameters=None, *, overwrite: bool = False):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not hasattr(optimizer, "register_step_post_hook"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.model, self.optimizer, self.every = model, optimizer, every
+        self.path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self.patterns = [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
+        self.overwrite = overwrite
+        self._snapshots: list[dict] = []
+        self._steps: list[int] = []
+        self._step = 0  # optimizer steps seen
+        self._handles = []
+        self._writer = None
+        self._reader = None
+        self._layout = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Recorder":
+        """Hook the optimizer (``with`` does it for you)."""
+        if self._handles:
+            return self
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        self._closed = False
+        return self
+
+    def close(self):
+        """Unhook, take a last snapshot if the last steps were not recorded, and wait for the disk."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._closed:
+            return
+        self._closed = True
+        if self._steps and self._steps[-1] != self._step:
+            self._snapshot(self._step)
+        self._stop_writer()
+
+    def __enter__(self) -> "Recorder":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None:
+            self.close()
+            return
+        try:  # keep what was recorded; the training error is the one to see
+            self.close()
+        except Exception as close_error:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"lca_notebook: closing the recorder also failed: {close_error}")
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _before_step(self, optimizer, args, kwargs):
+        if not self._steps:  # theta_0: the parameters as the first step finds them
+            self._snapshot(0)
+
+    def _after_step(self, optimizer, args, kwargs):
+        self._step += 1
+        if self._step % self.every == 0:
+            self._snapshot(self._step)
+
+    def _state(self) -> dict:
+        state = self.model.state_dict(keep_vars=True)
+        if self.patterns is not None:
+            state = {k: v for k, v in state.items() if any(fnmatch.fnmatchcase(k, p) for p in self.patterns)}
+            if not state:
+                raise ValueError(f"parameters={self.patterns!r} match none of the model's tensors: {', '.join(self.model.state_dict())}")
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    @torch.no_grad()
+    def _snapshot(self, step: int):
+        state = self._state()
+        if self.path is None:
+            self._snapshots.append({k: v.detach().to("cpu", copy=True) for k, v in state.items()})
+            self._steps.append(step)
+            return
+        from . import store
+
+        if self._writer is None:
+            self._layout = store.make_layout(state)
+            self._writer = _Writer(store.TrajectoryWriter(self.path, self._layout, overwrite=self.overwrite), self._layout)
+        else:
+            self._check_layout(state)
+        self._writer.put(step, store.pack(state, self._layout), index=len(self._steps))
+        self._steps.append(step)
+
+    def _check_layout(self, state):
+        names = [e["name"] for e in self._layout]
+        if list(state) != names:
+            raise RecordingError(f"the model's tensors changed during recording (now {list(state)[:5]}, first {names[:5]}); record one model")
+        for e in self._layout:
+            t = state[e["name"]]
+            if list(t.shape) != e["shape"] or str(t.dtype).removeprefix("torch.") != e["dtype"]:
+                raise RecordingError(f"tensor {e['name']!r} changed from {e['dtype']}{e['shape']} to {t.dtype}{list(t.shape)} during recording")
+
+    def _stop_writer(self):
+        if self._writer is not None:
+            self._writer.finish()
+
+    def flush(self):
+        """Wait until every snapshot queued so far is on disk (raises the writer's error, if any)."""
+        if self._writer is not None:
+            self._writer.drain()
+
+    # -- the Trajectory protocol ----------------------------------------------------------------
+    @property
+    def steps(self) -> list[int]:
+        """The optimizer step after which each snapshot was taken (0: before the first step)."""
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def describe(self, k: int) -> str:
+        where = f" in {self.path}" if self.path else ""
+        return f"recorded snapshot {k} (step {self._steps[k]}){where}"
+
+    def load(self, k: int):
+        if self.path is None:
+            return self._snapshots[k]
+        self.flush()
+        if self._reader is None or len(self._reader) <= k:
+            from .store import RecordedTrajectory
+
+            self._reader = RecordedTrajectory(self.path)
+        return self._reader.load(k)
+
+    def __repr__(self):
+        where = f"to {self.path!r}" if self.path else "in memory"
+        return f"<Recorder {where}: {len(self)} snapshots, every {self.every} step(s), {'recording' if self._handles else 'stopped'}>"
+
+
+class _Writer:
+    """A daemon thread that appends queued snapshots to the store; errors come back to the caller."""
+
+    def __init__(self, writer, layout):
+        self.writer = writer
+        nbytes = sum(getattr(torch, e["dtype"]).itemsize * _numel(e["shape"]) for e in layout)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(2, min(16, _QUEUE_BYTES // max(nbytes, 1))))
+        self.error: BaseException | None = None
+        self.failed_at = None
+        self.thread = threading.Thread(target=self._run, name="lca-record-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    index, step, packed = item
+                    try:
+                        self.writer.append(step, packed)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                        self.error, self.failed_at = exc, (index, step)
+            finally:
+                self.queue.task_done()
+
+    def _raise(self):
+        if self.error is not None:
+            index, step = self.failed_at
+            raise RecordingError(
+                f"recording to {self.writer.path!r} failed at snapshot {index} (step {step}): {type(self.error).__name__}: {self.error}. "
+                f"Snapshots 0..{self.writer.n - 1} are saved there; free disk space or record to another path."
+            ) from self.error
+
+    def put(self, step, packed, index):
+        self._raise()
+        while True:
+            try:
+                self.queue.put((index, step, packed), timeout=0.2)
+                return
+            except queue.Full:
+                self._raise()
+                if not self.thread.is_alive():
+                    raise RecordingError(f"the writer of {self.writer.path!r} stopped unexpectedly")
+
+    def drain(self):
+        if self.thread.is_alive():
+            self.queue.join()
+        self._raise()
+
+    def finish(self):
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._raise()
+        self.writer.close()
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def record(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, every: int = 1, parameters=None, *, overwrite: bool = False) -> Recorder:
+    """Record the trajectory of ``model`` as ``optimizer`` trains it; use it as a context manager.
+
+    Snapshots (the ``state_dict``: parameters and buffers) are taken before the first
+    ``optimizer.step()``, after every ``every``-th step, and once more on exit if the last steps were
+    not recorded, so the trajectory always ends at the trained model. ``recorder.steps`` gives the step
+    of each snapshot. With ``path`` the snapshots stream to a zarr store there (a background thread
+    writes them; ``lca.analyze(model, data, path)`` reads it later, even in another process);
+    without, they stay in memory as CPU copies. ``parameters``: glob patterns of ``state_dict`` names
+    to record (the others must then stay fixed during training for ``analyze``).
+
+    >>> import torch, lca_notebook as lca
+    >>> model = torch.nn.Linear(4, 3); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> with lca.record(model, opt, every=2) as rec:
+    ...     for _ in range(5):
+    ...         opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    >>> rec.steps
+    [0, 2, 4, 5]
+    """
+    return Recorder(model, optimizer, path=path, every=every, parameters=parameters, overwrite=overwrite)
