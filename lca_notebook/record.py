@@ -1,7 +1,7 @@
 """Recording a trajectory while a model trains: an optimizer step hook, and a background writer.
 
-The recorder snapshots the model's ``state_dict`` (parameters and buffers) before the first
-``optimizer.step()`` and after every ``every``-th one. In memory it keeps CPU copies; with a
+The recorder snapshots the model's ``state_dict`` (parameters and buffers) when it starts (before the
+first ``optimizer.step()``) and after every ``every``-th one. In memory it keeps CPU copies; with a
 ``path`` it copies the tensors to CPU in the training thread (cheap: one concatenation per dtype) and
 hands them to a writer thread through a bounded queue, so training waits on the disk only when the
 disk is slower than training for longer than the queue is deep.
@@ -52,6 +52,11 @@ class Recorder(Trajectory):
         self.path = os.path.abspath(os.fspath(path)) if path is not None else None
         self.patterns = [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
         self.overwrite = overwrite
+        if self.path is not None:  # fail now, not at the first snapshot, if the path is taken
+            from .store import _refuse_foreign
+
+            if _refuse_foreign(self.path, "trajectory") is not None and not overwrite:
+                raise ValueError(f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path")
         self._snapshots: list[dict] = []
         self._steps: list[int] = []
         self._step = 0  # optimizer steps seen
@@ -66,11 +71,10 @@ class Recorder(Trajectory):
         """Hook the optimizer (``with`` does it for you)."""
         if self._handles:
             return self
-        self._handles = [
-            self.optimizer.register_step_pre_hook(self._before_step),
-            self.optimizer.register_step_post_hook(self._after_step),
-        ]
         self._closed = False
+        if not self._steps:  # theta_0, before any forward pass moves BatchNorm's running statistics
+            self._snapshot(0)
+        self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
         return self
 
     def close(self):
@@ -99,10 +103,6 @@ class Recorder(Trajectory):
                 exc.add_note(f"lca_notebook: closing the recorder also failed: {close_error}")
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _before_step(self, optimizer, args, kwargs):
-        if not self._steps:  # theta_0: the parameters as the first step finds them
-            self._snapshot(0)
-
     def _after_step(self, optimizer, args, kwargs):
         self._step += 1
         if self._step % self.every == 0:
@@ -248,8 +248,8 @@ def _numel(shape):
 def record(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, every: int = 1, parameters=None, *, overwrite: bool = False) -> Recorder:
     """Record the trajectory of ``model`` as ``optimizer`` trains it; use it as a context manager.
 
-    Snapshots (the ``state_dict``: parameters and buffers) are taken before the first
-    ``optimizer.step()``, after every ``every``-th step, and once more on exit if the last steps were
+    Snapshots (the ``state_dict``: parameters and buffers) are taken on entering (before the
+    first ``optimizer.step()``), after every ``every``-th step, and once more on exit if the last steps were
     not recorded, so the trajectory always ends at the trained model. ``recorder.steps`` gives the step
     of each snapshot. With ``path`` the snapshots stream to a zarr store there (a background thread
     writes them; ``lca.analyze(model, data, path)`` reads it later, even in another process);

@@ -1,0 +1,129 @@
+"""Checkpoint files as a trajectory: natural order, usual wrappers, and refusals that name the file."""
+
+import copy
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import lca_notebook as lca
+from lca_notebook.checkpoints import CheckpointFiles, open_path
+
+STEPS = [0, 1, 2, 3, 10, 11, 20]  # step_2 must come before step_10, step_3 before step_11
+
+
+@pytest.fixture(scope="module")
+def run():
+    d = load_digits()
+    x = torch.tensor(d.data[:300] / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target[:300])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    snaps = {0: copy.deepcopy(model.state_dict())}
+    for step in range(1, max(STEPS) + 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step in STEPS:
+            snaps[step] = copy.deepcopy(model.state_dict())
+    return model, x, y, snaps
+
+
+def _wrap(sd, i):
+    # Each file in another usual form: bare state_dict, or under one of the usual keys with extras.
+    kind = i % 5
+    if kind == 0:
+        return sd
+    key = ["model", "state_dict", "model_state_dict", "net"][kind - 1]
+    return {key: sd, "epoch": i, "optimizer": {"lr": 0.2}}
+
+
+def _write_dir(tmp_path, snaps):
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    order = list(snaps)
+    random.Random(3).shuffle(order)  # written (and listed) in no particular order
+    for i, step in enumerate(order):
+        torch.save(_wrap(snaps[step], i), d / f"step_{step}.pt")
+    (d / "notes.txt").write_text("ignored: not a checkpoint suffix")
+    return d
+
+
+def test_directory_is_read_in_natural_order_and_matches_the_snapshots(run, tmp_path):
+    model, x, y, snaps = run
+    d = _write_dir(tmp_path, snaps)
+    traj = open_path(d)
+    assert [os.path.basename(p) for p in traj.paths] == [f"step_{s}.pt" for s in STEPS]
+    assert traj.steps == STEPS
+    ref = lca.analyze(model, (x, y), [snaps[s] for s in STEPS], method="simpson", progress=False)
+    for source in (d, str(d), [d / f"step_{s}.pt" for s in reversed(STEPS)]):
+        got = lca.analyze(model, (x, y), source, method="simpson", progress=False)
+        np.testing.assert_array_equal(got.lca.values, ref.lca.values)
+        np.testing.assert_array_equal(got.dataset["step"].values, STEPS)
+
+
+def test_missing_tensor_names_file_and_tensor(run, tmp_path):
+    model, x, y, snaps = run
+    d = _write_dir(tmp_path, snaps)
+    broken = {k: v for k, v in snaps[10].items() if k != "2.bias"}
+    torch.save({"model": broken}, d / "step_10.pt")
+    with pytest.raises(ValueError) as err:
+        lca.analyze(model, (x, y), d, progress=False)
+    assert "step_10.pt" in str(err.value) and "'2.bias'" in str(err.value)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(run, tmp_path):
+    model, x, y, snaps = run
+    d = _write_dir(tmp_path, snaps)
+    (d / "step_3.pt").write_bytes(b"this is a text file, not a checkpoint\n")
+    with pytest.raises(ValueError, match=r"step_3\.pt.*not a PyTorch checkpoint"):
+        lca.analyze(model, (x, y), d, progress=False)
+    torch.save({"epoch": 3, "notes": "no tensors"}, d / "step_3.pt")
+    with pytest.raises(ValueError, match=r"step_3\.pt.*no state_dict"):
+        CheckpointFiles([d / "step_3.pt"])[0]
+    torch.save([1, 2, 3], d / "step_3.pt")
+    with pytest.raises(ValueError, match=r"step_3\.pt.*not a state_dict"):
+        CheckpointFiles([d / "step_3.pt"])[0]
+
+
+class _Payload:
+    """Unpickling this calls os.mkdir(marker): code execution, which must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(run, tmp_path):
+    model, x, y, snaps = run
+    d = _write_dir(tmp_path, snaps)
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": snaps[2], "extra": _Payload(str(marker))}, d / "step_2.pt")
+    with pytest.raises(ValueError) as err:
+        lca.analyze(model, (x, y), d, progress=False)
+    assert "step_2.pt" in str(err.value) and "refused" in str(err.value)
+    assert not marker.exists()
+    # The payload is live: an unsafe load does run it (this is what weights_only=True prevented).
+    torch.load(d / "step_2.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_paths_that_hold_no_trajectory(run, tmp_path):
+    model, x, y, snaps = run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("x")
+    with pytest.raises(ValueError, match="holds no checkpoint files.*readme.md"):
+        open_path(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no trajectory"):
+        open_path(tmp_path / "nowhere")
+    result = lca.analyze(model, (x, y), [snaps[0], snaps[1]], progress=False, store=tmp_path / "res")
+    assert result.n_iterations == 1
+    with pytest.raises(ValueError, match="LCA result store, not a trajectory"):
+        open_path(tmp_path / "res")

@@ -1,0 +1,166 @@
+"""lca.record: snapshots equal hand-made state_dict copies, in memory and streamed to a store."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import lca_notebook as lca
+from lca_notebook.checkpoints import open_path
+from lca_notebook.record import RecordingError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.data[:400] / 16.0, dtype=torch.float32)
+    return x, torch.tensor(d.target[:400])
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def _train(model, opt, x, y, steps, on_step=None):
+    for i in range(steps):
+        idx = torch.arange(i * 37, i * 37 + 64) % len(x)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if on_step:
+            on_step(i + 1)
+
+
+def _reference(x, y, steps, every):
+    """The same training with state_dict copies made by hand: before, after each `every`-th step, and at the end."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    snaps, at = [copy.deepcopy(model.state_dict())], [0]
+
+    def keep(step):
+        if step % every == 0 or step == steps:
+            snaps.append(copy.deepcopy(model.state_dict()))
+            at.append(step)
+
+    _train(model, opt, x, y, steps, keep)
+    return snaps, at
+
+
+def _assert_same(recorded, snaps):
+    assert len(recorded) == len(snaps)
+    for k, ref in enumerate(snaps):
+        got = recorded[k]
+        assert list(got) == list(ref)
+        for name in ref:
+            assert got[name].dtype == ref[name].dtype, name
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=f"snapshot {k}, {name}")
+
+
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("where", ["memory", "store"])
+def test_recording_equals_state_dict_copies(digits, tmp_path, every, where):
+    x, y = digits
+    snaps, at = _reference(x, y, steps=8, every=every)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "run.zarr" if where == "store" else None
+    with lca.record(model, opt, path=path, every=every) as rec:
+        _train(model, opt, x, y, 8)
+    assert rec.steps == at
+    _assert_same(rec, snaps)  # parameters and buffers (BatchNorm running stats, num_batches_tracked)
+    if path is not None:  # the store, opened again as another process would
+        again = open_path(path)
+        assert again.steps == at
+        _assert_same(again, snaps)
+
+
+def test_recorder_is_a_trajectory_for_analyze(digits, tmp_path):
+    x, y = digits
+    snaps, _ = _reference(x, y, steps=5, every=1)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with lca.record(model, opt, path=tmp_path / "r") as rec:
+        _train(model, opt, x, y, 5)
+    ref = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+    for source in (rec, tmp_path / "r", str(tmp_path / "r")):
+        got = lca.analyze(model, (x, y), source, method="simpson", progress=False)
+        np.testing.assert_array_equal(got.lca.values, ref.lca.values)
+        np.testing.assert_array_equal(got.dataset["step"].values, np.arange(6))
+
+
+def test_only_selected_tensors_are_recorded(digits):
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt, parameters=["0.*", "3.weight"]) as rec:
+        _train(model, opt, x, y, 2)
+    assert list(rec[0]) == ["0.weight", "0.bias", "3.weight"]
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        lca.record(model, opt, every=0)
+
+
+def test_bfloat16_tensors_round_trip_bit_for_bit(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Linear(5, 3).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(8, 5, dtype=torch.bfloat16)
+    snaps = [copy.deepcopy(model.state_dict())]
+    with lca.record(model, opt, path=tmp_path / "bf") as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            snaps.append(copy.deepcopy(model.state_dict()))
+    _assert_same(open_path(tmp_path / "bf"), snaps)
+    assert rec.steps == [0, 1, 2, 3]
+
+
+def test_a_write_error_surfaces_in_the_training_thread_and_keeps_earlier_snapshots(digits, tmp_path):
+    x, y = digits
+    snaps, _ = _reference(x, y, steps=12, every=1)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "run.zarr"
+
+    def sabotage(step):
+        if step == 5:
+            rec.flush()  # snapshots 0..5 are on disk
+            # A real failure, also for root: a file where the writer needs the directory of snapshot 7.
+            (path / "snapshots_float32" / "c" / "7").write_text("not a directory")
+
+    with pytest.raises(RecordingError) as err:
+        with lca.record(model, opt, path=path) as rec:
+            _train(model, opt, x, y, 12, sabotage)
+    message = str(err.value)
+    assert "snapshot 7" in message and str(path) in message and "Snapshots 0..6 are saved" in message
+    kept = open_path(path)
+    assert len(kept) == 7
+    _assert_same(kept, snaps[:7])
+
+
+def test_refuses_to_overwrite_what_is_not_its_own(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not an lca_notebook store"):
+        lca.record(model, opt, path=tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "precious"
+    assert os.listdir(tmp_path / "notes") == ["keep.txt"]
+
+
+def test_an_existing_recording_is_replaced_only_when_asked(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        with lca.record(model, opt, path=tmp_path / "r", overwrite=True):
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+    with pytest.raises(ValueError, match="overwrite=True"):
+        lca.record(model, opt, path=tmp_path / "r")
+    assert len(open_path(tmp_path / "r")) == 2
