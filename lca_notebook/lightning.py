@@ -55,6 +55,3 @@ class LCARecorder(Callback):
         if self.recorder is None:
             raise ValueError("LCARecorder has recorded nothing yet: pass it to trainer.fit(callbacks=[...]) first")
         return self.recorder
-
-    def state_dict(self):  # a Lightning checkpoint need not carry the recording
-        return {}

@@ -376,7 +376,9 @@ class StoreSink:
         self._advance(i)
         self.done += 1
         if i + 1 == self.ct:
-            self._flush(self.ct, self.ct)
+            # Checkpoint rows go one further (the loss and prefix after the chunk's last iteration), so every
+            # completed iteration is readable whole; the next chunk rewrites that row's chunk entirely.
+            self._flush(self.ct, self.ct + 1)
             for buf in self.buf_ck.values():  # the checkpoint row after the chunk opens the next one
                 buf[0] = buf[self.ct]
             self.b0 += self.ct
