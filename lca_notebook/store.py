@@ -15,7 +15,9 @@ Two kinds of store, told apart by the root attribute ``lca_notebook``:
 
 Both grow by whole chunks: data files first (written atomically by zarr, then fsynced), then the count
 of completed rows in the root ``zarr.json`` (replaced atomically). A store killed at any moment holds
-every row its count claims. Data chunks are stored uncompressed so that opening can check every file
+every row its count claims. (A result's checkpoint variables also get the one row after each chunk of
+iterations, the loss and prefix at its end, so every completed iteration is readable whole; the next
+chunk rewrites that row's chunk entirely.) Data chunks are stored uncompressed so that opening can check every file
 of the claimed rows exists with its exact size: a truncated store fails on open, naming the file.
 """
 
