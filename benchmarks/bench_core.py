@@ -63,9 +63,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, digits ({len(models.digits_data()[0])} samples, one batch)\n")
     print("| model | parameters | T | floor s (median) | analyze s (median) | ratio (median) | ratio range | max abs residual |")
     print("|---|---|---|---|---|---|---|---|")

@@ -183,16 +183,18 @@ class Evaluator:
         own_params = dict(model.named_parameters())
         self._bn_mode = batchnorm == "eval" and any(n not in own_params for n in spec.names)
         self._checked = False
+        # Per-tensor layout, precomputed: this runs at every quadrature point.
+        self._numels = spec.numels
+        self._layout = [(n, s, None if d == spec.dtype else d, g) for n, s, d, g in zip(spec.names, spec.shapes, spec.dtypes, spec.with_grad)]
 
     def tensors(self, leaf: torch.Tensor, extras: dict) -> dict:
-        spec = self.spec
         out = dict(self.fixed)
         out.update(extras)
-        for name, piece, shape, dtype, grad in zip(spec.names, torch.split(leaf, spec.numels), spec.shapes, spec.dtypes, spec.with_grad):
+        for (name, shape, dtype, grad), piece in zip(self._layout, torch.split(leaf, self._numels)):
             t = piece.view(shape)
             if not grad:
                 t = t.detach()
-            out[name] = t if dtype == spec.dtype else t.to(dtype)
+            out[name] = t if dtype is None else t.to(dtype)
         if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
             for name, b in self.model.named_buffers():
                 if name in out:
@@ -202,8 +204,7 @@ class Evaluator:
     def __call__(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, torch.Tensor]:
         leaf = theta.detach().requires_grad_(True)
         tensors = self.tensors(leaf, extras)
-        total = torch.zeros((), dtype=torch.float64, device=theta.device)
-        grad = None
+        total = grad = None
         mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
         with mode:
             for b in self.batches:
@@ -217,9 +218,10 @@ class Evaluator:
                 w = b.size / self.n
                 if grad is None:
                     grad = g if w == 1.0 else g.mul_(w)
+                    total = loss.detach().double() * w
                 else:
                     grad.add_(g, alpha=w)
-                total += loss.detach().double() * w
+                    total += loss.detach().double() * w
         self.evaluations += 1
         value = float(total)
         if not math.isfinite(value):
@@ -288,29 +290,30 @@ def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *,
         change = loss_b - loss_a
         pieces = 1
         if method == "first_order":
-            avg = g_a
+            lca_all = d * g_a
         elif method == "trapezoid":
-            avg = (g_a + g_b).mul_(0.5)
+            lca_all = d * (g_a + g_b).mul_(0.5)
         else:
             # Composite Simpson kept as running sums: ends E, current midpoints A, older interior B.
             # Weighted sum = (E + 4A + 2B) / (6n); doubling n turns A into interior points.
             ends = g_a + g_b
-            mids = evaluate(a + 0.5 * d, extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
-            interior = torch.zeros_like(ends)
+            mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
+            interior = None
             while True:
-                avg = (ends + 4 * mids + 2 * interior) / (6 * pieces)
-                residual = float(torch.dot(d.double(), avg.double())) - change
-                if method != "adaptive" or abs(residual) <= tol or pieces >= max_splits:
+                avg = torch.add(ends, mids, alpha=4)
+                if interior is not None:
+                    avg.add_(interior, alpha=2)
+                lca_all = avg.mul_(d).div_(6 * pieces)
+                if method == "simpson" or pieces >= max_splits or abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol:
                     break
-                interior += mids
+                interior = mids if interior is None else interior.add_(mids)
                 mids = torch.zeros_like(ends)
                 for s in refinement_points(pieces):
-                    mids += evaluate(a + float(s) * d, extras_a, f"s={s:g} between snapshots {t} and {t + 1}")[1]
+                    mids += evaluate(torch.add(a, d, alpha=float(s)), extras_a, f"s={s:g} between snapshots {t} and {t + 1}")[1]
                 pieces *= 2
-        lca_all = d * avg
-        total = float(lca_all.double().sum())
+        total = float(lca_all.sum(dtype=torch.float64))
         selected = lca_all[:p_sel]
-        rest = total - float(selected.double().sum())
+        rest = total - float(selected.sum(dtype=torch.float64)) if p_sel < len(lca_all) else 0.0
         yield IterationResult(t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before)
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
