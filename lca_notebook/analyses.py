@@ -532,7 +532,9 @@ class Findings(list):
         )
 
     def __str__(self) -> str:
-        return "\n".join(f"- {f.name}: paper: {f.paper} | this run: {f.this_run}" for f in self)
+        return "\n".join(f"- {f.name}\n    paper:    {f.paper}\n    this run: {f.this_run}" for f in self)
+
+    __repr__ = __str__
 
 
 def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = None, seed: int = 0) -> Findings:
