@@ -228,6 +228,35 @@ class Evaluator:
             raise FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
         return value, grad
 
+    def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
+        """Losses and gradients at ``k`` points at once (``thetas`` is ``(k, P)``): one ``torch.func.vmap``
+        over the stacked points per data batch instead of ``k`` separate passes."""
+        from torch.func import grad, vmap
+
+        def loss_at(flat, args, kwargs, target):
+            out = functional_call(self.model, self.tensors(flat, extras), args, kwargs)
+            loss = self.loss_fn(out, target)
+            return loss, loss.detach()
+
+        batched = vmap(grad(loss_at, has_aux=True), in_dims=(0, None, None, None))
+        total = grads = None
+        mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
+        with mode:
+            for b in self.batches:
+                g, loss = batched(thetas.detach(), b.args, b.kwargs, b.target)
+                w = b.size / self.n
+                if grads is None:
+                    grads, total = (g if w == 1.0 else g.mul_(w)), loss.double() * w
+                else:
+                    grads.add_(g, alpha=w)
+                    total += loss.double() * w
+        self.evaluations += len(thetas)
+        values = total.tolist()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"the loss is {value} at {where} (point {k}): LCA needs a finite loss at every point of the path")
+        return values, grads
+
     def _check_loss(self, loss):
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -275,18 +304,43 @@ class IterationResult:
     evaluations: int
 
 
-def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *, method: str, tol: float, max_splits: int):
-    """Yield the loss at snapshot ``start``, then one :class:`IterationResult` per iteration in ``[start, stop)``."""
+def _same(x: dict, y: dict) -> bool:
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+#: Most points one batched call evaluates (memory grows with it: activations of every point at once).
+MAX_POINTS_PER_CALL = 8
+
+
+def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *, method: str, tol: float, max_splits: int, batched_points: bool = False):
+    """Yield the loss at snapshot ``start``, then one :class:`IterationResult` per iteration in ``[start, stop)``.
+
+    With ``batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are evaluated in
+    one vmapped call when the two snapshots share their non-floating tensors."""
     spec = evaluate.spec
     p_sel = spec.n_selected
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
     yield loss_a
+    simpson_like = method in ("simpson", "adaptive")
+
+    def points_sum(points, extras, where):
+        total = None
+        for chunk in torch.split(points, MAX_POINTS_PER_CALL):
+            g = evaluate.many(chunk, extras, where)[1].sum(0)
+            total = g if total is None else total.add_(g)
+        return total
+
     for t in range(start, stop):
         before = evaluate.evaluations
         b, extras_b = read(t + 1)
-        loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
         d = b - a
+        mids = None
+        if batched_points and simpson_like and _same(extras_a, extras_b):
+            losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, f"snapshot {t + 1} and s=0.5 before it")
+            loss_b, g_b, mids = losses[0], grads[0], grads[1]
+        else:
+            loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         pieces = 1
         if method == "first_order":
@@ -297,7 +351,8 @@ def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *,
             # Composite Simpson kept as running sums: ends E, current midpoints A, older interior B.
             # Weighted sum = (E + 4A + 2B) / (6n); doubling n turns A into interior points.
             ends = g_a + g_b
-            mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
+            if mids is None:
+                mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
             interior = None
             while True:
                 avg = torch.add(ends, mids, alpha=4)
@@ -307,9 +362,15 @@ def iterate(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, *,
                 if method == "simpson" or pieces >= max_splits or abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol:
                     break
                 interior = mids if interior is None else interior.add_(mids)
-                mids = torch.zeros_like(ends)
-                for s in refinement_points(pieces):
-                    mids += evaluate(torch.add(a, d, alpha=float(s)), extras_a, f"s={s:g} between snapshots {t} and {t + 1}")[1]
+                where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
+                new = refinement_points(pieces)
+                if batched_points:
+                    s_col = torch.as_tensor(new, dtype=a.dtype, device=a.device)[:, None]
+                    mids = points_sum(a + s_col * d, extras_a, where)
+                else:
+                    mids = torch.zeros_like(ends)
+                    for s in new:
+                        mids += evaluate(torch.add(a, d, alpha=float(s)), extras_a, f"s={s:g} between snapshots {t} and {t + 1}")[1]
                 pieces *= 2
         total = float(lca_all.sum(dtype=torch.float64))
         selected = lca_all[:p_sel]
@@ -353,6 +414,7 @@ def analyze(
     parameters=None,
     batchnorm: str = "eval",
     store=None,
+    batched_points: bool = False,
     progress: bool = True,
 ):
     """Loss Change Allocation of every parameter at every iteration of a recorded training run.
@@ -379,6 +441,9 @@ def analyze(
     batchnorm: "eval" (running statistics of each snapshot, interpolated along the segment, their
         share of the loss change in ``lca_rest``) or "batch" (batch statistics of each data batch).
     store: path of a zarr store to stream the result into (resumable); the result is opened lazily.
+    batched_points: evaluate several quadrature points in one ``torch.func.vmap`` call (Simpson's end
+        and midpoint together; adaptive's new points together). Same numbers to float rounding; faster
+        where one point does not fill the device (small models on a GPU). Needs a vmap-able model.
     progress: show a tqdm progress bar.
 
     Example
@@ -406,6 +471,8 @@ def analyze(
         raise ValueError(f"max_splits must be a positive int, got {max_splits!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if batched_points and batchnorm == "batch":
+        raise ValueError("batched_points=True cannot be used with batchnorm='batch' (batch statistics update buffers in place, which vmap forbids)")
     traj = as_trajectory(trajectory)
     if len(traj) < 2:
         raise ValueError(f"the trajectory has {len(traj)} snapshot(s): LCA needs at least two (T+1 snapshots give T iterations)")
@@ -435,7 +502,10 @@ def analyze(
         sink = MemorySink(spec, len(traj), config, steps=traj.steps)
     with _fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
-        run(evaluate, SnapshotReader(traj, spec, device), sink, method=method, tol=tol, max_splits=max_splits, progress=progress)
+        run(
+            evaluate, SnapshotReader(traj, spec, device), sink, method=method, tol=tol, max_splits=max_splits,
+            progress=progress, batched_points=batched_points,
+        )
     result = sink.finish()
     if method == "adaptive":
         stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
@@ -449,7 +519,7 @@ def analyze(
     return result
 
 
-def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=None, stop=None):
+def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=None, stop=None, batched_points=False):
     """Drive :func:`iterate` from the sink's first missing iteration and hand each row to the sink."""
     from tqdm.auto import tqdm
 
@@ -461,7 +531,7 @@ def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=N
     bar = tqdm(total=stop - start, desc="LCA", unit="it", disable=not progress, leave=False)
     done = start
     try:
-        steps = iterate(evaluate, read, start, stop, method=method, tol=tol, max_splits=max_splits)
+        steps = iterate(evaluate, read, start, stop, method=method, tol=tol, max_splits=max_splits, batched_points=batched_points)
         sink.write_loss(start, next(steps))
         for row in steps:
             sink.write(row)
