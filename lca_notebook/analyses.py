@@ -305,10 +305,13 @@ def oscillation(result: LCAResult, trajectory=None, *, by: str = "layer") -> xr.
     labels = _labels(result, by)
     g_flips, g_pairs = result.group_sum(flips, by), result.group_sum(pairs, by)
     rate = np.divide(g_flips, g_pairs, out=np.full(len(labels), np.nan), where=g_pairs > 0)
-    sums = np.sign(np.asarray(result.per_iteration(by=by).values))
-    prod = sums[1:] * sums[:-1]
-    gf, gp = (prod < 0).sum(axis=0), (prod != 0).sum(axis=0)
-    group_rate = np.divide(gf, gp, out=np.full(len(labels), np.nan), where=gp > 0)
+    if by == "parameter":  # a parameter is its own group; skip the (iteration, parameter) table
+        group_rate = rate
+    else:
+        sums = np.sign(np.asarray(result.per_iteration(by=by).values))
+        prod = sums[1:] * sums[:-1]
+        gf, gp = (prod < 0).sum(axis=0), (prod != 0).sum(axis=0)
+        group_rate = np.divide(gf, gp, out=np.full(len(labels), np.nan), where=gp > 0)
     coords = result._wrap(np.zeros(len(labels)), by).coords
     out = xr.Dataset(
         {

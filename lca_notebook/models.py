@@ -32,7 +32,10 @@ def digits_data(split: str | None = None, *, image: bool = False, seed: int = 0,
     >>> tuple(x.shape[1:]), x.dtype, y.dtype
     ((1, 8, 8), torch.float32, torch.int64)
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("digits_data needs scikit-learn (its digits ship with it): pip install scikit-learn") from exc
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -312,3 +312,10 @@ def test_findings_report_each_measurement():
     assert "5 coinciding layer-pairs" in by_name["synchrony"]
     html = f._repr_html_()
     assert html.startswith("<table>") and "barely over 50%" in html
+
+
+def test_oscillation_per_parameter():
+    r, snaps = _oscillating_run()
+    o = analyses.oscillation(r, snaps, by="parameter")
+    assert o["reversal_rate"].values[:2].tolist() == [1.0, 0.0] and math.isnan(o["reversal_rate"].values[2])
+    np.testing.assert_array_equal(o["group_flip_rate"].values, o["lca_flip_rate"].values)
