@@ -319,3 +319,22 @@ def test_oscillation_per_parameter():
     o = analyses.oscillation(r, snaps, by="parameter")
     assert o["reversal_rate"].values[:2].tolist() == [1.0, 0.0] and math.isnan(o["reversal_rate"].values[2])
     np.testing.assert_array_equal(o["group_flip_rate"].values, o["lca_flip_rate"].values)
+
+
+def test_analyses_agree_on_a_stored_result_opened_lazily(tmp_path):
+    x, y = models.digits_data()
+    model = models.mlp(seed=2, hidden=(12, 8))
+    snaps = models.train(model, (x, y), steps=12, lr=0.2, seed=2)
+    memory = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+    lca.analyze(model, (x, y), snaps, method="simpson", progress=False, store=tmp_path / "run.zarr")
+    stored = lca.open(tmp_path / "run.zarr")
+    for a, b in [
+        (analyses.fractions(memory, by="layer"), analyses.fractions(stored, by="layer")),
+        (analyses.layer_totals(memory), analyses.layer_totals(stored)),
+        (analyses.oscillation(memory, snaps), analyses.oscillation(stored, snaps)),
+        (analyses.concentration(memory), analyses.concentration(stored)),
+        (analyses.synchrony(memory, n_permutations=50), analyses.synchrony(stored, n_permutations=50)),
+    ]:
+        for name in a.data_vars:
+            np.testing.assert_allclose(np.asarray(a[name].values, float), np.asarray(b[name].values, float), rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(analyses.per_window(memory, windows=4).values, analyses.per_window(stored, windows=4).values, rtol=1e-5, atol=1e-7)
