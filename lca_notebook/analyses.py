@@ -34,6 +34,11 @@ import xarray as xr
 
 from .result import LCAResult
 
+__all__ = [
+    "fractions", "layer_totals", "hurting_layers", "per_window", "peaks", "synchrony", "oscillation",
+    "gini", "concentration", "residual_table", "rule_accuracy", "findings", "Finding", "Findings", "RULES",
+]
+
 _ROWS = 256  # iterations read per block when streaming over (iteration, parameter)
 
 #: The rules :func:`rule_accuracy` compares, cheapest first.
@@ -153,6 +158,8 @@ def per_window(result: LCAResult, by: str = "unit", windows: int = 20, layer: st
     da = result._wrap(np.diff(rows, axis=0), by, iteration=np.arange(len(edges) - 1)).rename({"iteration": "window"})
     da = da.assign_coords(start=("window", edges[:-1]), stop=("window", edges[1:]))
     if layer is not None:
+        if by == "total":
+            raise ValueError("layer= picks groups inside layers; with by='total' there is one group: use by='layer' instead")
         layers = [layer] if isinstance(layer, str) else list(layer)
         known = set(result.layers)
         missing = [name for name in layers if name not in known]
