@@ -1,0 +1,343 @@
+"""The explorer, Python side: set each control, then check every mark's data against sums computed
+here directly with numpy from ``result.lca.values`` (loops over labels, no prefix sums, no shared code).
+"""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import lca_notebook as lca
+from lca_notebook.result import from_arrays
+from lca_notebook.widgets import Explorer
+
+ATOL = 1e-9
+
+# tensors in an order that leaves layer "fc1" non-contiguous (its bias comes after conv's weight)
+TENSORS = [
+    ("fc1.weight", "fc1", (5, 4)),
+    ("conv.weight", "conv", (3, 2, 2, 2)),
+    ("fc1.bias", "fc1", (5,)),
+    ("conv.bias", "conv", (3,)),
+    ("out.weight", "out", (2, 5)),
+    ("out.bias", "out", (2,)),
+]
+
+
+def make_result(t=53, seed=0):
+    """A hand-made result: random LCA with exact zeros, one frozen tensor, a loss with a residual."""
+    rng = np.random.default_rng(seed)
+    coords = {"tensor": [], "layer": [], "unit": [], "index": []}
+    for name, layer, shape in TENSORS:
+        n = int(np.prod(shape))
+        coords["tensor"] += [name] * n
+        coords["layer"] += [layer] * n
+        coords["unit"] += list(np.arange(n) // (n // shape[0]))
+        coords["index"] += list(range(n))
+    p = len(coords["tensor"])
+    values = rng.normal(0.0, 1e-3, size=(t, p)) - 2e-4
+    values[rng.random((t, p)) < 0.2] = 0.0
+    values[:, np.asarray(coords["tensor"]) == "out.bias"] = 0.0  # a frozen tensor
+    values = values.astype(np.float32)
+    loss = 2.3 + np.concatenate([[0.0], np.cumsum(values.sum(1, dtype=np.float64) + rng.normal(0, 1e-5, t))])
+    return from_arrays(values, loss, coords, attrs={"method": "test"})
+
+
+class Truth:
+    """Independent answers for a result: direct numpy sums over the LCA matrix."""
+
+    def __init__(self, result):
+        self.L = np.asarray(result.lca.values, dtype=np.float64)
+        self.layer = np.asarray(result.lca["layer"].values).astype(str)
+        self.tensor = np.asarray(result.lca["tensor"].values).astype(str)
+        self.unit = np.asarray(result.lca["unit"].values)
+        self.loss = np.asarray(result.loss.values)
+        self.residual = np.asarray(result.residual.values, dtype=np.float64)
+        self.layers = list(dict.fromkeys(self.layer))
+
+    def keys(self, by):
+        if by == "parameter":
+            return np.array([str(i) for i in range(self.L.shape[1])])
+        if by == "unit":
+            return np.array([f"{a}[{b}]" for a, b in zip(self.layer, self.unit)])
+        return {"tensor": self.tensor, "layer": self.layer}[by]
+
+    def elements(self, by):
+        """[(key, layer, column mask)] in model order."""
+        keys = self.keys(by)
+        out = []
+        for k in dict.fromkeys(keys):
+            mask = keys == k
+            out.append((k, self.layer[mask][0], mask))
+        return out
+
+    def totals(self, by, a, b):
+        return np.array([self.L[a:b][:, m].sum() for _, _, m in self.elements(by)])
+
+    def fraction_series(self, by, layer, window):
+        els = [e for e in self.elements(by) if layer is None or e[1] == layer]
+        per = np.stack([self.L[:, m].sum(1) for _, _, m in els], axis=1) if by != "parameter" else None
+        if by == "parameter":
+            cols = np.ones(self.L.shape[1], bool) if layer is None else self.layer == layer
+            per = self.L[:, cols]
+        f = {"helped": (per < 0).mean(1), "hurt": (per > 0).mean(1), "zero": (per == 0).mean(1)}
+        out = {}
+        for k, v in f.items():
+            out[k] = np.array([v[max(0, i - window + 1) : i + 1].mean() for i in range(len(v))])
+        return out
+
+
+def edges_from_centres(start, centres):
+    """Bins are contiguous [e0, e1): centre = (e0 + e1 - 1) / 2 gives e1 back from e0."""
+    edges = [start]
+    for c in centres:
+        edges.append(int(round(2 * c + 1 - edges[-1])))
+    return np.array(edges)
+
+
+def check_all(ex: Explorer, truth: Truth):
+    """Every mark's data against the independent sums, for the explorer's current controls."""
+    m = ex.marks
+    start, stop = ex.range.value
+    by, layer, sign, window = ex.granularity.value, ex.layer.value, ex.sign.value, ex.smoothing.value
+
+    for mark in m.values():  # float32 on the wire, never more points than about the pixel width
+        for trait in ("x", "y", "color"):
+            arr = getattr(mark, trait, None)
+            if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
+                assert arr.dtype == np.float32, (mark, trait)
+        if hasattr(mark, "x") and mark.x is not None and np.asarray(mark.x).dtype.kind == "f":
+            assert len(mark.x) <= max(ex.max_points + 1, ex.histogram_bins, ex.heatmap_columns)
+
+    # loss: checkpoints at the bin edges; the rebuilt loss is loss[0] + cumulative LCA (+ lca_rest = 0 here)
+    edges = m["loss"].x.astype(np.int64)
+    np.testing.assert_array_equal(m["loss"].x, edges)
+    assert edges[0] == start and edges[-1] == stop and np.all(np.diff(edges) > 0)
+    np.testing.assert_allclose(m["loss"].y, truth.loss[edges].astype(np.float32))
+    np.testing.assert_array_equal(m["loss_points"].y, m["loss"].y)
+    rebuilt = truth.loss[0] + np.array([truth.L[:e].sum() for e in edges])
+    np.testing.assert_allclose(m["reconstructed"].y, rebuilt, rtol=1e-6)
+    np.testing.assert_array_equal(m["reconstructed"].x, m["loss"].x)
+    res_edges = edges_from_centres(start, m["residual"].x)
+    np.testing.assert_array_equal(res_edges, edges)
+    want = [truth.residual[a:b].sum() for a, b in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(m["residual"].y, want, rtol=1e-5, atol=1e-12)
+
+    # fractions: smoothed per iteration (trailing window), averaged over each plotted bin
+    series = truth.fraction_series(by, layer, window)
+    for key in ("helped", "hurt", "zero"):
+        fedges = edges_from_centres(start, m[key].x)
+        np.testing.assert_array_equal(fedges, edges)
+        want = [series[key][a:b].mean() for a, b in zip(fedges[:-1], fedges[1:])]
+        np.testing.assert_allclose(m[key].y, want, atol=1e-6)
+        assert m[key].visible == (sign in ("both", key))
+        np.testing.assert_array_equal(m[f"{key}_points"].y, m[key].y)
+
+    # cumulative LCA per layer from the start of the range, at the edges
+    np.testing.assert_array_equal(m["cumulative"].x, edges)
+    for i, name in enumerate(truth.layers):
+        cols = truth.layer == name
+        want = [truth.L[start:e][:, cols].sum() for e in edges]
+        np.testing.assert_allclose(m["cumulative"].y[i], want, rtol=1e-5, atol=1e-7)
+
+    # bars: per layer, the sum of the elements' totals that helped and that hurt
+    elements = truth.elements(by)
+    totals = truth.totals(by, start, stop)
+    for i, name in enumerate(truth.layers):
+        mine = np.array([e[1] == name for e in elements])
+        helped = totals[mine & (totals < 0)].sum() if sign != "hurt" else 0.0
+        hurt = totals[mine & (totals > 0)].sum() if sign != "helped" else 0.0
+        np.testing.assert_allclose(m["bars"].y[:, i], [helped, hurt], rtol=1e-5, atol=1e-7)
+    assert list(m["bars"].x) == truth.layers
+    assert (m["bars"].selected is None) == (layer is None)
+    if layer is not None:
+        assert list(m["bars"].selected) == [truth.layers.index(layer)]
+
+    # histogram of the selected elements' totals
+    keep = np.array([layer is None or e[1] == layer for e in elements])
+    keep &= {"both": np.ones(len(totals), bool), "helped": totals < 0, "hurt": totals > 0}[sign]
+    selected = totals[keep]
+    sel = ex.selection()
+    np.testing.assert_allclose(sel["lca"].values, selected, rtol=1e-6, atol=1e-9)
+    assert list(sel["element"].values) == [e[0] if by != "parameter" else e[0] for e, k in zip(elements, keep) if k]
+    if len(selected):
+        counts, hedges = np.histogram(selected, bins=ex.histogram_bins)
+        np.testing.assert_array_equal(m["histogram"].y, counts)
+        np.testing.assert_allclose(m["histogram"].x, (hedges[:-1] + hedges[1:]) / 2, rtol=1e-5, atol=1e-9)
+    else:
+        assert len(m["histogram"].y) == 0
+
+    # heat map: rows are the chosen layer's units (layers when none), columns contiguous bins of iterations
+    heat = m["heatmap"]
+    heat_x, heat_color = heat.x, heat.color
+    if stop - start == 1:  # bqplot's HeatMap needs two columns: a blank one is added
+        np.testing.assert_array_equal(heat_x, [start, start + 1])
+        assert np.all(heat_color[:, 1] == 0)
+        heat_x, heat_color = heat_x[:1], heat_color[:, :1]
+    cedges = edges_from_centres(start, heat_x)
+    assert cedges[-1] == stop and np.all(np.diff(cedges) > 0)
+    if layer is None:
+        rows = [truth.layer == name for name in truth.layers]
+    else:
+        rows = [m_ for _, lay, m_ in truth.elements("unit") if lay == layer]
+    assert heat_color.shape == (len(rows), len(cedges) - 1)
+    for r, cols in enumerate(rows):
+        want = np.array([truth.L[a:b][:, cols].sum() for a, b in zip(cedges[:-1], cedges[1:])])
+        want = {"both": want, "helped": np.minimum(want, 0), "hurt": np.maximum(want, 0)}[sign]
+        np.testing.assert_allclose(heat_color[r], want, rtol=1e-5, atol=1e-7)
+    limit = np.abs(heat.color).max()
+    assert heat.scales["color"].max == pytest.approx(limit, rel=1e-6)
+    assert heat.scales["color"].min == pytest.approx(-limit, rel=1e-6)
+
+    # the summary line names the range and the selection
+    assert f"iterations [{start}, {stop})" in ex.summary.value
+    assert f"<b>{len(selected)}</b> elements" in ex.summary.value
+
+
+@pytest.fixture(scope="module")
+def result():
+    return make_result()
+
+
+@pytest.fixture(scope="module")
+def truth(result):
+    return Truth(result)
+
+
+def test_initial_view(result, truth):
+    check_all(Explorer(result), truth)
+
+
+def test_every_control(result, truth):
+    ex = Explorer(result, max_points=20, heatmap_columns=7)  # few pixels: forces binning
+    check_all(ex, truth)
+    steps = [
+        ("range", (5, 44)),
+        ("granularity", "unit"),
+        ("layer", "conv"),
+        ("sign", "helped"),
+        ("smoothing", 4),
+        ("granularity", "tensor"),
+        ("layer", "fc1"),  # non-contiguous parameters
+        ("sign", "hurt"),
+        ("range", (10, 12)),
+        ("granularity", "layer"),
+        ("layer", None),
+        ("sign", "both"),
+        ("granularity", "parameter"),
+        ("range", (0, 53)),
+        ("layer", "out"),  # its bias never moves
+        ("smoothing", 9),
+        ("range", (52, 53)),  # a single iteration
+    ]
+    for name, value in steps:
+        getattr(ex, name).value = value
+        check_all(ex, truth)
+
+
+def test_one_point_per_iteration_when_the_range_is_short(result, truth):
+    ex = Explorer(result, max_points=100, heatmap_columns=100)
+    ex.range.value = (3, 40)
+    np.testing.assert_array_equal(ex.marks["loss"].x, np.arange(3, 41))
+    np.testing.assert_array_equal(ex.marks["heatmap"].x, np.arange(3, 40))
+    check_all(ex, truth)
+
+
+def test_strided_parameter_prefix_gives_the_same_numbers(result, truth):
+    ex = Explorer(result, parameter_budget_bytes=4096)  # far below (T+1) x P x 8: a strided prefix
+    assert ex._parameters.stride > 1
+    for rng in [(0, 53), (1, 2), (7, 31), (13, 13 + ex._parameters.stride)]:
+        ex.range.value = rng
+        check_all(ex, truth)
+
+
+def test_many_units_are_grouped_into_pixel_rows(truth, result):
+    ex = Explorer(result, heatmap_rows=2, layer="fc1")  # fc1 has 5 neurons: 2 rows of summed neurons
+    heat = ex.marks["heatmap"]
+    assert heat.color.shape[0] == 2
+    units = [m_ for _, lay, m_ in truth.elements("unit") if lay == "fc1"]
+    per_unit = np.array([[truth.L[:, c].sum()] for c in units])[:, 0]
+    np.testing.assert_allclose(heat.color.sum(1), [per_unit[:2].sum(), per_unit[2:].sum()], rtol=1e-5)
+
+
+def test_clicking_a_bar_chooses_its_layer(result, truth):
+    ex = Explorer(result)
+    ex.marks["bars"].selected = [1]  # what the front end sends on a click
+    assert ex.layer.value == "conv"
+    check_all(ex, truth)
+    ex.marks["bars"].selected = None  # a click beside the bars keeps the chosen layer
+    assert ex.layer.value == "conv"
+    ex.layer.value = "out"
+    assert list(ex.marks["bars"].selected) == [2]
+    ex.layer.value = None
+    assert ex.marks["bars"].selected is None
+
+
+def test_export_csv_and_netcdf(result, truth, tmp_path):
+    ex = Explorer(result, granularity="unit", layer="conv", sign="helped")
+    ex.range.value = (4, 30)
+    totals = dict(zip([e[0] for e in truth.elements("unit")], truth.totals("unit", 4, 30)))
+    csv = tmp_path / "sel.csv"
+    assert ex.export(csv) == [str(csv)]
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "element,layer,lca,start,stop"
+    rows = [ln.split(",") for ln in lines[1:]]
+    want = {k: v for k, v in totals.items() if k.startswith("conv[") and v < 0}
+    assert [r[0] for r in rows] == list(want)
+    for r in rows:
+        assert r[1] == "conv" and (r[3], r[4]) == ("4", "30")
+        assert float(r[2]) == pytest.approx(want[r[0]], rel=1e-9)
+
+    nc = tmp_path / "sel.nc"
+    ex.export(nc)
+    ds = xr.open_dataset(nc, engine="h5netcdf")
+    xr.testing.assert_allclose(ds.load(), ex.selection())
+    assert ds.attrs["layer"] == "conv" and ds.attrs["start"] == 4 and ds.attrs["granularity"] == "unit"
+    ds.close()
+
+    # the button does the same and reports the file in the panel
+    ex.export_path.value = str(tmp_path / "button.csv")
+    ex.export_button.click()
+    assert (tmp_path / "button.csv").read_text() == csv.read_text()
+    assert "wrote" in ex.export_status.value
+
+
+def test_export_refuses_an_unknown_format_and_says_which(result, tmp_path):
+    ex = Explorer(result)
+    with pytest.raises(ValueError, match=r"sel\.xlsx.*\.csv, \.nc, \.png or \.svg"):
+        ex.export(tmp_path / "sel.xlsx")
+    ex.export_path.value = str(tmp_path / "sel.xlsx")
+    ex.export_button.click()  # shown in the panel, not lost in a callback
+    assert "export failed" in ex.export_status.value and "sel.xlsx" in ex.export_status.value
+
+
+def test_image_export_asks_the_front_end_for_every_figure(result, tmp_path):
+    ex = Explorer(result)
+    paths = ex.export(tmp_path / "view.png")
+    assert sorted(paths) == sorted(str(tmp_path / f"view_{n}.png") for n in ex.figures)
+    # the browser answers with the rendered bytes; a fake answer through bqplot's own handler writes them
+    fig = ex.figures["loss"]
+    fig._handle_custom_msgs(fig, {"event": "upload_png"}, [memoryview(b"\x89PNG fake")])
+    assert (tmp_path / "view_loss.png").read_bytes() == b"\x89PNG fake"
+
+
+def test_explorer_on_a_real_run():
+    import torch
+    from lca_notebook import models
+
+    torch.manual_seed(0)
+    x, y = models.digits_data()
+    model = models.mlp(seed=0, hidden=(8,))
+    snaps = models.train(model, (x, y), steps=12, lr=0.1)
+    result = lca.analyze(model, (x, y), snaps, progress=False)
+    ex = lca.explore(result, granularity="unit")
+    truth = Truth(result)
+    check_all(ex, truth)
+    ex.layer.value = "fc1"
+    ex.range.value = (2, 9)
+    check_all(ex, truth)
+
+
+def test_a_result_without_iterations_is_refused_with_a_reason():
+    r = from_arrays(np.zeros((0, 2), np.float32), np.array([1.0]), {"tensor": ["w", "w"], "layer": ["l", "l"], "unit": [0, 1], "index": [0, 1]})
+    with pytest.raises(ValueError, match="at least one"):
+        Explorer(r)
