@@ -416,6 +416,7 @@ def analyze(
     store=None,
     batched_points: bool = False,
     progress: bool = True,
+    client=None,
 ):
     """Loss Change Allocation of every parameter at every iteration of a recorded training run.
 
@@ -445,6 +446,8 @@ def analyze(
         and midpoint together; adaptive's new points together). Same numbers to float rounding; faster
         where one point does not fill the device (small models on a GPU). Needs a vmap-able model.
     progress: show a tqdm progress bar.
+    client: a ``dask.distributed.Client``: shard the iterations over its workers, each writing its rows of
+        ``store`` (required); same result. See :mod:`lca_notebook.distributed`.
 
     Example
     -------
@@ -492,6 +495,10 @@ def analyze(
         "n_samples": data_mod.n_samples(batches),
         "model": type(model).__name__,
     }
+    if client is not None:  # dask.distributed is imported on this path only
+        from .distributed import run_sharded
+
+        return run_sharded(client, model, batches, traj, spec, config, store=store, loss_fn=loss_fn, device=device, progress=progress, batched_points=batched_points)
     from .result import MemorySink  # result depends on nothing here; imported late to keep layering obvious
 
     if store is not None:
