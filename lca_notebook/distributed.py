@@ -1,0 +1,462 @@
+"""LCA sharded over iterations on Dask workers, written straight into one result store.
+
+Once the trajectory is recorded, iterations are independent: a shard ``[a, b)`` needs only snapshots
+``a..b`` and the data. Each shard is one Dask task that evaluates snapshot ``a``'s gradient itself
+(one evaluation more than a single process spends: ``2T + shards`` full-data gradients for Simpson,
+``T + shards`` for first order and trapezoid) and writes its rows of the zarr store. Shards are whole
+chunks of the store's iteration axis, so two tasks never write the same chunk file.
+
+Prefix sums (``prefix_parameter``, ``prefix_unit``, ...) are a running sum, so they are one short task
+per shard run in order, each starting from the row the previous one stored: the same float64
+additions in the same order as :class:`~lca_notebook.store.StoreSink`, so the store is bit for bit the
+one a single process writes (when workers and driver run the same torch build with the same number
+of intra-op threads: a matmul's summation order can depend on it).
+
+Only the driver writes the store's root attributes: the shard plan, which shards are computed, and
+(as the prefix chain advances) ``completed_iterations`` / ``completed_checkpoints`` with the same
+meaning as a single-process store, so :func:`lca_notebook.open` reads a half-done sharded store and
+``analyze(store=...)`` without a client can finish it. A task lost with its worker is recomputed by
+Dask; a task that raises is retried ``retries`` times; a rerun of the same call after a crash
+computes only the shards not recorded as done.
+
+What travels to the workers (with ``cloudpickle``): the model, ``loss_fn``, the data (read once into
+batches, shipped once per worker) and the trajectory. A list of state_dicts (or an in-memory
+recorder) is cut into per-shard windows; checkpoint files and recorder stores travel as paths and
+must be on a filesystem every worker sees, as must the result store.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+try:
+    import cloudpickle
+    from dask.distributed import Client, Future, as_completed
+    from distributed import KilledWorker
+except ImportError as exc:  # pragma: no cover - distributed is an optional dependency
+    raise ImportError(
+        f"sharding LCA over Dask needs dask.distributed ({exc}); install it with: pip install distributed"
+    ) from exc
+
+from . import store as store_mod
+from .trajectory import SnapshotList, Trajectory
+
+__all__ = ["analyze_sharded", "Sharding", "plan_shards"]
+
+
+@dataclass
+class Sharding:
+    """How ``analyze(..., client=...)`` shards: pass one as ``client=`` to change the defaults.
+
+    ``shard_iterations``: iterations per Dask task, rounded up to whole chunks of the store (default: one
+    chunk, or more when that leaves at least four shards per worker thread). ``retries``: how often a
+    task that raised is run again. ``torch_threads``: torch intra-op threads inside each task (Dask
+    already runs one task per worker thread).
+    """
+
+    client: Client
+    shard_iterations: int | None = None
+    retries: int = 1
+    torch_threads: int = 1
+
+
+def plan_shards(n_iterations: int, chunk: int, shard_iterations: int | None = None, n_threads: int = 1) -> list[tuple[int, int]]:
+    """Contiguous ``[a, b)`` ranges covering ``range(n_iterations)``, each a whole number of ``chunk`` s.
+
+    >>> plan_shards(10, 4)
+    [(0, 4), (4, 8), (8, 10)]
+    >>> plan_shards(200, 8, shard_iterations=50)
+    [(0, 56), (56, 112), (112, 168), (168, 200)]
+    """
+    if shard_iterations is None:
+        per = max(1, n_iterations // (chunk * 4 * max(1, n_threads)))  # >= 4 shards per thread when T allows
+    else:
+        if not (isinstance(shard_iterations, int) and shard_iterations >= 1):
+            raise ValueError(f"shard_iterations must be a positive int, got {shard_iterations!r}")
+        per = math.ceil(shard_iterations / chunk)
+    size = per * chunk
+    return [(a, min(a + size, n_iterations)) for a in range(0, n_iterations, size)]
+
+
+# -- what the tasks get ----------------------------------------------------------------------------
+class _Window(Trajectory):
+    """Snapshots ``first..last`` of an in-memory trajectory, under their global indices (one shard's share)."""
+
+    def __init__(self, snapshots: dict, n: int, names: dict):
+        self.snapshots, self.n, self.names = snapshots, n, names
+
+    def __len__(self):
+        return self.n
+
+    def load(self, k):
+        try:
+            return self.snapshots[k]
+        except KeyError:
+            raise IndexError(f"snapshot {k} was not sent with this shard (it has {min(self.snapshots)}..{max(self.snapshots)})") from None
+
+    def describe(self, k):
+        return self.names.get(k, f"snapshot {k}")
+
+
+class _Reopen:
+    """A trajectory that travels as a path and is opened again on the worker (a recorder store)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def open(self):
+        return store_mod.RecordedTrajectory(self.path)
+
+
+@dataclass
+class _Job:
+    """Everything the tasks share; shipped once per worker, never written by a task."""
+
+    model: torch.nn.Module
+    batches: list
+    loss_fn: object
+    spec: object
+    coords: dict
+    path: str
+    n_iterations: int
+    chunk: int
+    method: str
+    tol: float
+    max_splits: int
+    batchnorm: str
+    batched_points: bool
+    device: str
+    torch_threads: int
+    trajectory: object = None  # None: each task gets its own _Window
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def traj(self, window):
+        if window is not None:
+            return window
+        t = self.trajectory
+        return t.open() if isinstance(t, _Reopen) else t
+
+    def on_device(self):
+        if "batches" not in self._cache:  # one copy per worker process, kept for its later tasks
+            dev = torch.device(self.device)
+            self._cache["batches"] = self.batches if dev.type == "cpu" else [b.to(dev) for b in self.batches]
+        return self._cache["batches"]
+
+    def groups(self):
+        if "groups" not in self._cache:
+            self._cache["groups"] = store_mod._grouper(self.coords)
+        return self._cache["groups"]
+
+
+def _load_job(payload: bytes) -> _Job:
+    return cloudpickle.loads(payload)
+
+
+def _where(a, b) -> str:
+    try:
+        from distributed import get_worker
+
+        worker = f" on Dask worker {get_worker().address}"
+    except ValueError:
+        worker = ""
+    return f"the Dask task for iterations {a}..{b - 1}{worker}"
+
+
+# -- the tasks -----------------------------------------------------------------------------------
+def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
+    """Compute iterations ``[a, b)`` and write their rows (and losses ``a..b-1``; ``..T`` for the last shard)."""
+    from .compute import Evaluator, SnapshotReader, _fixed_function, iterate
+
+    torch.set_num_threads(job.torch_threads)
+    t0 = time.perf_counter()
+    model = copy.deepcopy(job.model)  # functional_call swaps a module's tensors: one copy per task, threads never share it
+    device = torch.device(job.device)
+    ct, p = job.chunk, job.spec.n_selected
+    arrays = {name: store_mod._open_array(job.path, name) for name in (*store_mod._ITERATION_VARS, "loss")}
+    buf = {
+        "lca": np.zeros((ct, p), np.float32), "residual": np.zeros(ct), "lca_rest": np.zeros(ct),
+        "splits": np.zeros(ct, np.int32), "evaluations": np.zeros(ct, np.int32),
+    }
+    stop_loss = job.n_iterations + 1 if b == job.n_iterations else b  # loss[b] is the next shard's (its chunk)
+    loss = np.full(stop_loss - a, np.nan)
+    try:
+        with _fixed_function(model, job.batchnorm):
+            evaluate = Evaluator(model, job.on_device(), job.loss_fn, job.spec, device, job.batchnorm)
+            read = SnapshotReader(job.traj(window), job.spec, device)
+            steps = iterate(evaluate, read, a, b, method=job.method, tol=job.tol, max_splits=job.max_splits, batched_points=job.batched_points)
+            loss[0] = next(steps)
+            c0 = a
+            for row in steps:
+                i = row.t - c0
+                buf["lca"][i] = row.lca.detach().to("cpu", torch.float32).numpy()
+                buf["residual"][i], buf["lca_rest"][i] = row.residual, row.rest
+                buf["splits"][i], buf["evaluations"][i] = row.splits, row.evaluations
+                if row.t + 1 - a < len(loss):
+                    loss[row.t + 1 - a] = row.loss_end
+                if i + 1 == ct or row.t + 1 == b:  # a whole chunk (or the shard's end): write it
+                    for name, values in buf.items():
+                        arrays[name][c0 : row.t + 1] = values[: i + 1]
+                    c0 = row.t + 1
+        arrays["loss"][a:stop_loss] = loss
+        for name in arrays:
+            store_mod._sync_rows(job.path, name, a, stop_loss if name == "loss" else b)
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"lca_notebook: in {_where(a, b)}")
+        raise
+    return {"start": a, "stop": b, "evaluations": evaluate.evaluations, "seconds": time.perf_counter() - t0}
+
+
+def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
+    """Prefix rows ``a..b`` from the stored row ``a`` and the shard's LCA rows; runs after the shard before it."""
+    arrays = {name: store_mod._open_array(job.path, name) for name in store_mod._CHECKPOINT_VARS if name != "loss"}
+    lca = store_mod._open_array(job.path, "lca")
+    groups = job.groups()
+    ct = job.chunk
+    try:
+        # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task before.
+        prev = {name: np.zeros(arr.shape[1:]) if a == 0 else np.asarray(arr[a], dtype=np.float64) for name, arr in arrays.items()}
+        for c0 in range(a, b, ct):
+            c1 = min(c0 + ct, b)
+            rows = np.asarray(lca[c0:c1])
+            out = {name: np.empty((c1 - c0 + 1,) + prev[name].shape) for name in arrays}
+            for name in arrays:
+                out[name][0] = prev[name]
+            for i, row in enumerate(rows):  # as StoreSink._advance: float32 row added in float64, in order
+                np.add(out["prefix_parameter"][i], row, out=out["prefix_parameter"][i + 1], dtype=np.float64)
+                for by in store_mod._GROUP_DIMS:
+                    key = f"prefix_{by}"
+                    out[key][i + 1] = out[key][i] + groups.group_sum(row[None], by)[0]
+            for name, arr in arrays.items():
+                arr[c0 : c1 + 1] = out[name]
+            prev = {name: out[name][-1] for name in arrays}
+        for name in arrays:
+            store_mod._sync_rows(job.path, name, a, b + 1)
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"lca_notebook: in {_where(a, b)} (prefix sums)")
+        raise
+    return b
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def _picklable(what: str, obj, hint: str):
+    try:
+        return cloudpickle.dumps(obj)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be sent to the Dask workers: pickling it failed ({type(exc).__name__}: {exc}). {hint}") from exc
+
+
+def _ship_trajectory(traj):
+    """(object every task gets, or None to send per-shard windows of snapshots)."""
+    from .checkpoints import CheckpointFiles
+    from .record import Recorder
+
+    if isinstance(traj, Recorder):
+        if traj.path is None:
+            return None
+        traj.flush()
+        return _Reopen(traj.path)
+    if isinstance(traj, store_mod.RecordedTrajectory):
+        return _Reopen(traj.path)
+    if isinstance(traj, (SnapshotList, CheckpointFiles)):
+        return None if isinstance(traj, SnapshotList) else traj
+    _picklable(
+        f"the trajectory ({type(traj).__name__})", traj,
+        "Give a list of state_dicts, checkpoint files, or a recorder store path (lca.record(..., path=...)).",
+    )
+    return traj
+
+
+def _window(traj, a: int, b: int) -> _Window:
+    return _Window({k: traj[k] for k in range(a, b + 1)}, len(traj), {k: traj.describe(k) for k in range(a, b + 1)})
+
+
+def _progress_attrs(computed: set, chained: int, n_iterations: int) -> dict:
+    """``completed_iterations`` / ``completed_checkpoints`` with a single-process store's meaning.
+
+    Iterations ``[0, chained)`` have their rows and prefix sums (prefix row ``chained`` included); the loss
+    at checkpoint ``chained`` belongs to the shard starting there, so that row counts only once it is computed.
+    """
+    whole = chained > 0 and (chained == n_iterations or chained in computed)
+    return {"completed_iterations": chained, "completed_checkpoints": chained + 1 if whole else chained}
+
+
+def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, device, progress, batched_points) -> object:
+    """The ``client=`` path of :func:`lca_notebook.analyze`, after its checks: shard, submit, record, finish."""
+    from tqdm.auto import tqdm
+
+    options = client if isinstance(client, Sharding) else Sharding(client)
+    client = options.client
+    if not isinstance(client, Client):
+        raise TypeError(f"client must be a dask.distributed.Client (or a lca_notebook.distributed.Sharding), got {type(client).__name__}")
+    if store is None:
+        raise ValueError(
+            "analyze(..., client=...) needs store=PATH: the workers write their shards there, so it must be a path every "
+            "worker can reach (a shared filesystem)"
+        )
+    t_start = time.perf_counter()
+    sink = store_mod.StoreSink(store, spec=spec, traj=traj, batches=batches, config=config)
+    if sink.complete:
+        return store_mod.open_store(sink.path)
+    path, T, ct = sink.path, sink.n_iterations, sink.ct
+    attrs = store_mod.read_attrs(path)
+    record = attrs.get("shards") or {}
+    if record.get("chunk") == ct and record.get("bounds"):
+        plan = [tuple(x) for x in record["bounds"]]  # a resumed run keeps the store's plan
+    else:
+        n_threads = sum(client.nthreads().values()) or 1
+        plan = plan_shards(T, ct, options.shard_iterations, n_threads)
+        record = {"chunk": ct, "bounds": [list(x) for x in plan], "computed": {}}
+    done_before = int(attrs.get("completed_iterations", 0))  # contiguous, prefix sums included (maybe by a plain run)
+    computed = {int(a) for a in record["computed"]} | {a for a, b in plan if b <= done_before}
+    chained = max([b for a, b in plan if b <= done_before], default=0)
+    store_mod.update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
+
+    shipped = _ship_trajectory(traj)
+    job = _Job(
+        model=model, batches=[b.to("cpu") for b in batches], loss_fn=loss_fn, spec=spec, coords=sink.coords, path=path,
+        n_iterations=T, chunk=ct, method=config["method"], tol=config["tol"], max_splits=config["max_splits"],
+        batchnorm=config["batchnorm"], batched_points=batched_points, device=str(device), torch_threads=options.torch_threads,
+        trajectory=shipped,
+    )
+    _picklable(f"the model ({type(model).__name__})", model, "Define its class in an importable module or in the notebook itself.")
+    _picklable(f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})", loss_fn,
+               "Use a module-level function, or one that captures no open files, locks or GPU handles.")
+    payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
+    tag = uuid.uuid4().hex[:8]
+    # The job is a task's result, not scattered data: if every worker holding it dies, Dask computes it again.
+    job_f = client.submit(_load_job, payload, key=f"lca-job-{tag}", pure=False)
+    compute_f: dict[int, Future] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ll]arge.*graph.*")  # windows of snapshots travel with their task
+        for a, b in plan:
+            if a not in computed:
+                window = _window(traj, a, b) if shipped is None else None
+                compute_f[a] = client.submit(_compute_shard, job_f, a, b, window, key=f"lca-shard-{a}-{b}-{tag}", retries=options.retries, pure=False)
+    chain_f: dict[int, Future] = {}
+    previous = None
+    for a, b in plan:
+        if b <= chained:
+            continue
+        previous = chain_f[a] = client.submit(
+            _prefix_shard, job_f, a, b, compute_f.get(a), previous, key=f"lca-prefix-{a}-{b}-{tag}", retries=options.retries,
+            priority=10, pure=False,
+        )
+    owner = {f.key: ("compute", a) for a, f in compute_f.items()} | {f.key: ("prefix", a) for a, f in chain_f.items()}
+    bounds = dict(plan)
+    bar = tqdm(total=T, initial=sum(b - a for a, b in plan if a in computed), desc="LCA shards", unit="it", disable=not progress, leave=False)
+    first_error = None
+    try:
+        for fut in as_completed([*compute_f.values(), *chain_f.values()]):
+            kind, a = owner[fut.key]
+            try:
+                value = fut.result()
+            except Exception as exc:
+                if first_error is None:  # later ones are this one again, passed on to the prefix tasks after it
+                    first_error = _explain(exc, kind, a, bounds[a])
+                continue
+            if kind == "compute":
+                computed.add(a)
+                record["computed"][str(a)] = {"evaluations": int(value["evaluations"]), "seconds": round(value["seconds"], 3)}
+                bar.update(bounds[a] - a)
+            else:
+                chained = max(chained, value)
+            store_mod.update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
+    except BaseException as exc:  # Ctrl-C in the driver: stop the workers, keep what is recorded
+        client.cancel([job_f, *compute_f.values(), *chain_f.values()])
+        _note_kept(exc, path, chained, computed, plan)
+        raise
+    finally:
+        bar.close()
+    if first_error is not None:
+        client.cancel([job_f, *compute_f.values(), *chain_f.values()])
+        _note_kept(first_error, path, chained, computed, plan)
+        raise first_error
+    client.cancel([job_f])
+    evaluations = sum(int(v["evaluations"]) for v in record["computed"].values())
+    plain = [(a, b) for a, b in plan if str(a) not in record["computed"]]  # finished by a run without a client
+    if plain:
+        ev = store_mod._open_array(path, "evaluations")
+        evaluations += sum(int(np.asarray(ev[a:b]).sum()) + 1 for a, b in plain)
+    store_mod.update_attrs(
+        path, shards=record, completed_iterations=T, completed_checkpoints=T + 1, complete=True,
+        seconds=float(attrs.get("seconds", 0.0)) + time.perf_counter() - t_start, gradient_evaluations=evaluations,
+    )
+    result = store_mod.open_store(path)
+    _warn_if_stuck(result, config)
+    return result
+
+
+def _explain(exc: BaseException, kind: str, a: int, b: int) -> BaseException:
+    if isinstance(exc, KilledWorker):
+        err = RuntimeError(
+            f"the Dask task for iterations {a}..{b - 1} ({kind}) was running on every worker that died while it ran ({exc}). "
+            "If the workers ran out of memory, give analyze a smaller batch_size, fewer threads per worker, or a smaller "
+            "shard (lca_notebook.distributed.Sharding(client, shard_iterations=...))."
+        )
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+def _note_kept(exc: BaseException, path: str, chained: int, computed: set, plan):
+    if not hasattr(exc, "add_note"):
+        return
+    others = sorted(a for a in computed if a >= chained)
+    extra = f"; shards starting at iterations {others} are computed too" if others else ""
+    kept = f"iterations 0..{chained - 1} are complete in the store {path!r}" if chained else f"no iteration is complete yet in {path!r}"
+    exc.add_note(f"lca_notebook: {kept}{extra}. Run the same call again to compute only the missing shards.")
+    if chained:
+        try:
+            exc.partial_result = store_mod.open_store(path)
+        except Exception:
+            pass
+
+
+def _warn_if_stuck(result, config):
+    """The warning analyze gives when adaptive quadrature hit its piece limit."""
+    if config["method"] != "adaptive":
+        return
+    tol, max_splits = config["tol"], config["max_splits"]
+    stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
+    if stuck.any():
+        warnings.warn(
+            f"adaptive LCA hit max_splits={max_splits} with |residual| > tol={tol:g} on {int(stuck.sum())} of "
+            f"{stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise max_splits or tol, or record "
+            "snapshots more often",
+            stacklevel=3,
+        )
+
+
+def analyze_sharded(model, data, trajectory, *, client, store, shard_iterations=None, retries: int = 1, torch_threads: int = 1, **options):
+    """:func:`lca_notebook.analyze` with its iterations sharded over the workers of a Dask ``client``.
+
+    >>> import os, tempfile, lca_notebook as lca
+    >>> from dask.distributed import Client
+    >>> from lca_notebook import models
+    >>> x, y = models.digits_data()
+    >>> snaps = models.train(models.mlp(), (x, y), steps=6)
+    >>> with Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
+    ...     path = os.path.join(tempfile.mkdtemp(), "lca.zarr")
+    ...     result = analyze_sharded(models.mlp(), (x, y), snaps, client=client, store=path, shard_iterations=3, progress=False)
+    >>> result.lca.shape, result.attrs["complete"]
+    ((6, 17226), True)
+
+    ``store`` is required (every worker writes its shard there). ``shard_iterations``, ``retries`` and
+    ``torch_threads`` are those of :class:`Sharding`; ``options`` are :func:`~lca_notebook.analyze`'s.
+    The result equals ``analyze(model, data, trajectory, store=...)`` without a client.
+    """
+    from .compute import analyze
+
+    sharding = Sharding(client, shard_iterations=shard_iterations, retries=retries, torch_threads=torch_threads)
+    return analyze(model, data, trajectory, store=store, client=sharding, **options)
