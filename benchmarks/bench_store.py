@@ -58,7 +58,8 @@ def child_rss(traj, out):
     """Runs in a fresh process: analyze into a store, print baseline and peak RSS in MB."""
     x, y = digits()
     model = mlp_100k()
-    lca.analyze(model, (x[:256], y[:256]), open_path(traj), method="trapezoid", progress=False)  # warm up
+    first = open_path(traj)  # warm up on one iteration (an in-memory result of all T would be T x P)
+    lca.analyze(model, (x[:256], y[:256]), lca.Trajectory.from_callable(first.load, 2), method="trapezoid", progress=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     r = lca.analyze(model, (x, y), traj, method="trapezoid", store=out, progress=False)
@@ -134,10 +135,20 @@ def bench_recording(tmp, blocks, steps_per_block):
     return n_params, np.median(plain), np.median(recorded), totals["recorded"] / totals["plain"]
 
 
+def _print_rss(rss, t_rss):
+    print("1. peak RSS of analyze(store=...), trajectory from a recorder store, fresh process each")
+    print(f"   {'T':>6} {'params':>8} {'base MB':>9} {'peak MB':>9} {'seconds':>8}")
+    for t, (base, peak, seconds, p) in rss.items():
+        print(f"   {t:>6} {p:>8} {base:>9.1f} {peak:>9.1f} {seconds:>8.1f}")
+    (t_a, a), (t_b, b) = rss.items()
+    print(f"   peak RSS ratio T={t_b} / T={t_a}: {b[1] / a[1]:.3f}  (target <= 1.2)   [{t_rss:.0f} s]")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child-rss", nargs=2, metavar=("TRAJ", "OUT"))
+    ap.add_argument("--only-rss", action="store_true", help="part 1 only")
     args = ap.parse_args()
     if args.child_rss:
         child_rss(*args.child_rss)
@@ -148,20 +159,17 @@ def main():
         t0 = time.perf_counter()
         rss = bench_rss(tmp, ts)
         t_rss = time.perf_counter() - t0
+        if args.only_rss:
+            _print_rss(rss, t_rss)
+            return
         iters, params, sums = bench_range_sums(os.path.join(tmp, f"lca{ts[-1]}"), 30 if args.quick else 100)
         for t in ts:
             shutil.rmtree(os.path.join(tmp, f"lca{t}"))
         n_params, plain, recorded, total_ratio = bench_recording(tmp, 3, 8 if args.quick else 20)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
     print(f"\nlca_notebook store benchmarks ({'quick' if args.quick else 'full'}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)\n")
-    print("1. peak RSS of analyze(store=...), trajectory from a recorder store, fresh process each")
-    print(f"   {'T':>6} {'params':>8} {'base MB':>9} {'peak MB':>9} {'seconds':>8}")
-    for t, (base, peak, seconds, p) in rss.items():
-        print(f"   {t:>6} {p:>8} {base:>9.1f} {peak:>9.1f} {seconds:>8.1f}")
-    (t_a, a), (t_b, b) = rss.items()
-    print(f"   peak RSS ratio T={t_b} / T={t_a}: {b[1] / a[1]:.3f}  (target <= 1.2)   [{t_rss:.0f} s]")
+    _print_rss(rss, t_rss)
     print(f"\n2. iteration-range sum on the stored result, {iters} iterations x {params} parameters (random ranges)")
     print(f"   {'by':>10} {'median ms':>10} {'max ms':>8} {'values':>8}")
     for by, (med, mx, size) in sums.items():
