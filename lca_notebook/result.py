@@ -38,7 +38,7 @@ class LCAResult:
     >>> import lca_notebook as lca, numpy as np
     >>> r = lca.LCAResult.example()  # a small hand-made result
     >>> r.total(by="layer").values.round(3).tolist()
-    [-0.6, 0.2]
+    [-0.45, 0.05]
     >>> r.sel(layer="fc2").shape
     (3, 2)
     """
@@ -281,7 +281,9 @@ class LCAResult:
         if path.endswith(".nc"):
             ds.to_netcdf(path, engine="h5netcdf")
         else:
-            ds.to_zarr(path, mode="w", consolidated=True)
+            # Variable-length strings: zarr v3 has a spec for them, not for numpy's fixed-width unicode.
+            strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U"}
+            ds.assign_coords(strings).to_zarr(path, mode="w", consolidated=False, zarr_format=3)
         return path
 
     @staticmethod
