@@ -304,6 +304,11 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
             "analyze(..., client=...) needs store=PATH: the workers write their shards there, so it must be a path every "
             "worker can reach (a shared filesystem)"
         )
+    # Refuse what cannot travel before anything is created or computed.
+    _picklable(f"the model ({type(model).__name__})", model, "Define its class in an importable module or in the notebook itself.")
+    _picklable(f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})", loss_fn,
+               "Use a module-level function, or one that captures no open files, locks or GPU handles.")
+    shipped = _ship_trajectory(traj)
     t_start = time.perf_counter()
     sink = store_mod.StoreSink(store, spec=spec, traj=traj, batches=batches, config=config)
     if sink.complete:
@@ -322,16 +327,12 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
     chained = max([b for a, b in plan if b <= done_before], default=0)
     store_mod.update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
 
-    shipped = _ship_trajectory(traj)
     job = _Job(
         model=model, batches=[b.to("cpu") for b in batches], loss_fn=loss_fn, spec=spec, coords=sink.coords, path=path,
         n_iterations=T, chunk=ct, method=config["method"], tol=config["tol"], max_splits=config["max_splits"],
         batchnorm=config["batchnorm"], batched_points=batched_points, device=str(device), torch_threads=options.torch_threads,
         trajectory=shipped,
     )
-    _picklable(f"the model ({type(model).__name__})", model, "Define its class in an importable module or in the notebook itself.")
-    _picklable(f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})", loss_fn,
-               "Use a module-level function, or one that captures no open files, locks or GPU handles.")
     payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
     tag = uuid.uuid4().hex[:8]
     # The job is a task's result, not scattered data: if every worker holding it dies, Dask computes it again.
