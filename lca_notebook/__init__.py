@@ -6,11 +6,11 @@
 2
 """
 
+from . import analyses, models  # noqa: F401 - lca.analyses.synchrony(result), lca.models.mlp() after %load_ext
 from .compute import analyze
 from .record import record
 from .result import LCAResult, open
 from .trajectory import Trajectory
-
 
 
 def explore(result, **options):
