@@ -60,13 +60,15 @@ class Sharding:
     ``shard_iterations``: iterations per Dask task, rounded up to whole chunks of the store (default: one
     chunk, or more when that leaves at least four shards per worker thread). ``retries``: how often a
     task that raised is run again. ``torch_threads``: torch intra-op threads inside each task (Dask
-    already runs one task per worker thread).
+    already runs one task per worker thread). ``tune_malloc``: undo, inside each worker process, the
+    ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask's nanny starts workers with (see :func:`_tune_malloc`).
     """
 
     client: Client
     shard_iterations: int | None = None
     retries: int = 1
     torch_threads: int = 1
+    tune_malloc: bool = True
 
 
 def plan_shards(n_iterations: int, chunk: int, shard_iterations: int | None = None, n_threads: int = 1) -> list[tuple[int, int]]:
@@ -136,6 +138,7 @@ class _Job:
     batched_points: bool
     device: str
     torch_threads: int
+    tune_malloc: bool = True
     trajectory: object = None  # None: each task gets its own _Window
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -155,6 +158,24 @@ class _Job:
         if "groups" not in self._cache:
             self._cache["groups"] = store_mod._grouper(self.coords)
         return self._cache["groups"]
+
+
+def _tune_malloc():
+    """Let glibc keep freed tensors' memory for reuse in this worker process (no-op off glibc).
+
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` so workers hand memory back to the OS. That also
+    pins glibc's mmap threshold at 128 kB, so every activation and gradient tensor is a fresh mmap,
+    page-faulted in and unmapped again: autograd on the digits CNN ran 2.5x slower in a worker than in a
+    plain process (benchmarks/bench_distributed.py). A worker's RSS then stays near its peak instead.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest glibc allows on 64-bit
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _load_job(payload: bytes) -> _Job:
@@ -177,6 +198,8 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     from .compute import Evaluator, SnapshotReader, _fixed_function, iterate
 
     torch.set_num_threads(job.torch_threads)
+    if job.tune_malloc:
+        _tune_malloc()
     t0 = time.perf_counter()
     model = copy.deepcopy(job.model)  # functional_call swaps a module's tensors: one copy per task, threads never share it
     device = torch.device(job.device)
@@ -331,15 +354,15 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
         model=model, batches=[b.to("cpu") for b in batches], loss_fn=loss_fn, spec=spec, coords=sink.coords, path=path,
         n_iterations=T, chunk=ct, method=config["method"], tol=config["tol"], max_splits=config["max_splits"],
         batchnorm=config["batchnorm"], batched_points=batched_points, device=str(device), torch_threads=options.torch_threads,
-        trajectory=shipped,
+        tune_malloc=options.tune_malloc, trajectory=shipped,
     )
     payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
     tag = uuid.uuid4().hex[:8]
-    # The job is a task's result, not scattered data: if every worker holding it dies, Dask computes it again.
-    job_f = client.submit(_load_job, payload, key=f"lca-job-{tag}", pure=False)
     compute_f: dict[int, Future] = {}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ll]arge.*graph.*")  # windows of snapshots travel with their task
+        warnings.filterwarnings("ignore", message=".*[Ll]arge.*graph.*")  # the job and snapshot windows travel with their tasks
+        # The job is a task's result, not scattered data: if every worker holding it dies, Dask computes it again.
+        job_f = client.submit(_load_job, payload, key=f"lca-job-{tag}", pure=False)
         for a, b in plan:
             if a not in computed:
                 window = _window(traj, a, b) if shipped is None else None
@@ -439,7 +462,9 @@ def _warn_if_stuck(result, config):
         )
 
 
-def analyze_sharded(model, data, trajectory, *, client, store, shard_iterations=None, retries: int = 1, torch_threads: int = 1, **options):
+def analyze_sharded(
+    model, data, trajectory, *, client, store, shard_iterations=None, retries: int = 1, torch_threads: int = 1, tune_malloc: bool = True, **options
+):
     """:func:`lca_notebook.analyze` with its iterations sharded over the workers of a Dask ``client``.
 
     >>> import os, tempfile, lca_notebook as lca
@@ -453,11 +478,11 @@ def analyze_sharded(model, data, trajectory, *, client, store, shard_iterations=
     >>> result.lca.shape, result.attrs["complete"]
     ((6, 17226), True)
 
-    ``store`` is required (every worker writes its shard there). ``shard_iterations``, ``retries`` and
-    ``torch_threads`` are those of :class:`Sharding`; ``options`` are :func:`~lca_notebook.analyze`'s.
+    ``store`` is required (every worker writes its shard there). ``shard_iterations``, ``retries``,
+    ``torch_threads`` and ``tune_malloc`` are those of :class:`Sharding`; ``options`` are :func:`~lca_notebook.analyze`'s.
     The result equals ``analyze(model, data, trajectory, store=...)`` without a client.
     """
     from .compute import analyze
 
-    sharding = Sharding(client, shard_iterations=shard_iterations, retries=retries, torch_threads=torch_threads)
+    sharding = Sharding(client, shard_iterations=shard_iterations, retries=retries, torch_threads=torch_threads, tune_malloc=tune_malloc)
     return analyze(model, data, trajectory, store=store, client=sharding, **options)
