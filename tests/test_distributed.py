@@ -130,6 +130,24 @@ def test_checkpoint_files_batchnorm_and_parameter_subset(client, run, tmp_path):
     assert attrs["gradient_evaluations"] == 2 * 21 + 2  # Simpson: 2T, plus each shard's first snapshot
 
 
+def test_recorder_store_travels_as_a_path(client, run, tmp_path):
+    x, y, _ = run
+    model = models.mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt, path=tmp_path / "run.zarr") as rec:
+        for i in range(19):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i * 50 : i * 50 + 200]), y[i * 50 : i * 50 + 200]).backward()
+            opt.step()
+    lca.analyze(models.mlp(), (x, y), tmp_path / "run.zarr", store=tmp_path / "single", method="trapezoid", progress=False)
+    got = lca.analyze(models.mlp(), (x, y), rec, store=tmp_path / "sharded", method="trapezoid", client=client, progress=False)
+    for name in VARIABLES:
+        a = zarr.open_array(str(tmp_path / "sharded"), path=name, mode="r")[:]
+        np.testing.assert_array_equal(a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name)
+    assert got.attrs["gradient_evaluations"] == 19 + 3  # trapezoid: T, plus each shard's first snapshot
+    assert list(got.dataset["step"].values) == list(range(20))
+
+
 class KillOnce(Trajectory):
     """Snapshots in memory; reading snapshot ``kill_at`` in a Dask worker SIGKILLs that worker, the first time only."""
 
