@@ -98,7 +98,8 @@ def check_all(ex: Explorer, truth: Truth):
     """Every mark's data against the independent sums, for the explorer's current controls."""
     m = ex.marks
     start, stop = ex.range.value
-    by, layer, sign, window = ex.granularity.value, ex.layer.value, ex.sign.value, ex.smoothing.value
+    by, sign, window = ex.granularity.value, ex.sign.value, ex.smoothing.value
+    layer = None if ex.selected_layer is None else ex.layers[ex.selected_layer]
 
     for mark in m.values():  # float32 on the wire, never more points than about the pixel width
         for trait in ("x", "y", "color"):
@@ -146,11 +147,12 @@ def check_all(ex: Explorer, truth: Truth):
         mine = np.array([e[1] == name for e in elements])
         helped = totals[mine & (totals < 0)].sum() if sign != "hurt" else 0.0
         hurt = totals[mine & (totals > 0)].sum() if sign != "helped" else 0.0
-        np.testing.assert_allclose(m["bars"].y[:, i], [helped, hurt], rtol=1e-5, atol=1e-7)
-    assert list(m["bars"].x) == truth.layers
-    assert (m["bars"].selected is None) == (layer is None)
-    if layer is not None:
-        assert list(m["bars"].selected) == [truth.layers.index(layer)]
+        np.testing.assert_allclose([m["helped_bars"].y[i], m["hurt_bars"].y[i]], [helped, hurt], rtol=1e-5, atol=1e-7)
+    for key in ("helped_bars", "hurt_bars"):
+        assert list(m[key].x) == truth.layers
+        assert (m[key].selected is None) == (layer is None)
+        if layer is not None:
+            assert list(m[key].selected) == [truth.layers.index(layer)]
 
     # histogram of the selected elements' totals
     keep = np.array([layer is None or e[1] == layer for e in elements])
@@ -261,15 +263,18 @@ def test_many_units_are_grouped_into_pixel_rows(truth, result):
 
 def test_clicking_a_bar_chooses_its_layer(result, truth):
     ex = Explorer(result)
-    ex.marks["bars"].selected = [1]  # what the front end sends on a click
+    ex.marks["helped_bars"].selected = [1]  # what the front end sends on a click
     assert ex.layer.value == "conv"
     check_all(ex, truth)
-    ex.marks["bars"].selected = None  # a click beside the bars keeps the chosen layer
+    ex.marks["hurt_bars"].selected = None  # a click beside the bars keeps the chosen layer
     assert ex.layer.value == "conv"
+    ex.marks["hurt_bars"].selected = [0]
+    assert ex.layer.value == "fc1"
+    check_all(ex, truth)
     ex.layer.value = "out"
-    assert list(ex.marks["bars"].selected) == [2]
-    ex.layer.value = None
-    assert ex.marks["bars"].selected is None
+    assert list(ex.marks["helped_bars"].selected) == [2] and list(ex.marks["hurt_bars"].selected) == [2]
+    ex.layer.value = None  # from Python, None means all layers
+    assert ex.marks["helped_bars"].selected is None and ex.layer.value == "(all layers)"
 
 
 def test_export_csv_and_netcdf(result, truth, tmp_path):

@@ -7,8 +7,10 @@ needs a pass over (iteration, parameter) is done once, at construction.
 >>> import lca_notebook as lca
 >>> ex = lca.explore(lca.LCAResult.example())
 >>> ex.range.value = (1, 3)
->>> ex.marks["bars"].y.astype(float).round(3).tolist()  # helped / hurt LCA of fc1, fc2 in iterations 1..2
-[[-0.3, 0.0], [0.05, 0.05]]
+>>> ex.marks["helped_bars"].y.astype(float).round(3).tolist()  # fc1, fc2 over iterations 1..2
+[-0.3, 0.0]
+>>> ex.marks["hurt_bars"].y.astype(float).round(3).tolist()
+[0.05, 0.05]
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class Explorer(widgets.VBox):
         )
         self.granularity = widgets.ToggleButtons(options=list(GRANULARITIES), value=granularity, description="sum by",
                                                  style={"button_width": "150px", "description_width": "80px"})
-        self.layer = widgets.Dropdown(options=[(ALL_LAYERS, None)] + [(n, n) for n in self.layers], value=layer,
+        # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
+        self.layer = widgets.Dropdown(options=[ALL_LAYERS] + self.layers, value=layer or ALL_LAYERS,
                                       description="layer", style={"description_width": "80px"})
         self.sign = widgets.ToggleButtons(options=list(SIGNS), value=sign, description="show",
                                           style={"button_width": "70px", "description_width": "50px"})
@@ -101,7 +104,7 @@ class Explorer(widgets.VBox):
 
         grid = widgets.GridBox(
             list(self.figures.values()),
-            layout=widgets.Layout(grid_template_columns=f"repeat(3, {fw}px)", grid_gap="4px"),
+            layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {fw}px)", grid_gap="4px"),
         )
         super().__init__([
             widgets.HBox([self.range, self.smoothing]),
@@ -116,7 +119,8 @@ class Explorer(widgets.VBox):
         self._syncing = False
         for control in (self.range, self.granularity, self.layer, self.sign, self.smoothing):
             control.observe(self._on_control, names="value")
-        self.marks["bars"].observe(self._on_bar_selected, names="selected")
+        for key in ("helped_bars", "hurt_bars"):
+            self.marks[key].observe(self._on_bar_selected, names="selected")
         self.update()
 
     # -- precomputation (once) ------------------------------------------------------------------
@@ -170,7 +174,8 @@ class Explorer(widgets.VBox):
     # -- the selection -----------------------------------------------------------------------------
     @property
     def selected_layer(self) -> int | None:
-        return None if self.layer.value is None else self.layers.index(self.layer.value)
+        """Index of the chosen layer, None for all layers."""
+        return None if self.layer.value in (None, ALL_LAYERS) else self.layers.index(self.layer.value)
 
     def element_totals(self, by: str | None = None, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """LCA summed over iterations ``[start, stop)`` of every element at a granularity (all layers)."""
@@ -281,10 +286,11 @@ class Explorer(widgets.VBox):
                 pts = m[f"{key}_points"]
                 pts.x, pts.y, pts.visible = f32(x), f32(y), shown
             m["cumulative"].x, m["cumulative"].y = f32(s["cumulative"][0]), f32(s["cumulative"][1])
-            m["bars"].y = f32(s["bars"])
             self._syncing = True
             try:
-                m["bars"].selected = None if self.selected_layer is None else [self.selected_layer]
+                for row, key in enumerate(("helped_bars", "hurt_bars")):
+                    m[key].y = f32(s["bars"][row])
+                    m[key].selected = None if self.selected_layer is None else [self.selected_layer]
             finally:
                 self._syncing = False
             m["histogram"].x, m["histogram"].y = f32(s["histogram"][0]), f32(s["histogram"][1])
@@ -297,7 +303,14 @@ class Explorer(widgets.VBox):
                 cs.min, cs.max = -limit, limit
         self._state = s
         self.summary.value = self._summary_html(s)
-        self.figures["heatmap"].axes[1].label = "unit" if self.selected_layer is not None else "layer (0 = " + self.layers[0] + ")"
+        heat_fig = self.figures["heatmap"]
+        if self.selected_layer is None:
+            heat_fig.axes[1].label = "layer (0 = " + self.layers[0] + ")"
+            heat_fig.axes[1].tick_values = np.arange(len(self.layers)) if len(self.layers) <= 12 else None
+            heat_fig.title = f"LCA per layer and iteration (colour ±{limit:.2e})"
+        else:
+            heat_fig.axes[1].label, heat_fig.axes[1].tick_values = "unit", None
+            heat_fig.title = f"{self.layer.value}: LCA per unit and iteration (colour ±{limit:.2e})"
 
     def _summary_html(self, s) -> str:
         start, stop = s["start"], s["stop"]
@@ -306,7 +319,7 @@ class Explorer(widgets.VBox):
         total = float(self.element_totals("layer", start, stop).sum())
         residual = float(self._residual_prefix[stop] - self._residual_prefix[start])
         by = self.granularity.value
-        where = self.layer.value or "all layers"
+        where = "all layers" if self.selected_layer is None else self.layer.value
         return (
             f'<div class="lca-summary" data-start="{start}" data-stop="{stop}" data-n="{len(values)}">'
             f"<b>iterations [{start}, {stop})</b> of {self.n_iterations} &middot; loss {loss0:.6g} &rarr; {loss1:.6g} "
@@ -317,6 +330,9 @@ class Explorer(widgets.VBox):
 
     # -- events -----------------------------------------------------------------------------------
     def _on_control(self, change):
+        if change["owner"] is self.layer and change["new"] is None:  # layer=None from Python: all layers
+            self.layer.value = ALL_LAYERS  # observed again: that call updates
+            return
         self.update()
 
     def _on_bar_selected(self, change):
@@ -361,7 +377,7 @@ class Explorer(widgets.VBox):
                 "bin": s["residual"][0],
                 "histogram_bin": s["histogram"][0],
             },
-            attrs={"start": s["start"], "stop": s["stop"], "granularity": by, "layer": self.layer.value or "",
+            attrs={"start": s["start"], "stop": s["stop"], "granularity": by, "layer": "" if self.selected_layer is None else self.layer.value,
                    "sign": self.sign.value, "smoothing": self.smoothing.value},
         )
         return ds

@@ -11,7 +11,7 @@ same everywhere: green helped (LCA < 0), red hurt (LCA > 0), grey did not move.
 from __future__ import annotations
 
 import numpy as np
-from bqplot import Axis, Bars, ColorAxis, ColorScale, Figure, HeatMap, LinearScale, Lines, OrdinalScale, Scatter, Tooltip
+from bqplot import Axis, Bars, ColorScale, Figure, HeatMap, LinearScale, Lines, OrdinalScale, Scatter, Tooltip
 
 HELPED, HURT, ZERO = "#1a9850", "#d73027", "#9e9e9e"
 LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#2ca02c", "#d62728"]
@@ -82,29 +82,33 @@ def cumulative_figure(width, height, layers):
 
 
 def layer_bars_figure(width, height, layers):
-    """Helped and hurt LCA of each layer over the range; clicking a bar selects its layer."""
+    """Helped and hurt LCA of each layer over the range; clicking a bar selects its layer.
+
+    Two 1-D marks on the same x: helped bars go down from 0, hurt bars up, so they never overlap
+    (bqplot's grouped Bars do not draw 2-D float32 data)."""
     xs, ys = OrdinalScale(domain=list(layers)), LinearScale()
-    bars = Bars(
-        x=list(layers), y=np.zeros((2, len(layers)), np.float32), scales={"x": xs, "y": ys}, type="grouped",
-        colors=[HELPED, HURT], labels=["helped", "hurt"], display_legend=True, base=0.0,
-        interactions={"click": "select", "hover": "tooltip"}, selected_style={"stroke": "black", "stroke-width": "2"},
-        unselected_style={"opacity": "0.55"}, tooltip=Tooltip(fields=["x", "y"], formats=["", ".6g"], labels=["layer", "LCA"]),
-    )
+    marks = {}
+    for key, colour in (("helped", HELPED), ("hurt", HURT)):
+        marks[f"{key}_bars"] = Bars(
+            x=list(layers), y=np.zeros(len(layers), np.float32), scales={"x": xs, "y": ys}, colors=[colour], labels=[key],
+            display_legend=True, base=0.0, padding=0.3, interactions={"click": "select", "hover": "tooltip"},
+            selected_style={"stroke": "black", "stroke-width": "2"}, unselected_style={"opacity": "0.55"},
+            tooltip=Tooltip(fields=["x", "y"], formats=["", ".6g"], labels=["layer", f"LCA {key}"]),
+        )
     axes = [Axis(scale=xs, label="layer (click a bar to choose it)"), Axis(scale=ys, side="left", label="LCA in range", tick_format=".3g")]
-    return _figure("LCA per layer in the range", [bars], axes, width, height), {"bars": bars}
+    return _figure("LCA per layer in the range", list(marks.values()), axes, width, height), marks
 
 
 def heatmap_figure(width, height):
     """Units (neurons or channels) x iterations of the chosen layer, drawn on a canvas (``HeatMap``)."""
     xs, ys = LinearScale(), LinearScale(reverse=True)
-    cs = ColorScale(colors=[HELPED, "#ffffff", HURT], mid=0.0, min=-1.0, max=1.0)
+    cs = ColorScale(colors=[HELPED, "#ffffff", HURT], mid=0.0, min=-1.0, max=1.0)  # its range goes in the title
     heat = HeatMap(x=np.arange(2, dtype=np.float32), y=np.arange(2, dtype=np.float32), color=np.zeros((2, 2), np.float32), scales={"x": xs, "y": ys, "color": cs}, null_color="#ffffff")
     axes = [
         Axis(scale=xs, label="iteration"),
-        Axis(scale=ys, side="left", label="unit"),
-        ColorAxis(scale=cs, side="right", tick_format=".1e"),
+        Axis(scale=ys, side="left", label="unit", tick_format="d"),
     ]
-    fig = _figure("LCA per unit and iteration", [heat], axes, width, height, {"right": 70})
+    fig = _figure("LCA per unit and iteration", [heat], axes, width, height)
     return fig, {"heatmap": heat}
 
 
