@@ -159,8 +159,11 @@ class Explorer(widgets.VBox):
         hurt = {"parameter": np.zeros((t, n_layers))}
 
         def count(t0, block):  # folded into the single pass that builds the parameter prefix
-            helped["parameter"][t0 : t0 + len(block)] = r.group_sum(block < 0, "layer")
-            hurt["parameter"][t0 : t0 + len(block)] = r.group_sum(block > 0, "layer")
+            rows = slice(t0, t0 + len(block))
+            for i, cols in enumerate(self._columns):
+                part = block[:, cols]
+                helped["parameter"][rows, i] = np.count_nonzero(part < 0, axis=1)
+                hurt["parameter"][rows, i] = np.count_nonzero(part > 0, axis=1)
 
         lca = r.lca.data if isinstance(r.lca.data, np.ndarray) else r.lca
         self._parameters = ParameterRanges(lca, budget_bytes=budget, on_block=count)
