@@ -82,12 +82,14 @@ def main():
             t, r = single(snaps, x, y, os.path.join(tmp, f"s1-{i}"), 1)
             times["1 process, 1 thread"].append(t)
             evals["1 process"] = r.attrs["gradient_evaluations"]
+            if args.dask_malloc:  # mallopt lasts for the process: fresh workers first, untouched
+                client.restart()
+                client.run(lambda: __import__("lca_notebook.compute"))
+                t, _ = sharded(client, snaps, x, y, os.path.join(tmp, f"m-{i}"), args.shard, tune_malloc=False)
+                times["2 workers x 1 thread, Dask's malloc setting"].append(t)
             t, r = sharded(client, snaps, x, y, os.path.join(tmp, f"d-{i}"), args.shard)
             times["2 workers x 1 thread"].append(t)
             evals["2 workers"] = r.attrs["gradient_evaluations"]
-            if args.dask_malloc:
-                t, _ = sharded(client, snaps, x, y, os.path.join(tmp, f"m-{i}"), args.shard, tune_malloc=False)
-                times["2 workers x 1 thread, Dask's malloc setting"].append(t)
             if args.two_threads:
                 t, _ = single(snaps, x, y, os.path.join(tmp, f"s2-{i}"), 2)
                 times["1 process, 2 threads"].append(t)

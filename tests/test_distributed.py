@@ -34,9 +34,13 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with distributed.Client(cluster) as c:
-            yield c
+    import dask
+
+    # A task may be on one worker that dies (it is rescheduled); on a second, Dask gives up with KilledWorker.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as c:
+        yield c
 
 
 @pytest.fixture(autouse=True)
@@ -165,6 +169,15 @@ class KillOnce(Trajectory):
         return self.snaps[k]
 
 
+class KillAlways(KillOnce):
+    """Reading snapshot ``kill_at`` in a Dask worker SIGKILLs it every time (a shard that always runs out of memory)."""
+
+    def load(self, k):
+        if k == self.kill_at and _in_worker():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.snaps[k]
+
+
 class FailWhile(Trajectory):
     """Snapshots in memory; reading snapshot ``fail_at`` in a Dask worker raises while ``marker`` exists."""
 
@@ -263,3 +276,20 @@ def test_refusals_name_the_culprit_and_create_nothing(client, run, tmp_path):
     assert not (tmp_path / "s").exists()
     with pytest.raises(TypeError, match="client must be a dask.distributed.Client"):
         lca.analyze(models.mlp(), (x, y), snaps, client="tcp://127.0.0.1:8786", store=tmp_path / "s", progress=False)
+
+
+def test_a_shard_that_kills_every_worker_is_named_and_the_rest_is_kept(client, run, tmp_path):
+    x, y, snaps = run
+    path = tmp_path / "sharded"
+    marker = tmp_path / "broken"
+    marker.write_text("")
+    call = dict(client=client, store=path, method="simpson", retries=0, progress=False)
+    with pytest.raises(OSError):  # every shard but [32, 40) computed first, so only that one is on the dying workers
+        analyze_sharded(models.mlp(), (x, y), FailWhile(snaps, 35, marker), **call)
+    with pytest.raises(RuntimeError, match=r"iterations 32\.\.39 \(compute\) was running on every worker that died") as info:
+        analyze_sharded(models.mlp(), (x, y), KillAlways(snaps, 35, None), **call)
+    assert isinstance(info.value.__cause__, distributed.KilledWorker)
+    attrs = store_mod.read_attrs(str(path))
+    assert sorted(map(int, attrs["shards"]["computed"])) == [0, 8, 16, 24, 40]
+    assert attrs["completed_iterations"] == 32 and info.value.partial_result.n_iterations == 31
+    client.wait_for_workers(2, timeout=60)
