@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import uuid
 import warnings
@@ -240,7 +239,11 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
 
 
 def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
-    """Prefix rows ``a..b`` from the stored row ``a`` and the shard's LCA rows; runs after the shard before it."""
+    """Prefix rows ``a..b`` from the stored row ``a`` and the shard's LCA rows.
+
+    ``computed`` (this shard's compute task) and ``previous`` (the prefix task before) are passed only so
+    that Dask runs this after both: the prefix tasks form one chain, so none ever writes beside another.
+    """
     arrays = {name: store_mod._open_array(job.path, name) for name in store_mod._CHECKPOINT_VARS if name != "loss"}
     lca = store_mod._open_array(job.path, "lca")
     groups = job.groups()
