@@ -7,10 +7,15 @@ import), makes an ``LCAResult`` that ends a cell display as the explorer, and ad
 
 which runs the cell (a training loop) inside ``lca.record(MODEL, OPTIMIZER, path=PATH, every=N)`` and
 binds the recorder to ``VAR`` (default ``trajectory``) before the first line runs, so an interrupted
-loop keeps what it recorded. ``%unload_ext lca_notebook`` undoes all three.
+loop keeps what it recorded. ``%unload_ext lca_notebook`` undoes all three. In a notebook::
 
->>> from IPython.testing.globalipapp import get_ipython  # doctest: +SKIP
->>> get_ipython().run_line_magic("load_ext", "lca_notebook")  # doctest: +SKIP
+    %load_ext lca_notebook
+
+    %%lca_record model opt --every 1
+    for x, y in loader:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    lca.analyze(model, data, trajectory)      # ends the cell: shows the explorer
 """
 
 from __future__ import annotations

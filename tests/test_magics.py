@@ -139,7 +139,7 @@ for step in range(20):
     opt.zero_grad()
     torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
     opt.step()""",
-    "lca.analyze(model, data, trajectory, progress=False)",
+    "lca.analyze(model, data, trajectory)",  # the card, word for word (a tqdm bar shows while it runs)
 ]
 
 

@@ -91,12 +91,13 @@ def layer_bars_figure(width, height, layers):
     for key, colour in (("helped", HELPED), ("hurt", HURT)):
         marks[f"{key}_bars"] = Bars(
             x=list(layers), y=np.zeros(len(layers), np.float32), scales={"x": xs, "y": ys}, colors=[colour], labels=[key],
-            display_legend=True, base=0.0, padding=0.3, interactions={"click": "select", "hover": "tooltip"},
+            display_legend=False, base=0.0, padding=0.3, interactions={"click": "select", "hover": "tooltip"},
             selected_style={"stroke": "black", "stroke-width": "2"}, unselected_style={"opacity": "0.55"},
             tooltip=Tooltip(fields=["x", "y"], formats=["", ".6g"], labels=["layer", f"LCA {key}"]),
         )
     axes = [Axis(scale=xs, label="layer (click a bar to choose it)"), Axis(scale=ys, side="left", label="LCA in range", tick_format=".3g")]
-    return _figure("LCA per layer in the range", list(marks.values()), axes, width, height), marks
+    title = "LCA per layer in the range (green helped, red hurt)"  # one legend per mark would overlap
+    return _figure(title, list(marks.values()), axes, width, height), marks
 
 
 def heatmap_figure(width, height):
