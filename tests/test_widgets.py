@@ -346,3 +346,14 @@ def test_a_result_without_iterations_is_refused_with_a_reason():
     r = from_arrays(np.zeros((0, 2), np.float32), np.array([1.0]), {"tensor": ["w", "w"], "layer": ["l", "l"], "unit": [0, 1], "index": [0, 1]})
     with pytest.raises(ValueError, match="at least one"):
         Explorer(r)
+
+
+def test_explorer_on_a_result_opened_lazily_from_disk(result, truth, tmp_path):
+    stored = lca.open(result.save(tmp_path / "run.zarr"))
+    assert not isinstance(stored.lca.data, np.ndarray)  # read block by block, never whole
+    ex = Explorer(stored, max_points=20, parameter_budget_bytes=4096)
+    for rng in [(0, 53), (5, 44), (52, 53)]:
+        ex.range.value = rng
+        check_all(ex, truth)
+    ex.granularity.value, ex.layer.value = "unit", "fc1"
+    check_all(ex, truth)
