@@ -4,6 +4,10 @@ Everything a figure shows is a sum of prefix sums, reduced in Python to about th
 and sent as float32; a control change updates the marks' data in place under ``hold_sync()``. What
 needs a pass over (iteration, parameter) is done once, at construction.
 
+Tooltips give exact numbers on the lines (through invisible markers on their points), the layer bars
+and the histogram. bqplot 0.13's canvas ``HeatMap`` reports no cell under the pointer, so the heat map
+has none; its numbers are the chosen layer's in :meth:`Explorer.selection` / :meth:`Explorer.export`.
+
 >>> import lca_notebook as lca
 >>> ex = lca.explore(lca.LCAResult.example())
 >>> ex.range.value = (1, 3)
