@@ -156,21 +156,51 @@ class LCAResult:
         table["unit"] = (rank[ids], labels[order], {"layer": c["layer"][first[order]], "unit_index": c["unit"][first[order]]})
         return table
 
-    def _reducer(self, by: str):
-        ids, labels, _ = self._groups(by)
-        perm = np.argsort(ids, kind="stable")
-        starts = np.searchsorted(ids[perm], np.arange(len(labels)))
-        return perm, starts
+    @cached_property
+    def _runs(self):
+        """Runs of consecutive parameters sharing (tensor, unit): every coarser group is a union of runs,
+        so one pass over a block (sum each run) serves unit, tensor, layer and total alike."""
+        c = self._coords
+        p = self.n_parameters
+        if p == 0:
+            return np.zeros(0, np.int64), {}
+        change = np.ones(p, dtype=bool)
+        change[1:] = (c["tensor"][1:] != c["tensor"][:-1]) | (c["unit"][1:] != c["unit"][:-1])
+        starts = np.flatnonzero(change)
+        reducers = {}
+        for by in ("unit", "tensor", "layer", "total"):
+            ids, labels, _ = self._groups(by)
+            run_ids = ids[starts]
+            if np.array_equal(run_ids, np.arange(len(labels))):
+                reducers[by] = None  # each group is exactly one run, already in order
+            else:
+                perm = np.argsort(run_ids, kind="stable")
+                reducers[by] = (perm, np.searchsorted(run_ids[perm], np.arange(len(labels))))
+        return starts, reducers
+
+    def group_sums(self, block: np.ndarray, bys) -> dict[str, np.ndarray]:
+        """Sum a ``(..., parameter)`` array into ``(..., groups)`` (float64) for several granularities,
+        reading the block once."""
+        block = np.asarray(block)
+        out = {}
+        if "parameter" in bys:
+            out["parameter"] = block.astype(np.float64)
+        coarse = [by for by in bys if by != "parameter"]
+        if not coarse:
+            return out
+        starts, reducers = self._runs
+        if block.shape[-1] == 0:
+            return out | {by: np.zeros(block.shape[:-1] + (len(self._groups(by)[1]),)) for by in coarse}
+        runs = np.add.reduceat(block, starts, axis=-1, dtype=np.float64)
+        for by in coarse:
+            r = reducers[by]
+            out[by] = runs if r is None else np.add.reduceat(runs[..., r[0]], r[1], axis=-1)
+        return out
 
     def group_sum(self, block: np.ndarray, by: str) -> np.ndarray:
         """Sum a ``(..., parameter)`` array into ``(..., groups)`` in float64."""
-        if by == "parameter":
-            return np.asarray(block, dtype=np.float64)
-        perm, starts = self._reducer(by)
-        block = np.asarray(block, dtype=np.float64)
-        if block.shape[-1] == 0:
-            return np.zeros(block.shape[:-1] + (len(starts),))
-        return np.add.reduceat(block[..., perm], starts, axis=-1)
+        self._groups(by)
+        return self.group_sums(block, (by,))[by]
 
     def _wrap(self, values: np.ndarray, by: str, iteration=None) -> xr.DataArray:
         _, labels, extra = self._groups(by)
@@ -195,22 +225,25 @@ class LCAResult:
 
     # -- prefix sums ----------------------------------------------------------------------------
     def prefix(self, by: str = "parameter") -> np.ndarray:
-        """Cumulative LCA ``(T+1, groups)``: row k is the sum over iterations ``[0, k)`` (float64)."""
+        """Cumulative LCA ``(T+1, groups)``: row k is the sum over iterations ``[0, k)`` (float64).
+
+        A stored result reads them from disk, lazily. In memory they are built on first use: the
+        parameter level alone (``(T+1) x P`` float64), the four coarser levels together in one pass."""
         self._groups(by)
-        if by in self._prefix_cache:
-            return self._prefix_cache[by]
-        name = f"prefix_{by}"
-        if name in self.dataset:  # a stored result keeps them (lazy: rows are read on demand)
-            arr = self.dataset[name].data
-        else:
-            ngroups = len(self._groups(by)[1])
-            arr = np.zeros((self.n_iterations + 1, ngroups))
-            for t0, block in self._blocks():
-                sums = self.group_sum(block, by)
-                np.cumsum(sums, axis=0, out=arr[t0 + 1 : t0 + 1 + len(sums)])
-                arr[t0 + 1 : t0 + 1 + len(sums)] += arr[t0]
-        self._prefix_cache[by] = arr
-        return arr
+        if by not in self._prefix_cache:
+            name = f"prefix_{by}"
+            if name in self.dataset:  # a stored result keeps them (rows are read on demand)
+                self._prefix_cache[by] = self.dataset[name].data
+            else:
+                bys = ("parameter",) if by == "parameter" else tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
+                arrays = {b: np.zeros((self.n_iterations + 1, len(self._groups(b)[1]))) for b in bys}
+                for t0, block in self._blocks():
+                    for b, sums in self.group_sums(block, bys).items():
+                        rows = arrays[b][t0 + 1 : t0 + 1 + len(sums)]
+                        np.cumsum(sums, axis=0, out=rows)
+                        rows += arrays[b][t0]
+                self._prefix_cache.update(arrays)
+        return self._prefix_cache[by]
 
     def _range(self, start, stop) -> tuple[int, int]:
         t = self.n_iterations
