@@ -185,6 +185,7 @@ class Evaluator:
         self._checked = False
         # Per-tensor layout, precomputed: this runs at every quadrature point.
         self._numels = spec.numels
+        self._buffer_names = [n for n, _ in model.named_buffers()]
         self._layout = [(n, s, None if d == spec.dtype else d, g) for n, s, d, g in zip(spec.names, spec.shapes, spec.dtypes, spec.with_grad)]
 
     def tensors(self, leaf: torch.Tensor, extras: dict) -> dict:
@@ -196,15 +197,29 @@ class Evaluator:
                 t = t.detach()
             out[name] = t if dtype is None else t.to(dtype)
         if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
-            for name, b in self.model.named_buffers():
+            for name in self._buffer_names:
                 if name in out:
                     out[name] = out[name].detach().clone()
         return out
 
     def __call__(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, torch.Tensor]:
-        leaf = theta.detach().requires_grad_(True)
-        tensors = self.tensors(leaf, extras)
-        total = grad = None
+        # One leaf per tensor, each a view into ``theta``: no split/view nodes in the backward graph,
+        # and the gradient comes back as one flat vector from a single concatenation.
+        tensors = dict(self.fixed)
+        tensors.update(extras)
+        leaves, slots = [], []
+        for (name, shape, dtype, grad), piece in zip(self._layout, torch.split(theta.detach(), self._numels)):
+            t = piece.view(shape)
+            if grad:
+                t.requires_grad_(True)
+                leaves.append(t)
+            slots.append(len(leaves) - 1 if grad else None)
+            tensors[name] = t if dtype is None else t.to(dtype)
+        if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
+            for name in self._buffer_names:
+                if name in tensors:
+                    tensors[name] = tensors[name].detach().clone()
+        total = grads = None
         mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
         with mode:
             for b in self.batches:
@@ -212,21 +227,23 @@ class Evaluator:
                 loss = self.loss_fn(out, b.target)
                 if not self._checked:
                     self._check_loss(loss)
-                (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-                if g is None:
-                    g = torch.zeros_like(leaf)
+                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
                 w = b.size / self.n
-                if grad is None:
-                    grad = g if w == 1.0 else g.mul_(w)
+                if grads is None:
+                    grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
                     total = loss.detach().double() * w
                 else:
-                    grad.add_(g, alpha=w)
+                    grads = [a if g is None else (g.mul_(w) if a is None else a.add_(g, alpha=w)) for a, g in zip(grads, gs)]
                     total += loss.detach().double() * w
         self.evaluations += 1
         value = float(total)
         if not math.isfinite(value):
             raise FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
-        return value, grad
+        parts = []
+        for slot, n in zip(slots, self._numels):
+            g = None if slot is None else grads[slot]
+            parts.append(theta.new_zeros(n) if g is None else g.reshape(-1).to(theta.dtype))
+        return value, torch.cat(parts)
 
     def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
         """Losses and gradients at ``k`` points at once (``thetas`` is ``(k, P)``): one ``torch.func.vmap``
@@ -284,7 +301,7 @@ class SnapshotReader:
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
         flat = torch.cat(parts)
-        if not bool(torch.isfinite(flat).all()):
+        if not math.isfinite(float(flat.sum(dtype=torch.float64))):  # one pass; search tensors only if it fails
             for name, piece in zip(spec.names, torch.split(flat, spec.numels)):
                 if not bool(torch.isfinite(piece).all()):
                     bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
