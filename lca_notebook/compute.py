@@ -40,6 +40,7 @@ class PathSpec:
     dtype: torch.dtype  # dtype of the flat vector
     aliases: dict[str, str]  # every name the model knows (tied weights too) -> its primary name
     fixed_names: set[str] = field(default_factory=set)  # in snapshot 0 but not floating: taken per snapshot
+    unit_dims: dict[str, int] = field(default_factory=dict)  # tensors whose output unit is not dim 0
 
     @property
     def numels(self) -> list[int]:
@@ -106,24 +107,46 @@ def _canonical(snapshot, aliases, where: str, expected=()) -> dict[str, torch.Te
     return out
 
 
-def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0") -> PathSpec:
+def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0", last=None) -> PathSpec:
+    """The path layout, from the model and its first snapshot (``last``, the final snapshot, tells
+    whether frozen tensors move: those that do get a gradient so their share is counted)."""
     selected, other, frozen = _select(model, parameters)
     aliases = _aliases(model)
     snap = _canonical(snapshot0, aliases, where, expected=selected + other)
     buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
+    missing_buffers = [n for n, b in model.named_buffers() if b.is_floating_point() and n not in snap]
+    if missing_buffers and batchnorm == "eval":
+        warnings.warn(
+            f"{where} has no {missing_buffers[0]!r}{f' (and {len(missing_buffers) - 1} more buffers)' if len(missing_buffers) > 1 else ''}: "
+            "the model's current values are used at every snapshot. Record full state_dicts to use each snapshot's "
+            "running statistics, or pass batchnorm='batch'.",
+            stacklevel=3,
+        )
     frozen = [n for n in frozen if n in snap]
-    names = selected + other + buffers + frozen
     module_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    if last is not None and frozen:
+        end = _canonical(last, aliases, "the last snapshot")
+        moving = [n for n in frozen if n in end and not torch.equal(end[n].detach().cpu(), snap[n].detach().cpu())]
+    else:
+        moving = []
+    frozen = moving + [n for n in frozen if n not in moving]
+    names = selected + other + buffers + frozen
     for n in names:
         if tuple(snap[n].shape) != tuple(module_tensors[n].shape):
             raise ValueError(f"{where}: tensor {n!r} has shape {tuple(snap[n].shape)} but the model's has {tuple(module_tensors[n].shape)}")
     dtypes = [module_tensors[n].dtype if module_tensors[n].is_floating_point() else torch.float32 for n in names]
-    dtype = dtypes[0]
-    for d in dtypes[1:]:
+    dtype = torch.float32  # at least: fp16/bf16 sums of many small d*g products lose the small ones
+    for d in dtypes:
         dtype = torch.promote_types(dtype, d)
-    with_grad = [True] * (len(selected) + len(other)) + [batchnorm == "eval"] * len(buffers) + [False] * len(frozen)
+    # Frozen tensors that move between snapshots (gradual unfreezing) get a gradient, their share in lca_rest.
+    with_grad = [True] * (len(selected) + len(other)) + [batchnorm == "eval"] * len(buffers) + [n in moving for n in frozen]
     fixed = {n for n in snap if n not in names}
-    return PathSpec(names, [module_tensors[n].shape for n in names], dtypes, with_grad, len(selected), dtype, aliases, fixed)
+    unit_dims = {}
+    for n in selected:
+        owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
+        if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) and n.endswith("weight"):
+            unit_dims[n] = 1  # (in, out // groups, ...): output channels are dim 1
+    return PathSpec(names, [module_tensors[n].shape for n in names], dtypes, with_grad, len(selected), dtype, aliases, fixed, unit_dims)
 
 
 class _DifferentiableBatchNorm(TorchFunctionMode):
@@ -134,6 +157,8 @@ class _DifferentiableBatchNorm(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return _batch_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            return _instance_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -147,6 +172,12 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
     if bias is not None:
         y = y + bias.view(shape)
     return y
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5):
+    if use_input_stats or running_mean is None or not (running_mean.requires_grad or running_var.requires_grad):
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)  # same formula in eval
 
 
 @contextlib.contextmanager
@@ -227,7 +258,7 @@ class Evaluator:
                 loss = self.loss_fn(out, b.target)
                 if not self._checked:
                     self._check_loss(loss)
-                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+                gs = [g.to_dense() if g is not None and g.is_sparse else g for g in torch.autograd.grad(loss, leaves, allow_unused=True)]
                 w = b.size / self.n
                 if grads is None:
                     grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
@@ -403,10 +434,13 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
         n = math.prod(shape)
         layer = name.rsplit(".", 1)[0] if "." in name else name
         idx = np.arange(n)
-        per_unit = n // shape[0] if len(shape) and shape[0] else n
         tensors.append(np.full(n, name, dtype=object))
         layers.append(np.full(n, layer, dtype=object))
-        units.append(idx // max(per_unit, 1) if len(shape) else np.zeros(n, dtype=np.int64))
+        dim = spec.unit_dims.get(name, 0)
+        if not len(shape):
+            units.append(np.zeros(n, dtype=np.int64))
+        else:  # the index along the unit axis of each element of tensor.flatten()
+            units.append(np.unravel_index(idx, tuple(shape))[dim].astype(np.int64) if n else idx)
         index.append(idx)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return {
@@ -501,7 +535,7 @@ def analyze(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    spec = build_spec(model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0))
+    spec = build_spec(model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=traj[len(traj) - 1])
     batches = data_mod.batches(data, batch_size=batch_size, device=device)
     config = {
         "method": method,

@@ -84,8 +84,9 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     """Read ``data`` once into a list of :class:`Batch` on ``device``.
 
     ``data`` is a pair ``(inputs, targets)`` of tensors, a ``Dataset``, a ``DataLoader`` or any
-    iterable of ``(inputs, targets)`` batches. A ``DataLoader`` with ``drop_last=True`` is read
-    again without dropping: LCA is about the loss over all of the data.
+    iterable of ``(inputs, targets)`` batches (inputs: a tensor, a tuple or a dict of tensors). A
+    ``DataLoader`` is read in a fixed order with nothing dropped (``drop_last`` and shuffling are
+    undone; its sampler still chooses which samples): LCA is about the mean loss over all of the data.
 
     >>> import torch
     >>> [b.size for b in batches((torch.zeros(5, 2), torch.zeros(5)), batch_size=2)]
@@ -93,15 +94,16 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) and isinstance(data[1], torch.Tensor):
-        if data[0].shape[0] != data[1].shape[0]:
-            raise ValueError(f"data: inputs have {data[0].shape[0]} rows but targets have {data[1].shape[0]}")
+    if _is_whole_pair(data):
+        rows = [t.shape[0] for t in _tensors(data[0])], [t.shape[0] for t in _tensors(data[1])]
+        if len(set(rows[0] + rows[1])) > 1:
+            raise ValueError(f"data: inputs have {rows[0][0]} rows but targets have {rows[1][0]}" if rows[0][0] != rows[1][0] else
+                             f"data: the input tensors have different numbers of rows: {rows[0]}")
         size = batch_size or DEFAULT_BATCH_SIZE
         out = [_as_batch(pair, f"data rows {i * size}..") for i, pair in enumerate(zip(_split(data[0], size), _split(data[1], size)))]
     else:
         if isinstance(data, DataLoader):
-            if data.drop_last:
-                data = DataLoader(data.dataset, batch_size=data.batch_size, collate_fn=data.collate_fn)
+            data = _whole_loader(data)
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
             data = DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE)
         elif not hasattr(data, "__iter__"):
@@ -123,6 +125,39 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     return out
 
 
+def _is_whole_pair(data) -> bool:
+    """``(inputs, targets)`` of whole-data tensors, not a sequence of two batches: the target is a tensor
+    or a dict of tensors, the inputs a tensor or a tuple/dict of tensors."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    inputs, target = data
+
+    def tensors_only(x, containers):
+        return isinstance(x, torch.Tensor) or (
+            isinstance(x, containers) and len(x) > 0 and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in (x.values() if isinstance(x, dict) else x))
+        )
+
+    return (isinstance(target, torch.Tensor) or tensors_only(target, dict)) and tensors_only(inputs, (tuple, list, dict)) and (
+        not isinstance(inputs, torch.Tensor) or inputs.dim() > 0
+    )
+
+
+def _whole_loader(loader: DataLoader) -> DataLoader:
+    """The same loader reading every sample its sampler yields, in a fixed order, nothing dropped: the mean
+    loss does not depend on order, and a fixed order keeps a stored computation's data fingerprint stable."""
+    from torch.utils.data import BatchSampler, IterableDataset, SequentialSampler
+
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return loader  # the user's own batching (a batch_sampler, or an iterable dataset)
+    if isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
+        return loader
+    indices = sorted(loader.sampler)  # any finite sampler: the same samples, sorted (a shuffle reads the same)
+    return DataLoader(
+        loader.dataset, batch_sampler=BatchSampler(indices, loader.batch_size, drop_last=False), collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+    )
+
+
 def _concat(parts):
     first = parts[0]
     if isinstance(first, torch.Tensor):
@@ -141,7 +176,7 @@ def fingerprint(batch_list: list[Batch]) -> str:
         for t in _tensors((b.args, b.kwargs, b.target)):
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

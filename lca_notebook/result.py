@@ -393,8 +393,10 @@ class MemorySink:
         self.loss[k] = value
 
     def write(self, row):
+        import torch  # result.py stays importable without torch at module level
+
         t = row.t
-        self.lca[t] = row.lca.detach().cpu().numpy()
+        self.lca[t] = row.lca.detach().to("cpu", torch.float64 if self.lca.dtype == np.float64 else torch.float32).numpy()
         self.loss[t + 1] = row.loss_end
         self.residual[t], self.rest[t] = row.residual, row.rest
         self.splits[t], self.evals[t] = row.splits, row.evaluations

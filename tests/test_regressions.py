@@ -1,0 +1,153 @@
+"""One test per bug found in review: models, data and optimizers the first tests did not try."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+import lca_notebook as lca
+from lca_notebook import data as data_mod
+from lca_notebook import models
+
+
+def _snaps(model, x, y, steps=6, lr=0.1, opt=None, loss_fn=nn.functional.cross_entropy):
+    opt = opt or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    out = [copy.deepcopy(model.state_dict())]
+    for i in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        out.append(copy.deepcopy(model.state_dict()))
+    return out
+
+
+def test_a_loaders_sampler_chooses_the_samples_even_with_drop_last():
+    x, y = torch.randn(100, 4), torch.randint(0, 3, (100,))
+    subset = DataLoader(TensorDataset(x, y), batch_size=8, sampler=SubsetRandomSampler(range(80, 100)), drop_last=True)
+    model = nn.Linear(4, 3)
+    snaps = _snaps(model, x[80:], y[80:])
+    got = lca.analyze(model, subset, snaps, method="simpson", progress=False)
+    ref = lca.analyze(model, (x[80:], y[80:]), snaps, method="simpson", progress=False)
+    assert got.attrs["n_samples"] == 20
+    np.testing.assert_allclose(got.lca.values, ref.lca.values, rtol=1e-4, atol=1e-8)
+
+
+def test_a_shuffled_loader_reads_the_same_data_every_time(tmp_path):
+    x, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    assert data_mod.fingerprint(data_mod.batches(loader)) == data_mod.fingerprint(data_mod.batches(loader))
+    model = nn.Linear(4, 3)
+    snaps = _snaps(model, x, y, steps=4)
+    first = lca.analyze(model, loader, snaps[:3], store=tmp_path / "s.zarr", progress=False)
+    assert first.n_iterations == 2
+    # The same call with more snapshots is another input; the same inputs resume (here: nothing to do).
+    again = lca.analyze(model, loader, snaps[:3], store=tmp_path / "s.zarr", progress=False)
+    np.testing.assert_array_equal(again.lca.values, first.lca.values)
+
+
+def test_whole_data_with_tuple_or_dict_inputs_and_dict_targets():
+    torch.manual_seed(0)
+    x1, x2, y = torch.randn(30, 3), torch.randn(30, 2), torch.randint(0, 3, (30,))
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(2, 3)
+
+        def forward(self, u, v):
+            return self.a(u) + self.b(v)
+
+    model = Two()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = [copy.deepcopy(model.state_dict())]
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x1, x2), y).backward()
+        opt.step()
+        snaps.append(copy.deepcopy(model.state_dict()))
+    as_tuple = lca.analyze(model, ((x1, x2), y), snaps, method="simpson", progress=False)
+    as_dict = lca.analyze(model, ({"u": x1, "v": x2}, {"y": y}), snaps, method="simpson", batch_size=7,
+                          loss_fn=lambda out, t: nn.functional.cross_entropy(out, t["y"]), progress=False)
+    np.testing.assert_allclose(as_dict.lca.values, as_tuple.lca.values, rtol=1e-4, atol=1e-8)
+    assert np.abs(as_tuple.residual.values).max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_accumulate_in_float32(dtype):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    snaps32 = _snaps(model, x, y)
+    half = copy.deepcopy(model).to(dtype)
+    snaps = [{k: v.to(dtype) for k, v in s.items()} for s in snaps32]
+    result = lca.analyze(half, (x.to(dtype), y), snaps, method="simpson", batch_size=16, progress=False)
+    assert result.lca.dtype == np.float32
+    moved = np.stack([np.concatenate([(b[k] - a[k]).float().reshape(-1).numpy() for k in a]) for a, b in zip(snaps[:-1], snaps[1:])])
+    # Every parameter that moved has a non-zero share (fp16 accumulation used to round many to exactly 0).
+    assert (result.lca.values[moved != 0] != 0).mean() > 0.99
+
+
+def test_a_frozen_tensor_that_moves_is_counted_in_lca_rest():
+    torch.manual_seed(0)
+    x, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    snaps = _snaps(model, x, y)  # both layers trained ...
+    model[0].weight.requires_grad_(False)  # ... then frozen before the analysis (gradual unfreezing)
+    result = lca.analyze(model, (x, y), snaps, method="adaptive", progress=False)
+    assert "0.weight" not in result.tensors
+    assert np.abs(result.residual.values).max() < 1e-3 and result.splits.values.max() == 1
+    assert np.abs(result.lca_rest.values).max() > 1e-4
+
+
+def test_sparse_embeddings_and_instance_norm_with_running_stats():
+    torch.manual_seed(0)
+    tokens, y = torch.randint(0, 20, (40, 5)), torch.randint(0, 3, (40,))
+    emb = nn.Sequential(nn.Embedding(20, 4, sparse=True), nn.Flatten(), nn.Linear(20, 3))
+    snaps = _snaps(emb, tokens, y, opt=torch.optim.SGD(emb.parameters(), lr=0.5))
+    result = lca.analyze(emb, (tokens, y), snaps, method="simpson", progress=False)
+    assert np.abs(result.residual.values).max() < 1e-4
+
+    x = torch.randn(24, 2, 6, 6)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True, track_running_stats=True), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+    snaps = _snaps(net, x, y[:24])
+    result = lca.analyze(net, (x, y[:24]), snaps, method="simpson", progress=False)
+    assert np.abs(result.residual.values).max() < 1e-3
+    assert np.abs(result.lca_rest.values).max() > 0  # the running statistics moved and are counted
+
+
+def test_conv_transpose_units_are_output_channels():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 4, 4), torch.randint(0, 3, (16,))
+    net = nn.Sequential(nn.ConvTranspose2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 3))
+    snaps = _snaps(net, x, y, steps=3)
+    result = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+    w = result.sel(tensor="0.weight")
+    units = w["unit"].values.reshape(2, 5, 3, 3)
+    assert (units == np.arange(5)[None, :, None, None]).all()  # weight (in, out, kh, kw): unit = out channel
+    total = result.total("unit")
+    by_hand = result.lca.values[:, (result.dataset["layer"].values == "0") & (result.dataset["unit"].values == 4)].sum()
+    assert total.sel(unit="0[4]").item() == pytest.approx(by_hand, rel=1e-5)
+    assert result.total("unit").sizes["unit"] == 5 + 3
+
+
+def test_parameter_only_snapshots_of_a_batchnorm_model_warn():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    snaps = [{k: v for k, v in s.items() if "running" not in k and "num_batches" not in k} for s in _snaps(net, x, y, steps=3)]
+    with pytest.warns(UserWarning, match=r"has no '1.running_mean'.*current values are used at every snapshot"):
+        lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+
+
+def test_adam_on_the_digits_cnn_adds_up():
+    x, y = models.digits_data(image=True)
+    x, y = x[:300], y[:300]
+    net = models.cnn(seed=0)
+    snaps = models.train(net, (x, y), steps=15, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3))
+    result = lca.analyze(net, (x, y), snaps, progress=False)
+    assert np.abs(result.residual.values).max() <= 1e-3
+    np.testing.assert_allclose(result.lca.values.sum(1, dtype=np.float64) + result.lca_rest.values - result.residual.values,
+                               np.diff(result.loss.values), atol=1e-9)
