@@ -8,12 +8,14 @@ compute its LCA, print a summary, and open the quickstart notebook in JupyterLab
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,23 +82,33 @@ def main(argv=None) -> int:
     if args.no_lab:
         return 0
     root = Path(__file__).resolve().parent.parent / "example_notebooks"
-    if not (root / "01_quickstart.ipynb").exists() or shutil.which("jupyter") is None:
+    if not (root / "01_quickstart.ipynb").exists() or importlib.util.find_spec("jupyterlab") is None:
         print("JupyterLab or the example notebooks are not here; run `bash .ci/setup` from a checkout of the repository.")
         return 0
     port = args.port or _free_port()
     token = secrets.token_hex(16)
     headless = not os.environ.get("DISPLAY") or os.environ.get("CI")
     url = f"http://localhost:{port}/lab/tree/01_quickstart.ipynb?token={token}"
-    print(f"\nthe explorer: open {url}\n(JupyterLab runs until Ctrl-C)", flush=True)
     cmd = [
         sys.executable, "-m", "jupyter", "lab", str(root / "01_quickstart.ipynb"), f"--port={port}", f"--ServerApp.root_dir={root}",
         f"--IdentityProvider.token={token}", "--ServerApp.open_browser=" + ("False" if headless else "True"),
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
+    print("starting JupyterLab ...", flush=True)
+    lab = subprocess.Popen(cmd)
     try:
-        return subprocess.call(cmd)
+        deadline = time.monotonic() + 120
+        while lab.poll() is None and time.monotonic() < deadline:  # print the URL once it answers
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    print(f"\nthe explorer: open {url}\n(JupyterLab runs until Ctrl-C)", flush=True)
+                    break
+            time.sleep(0.2)
+        return lab.wait()
     except KeyboardInterrupt:
+        lab.terminate()
+        lab.wait()
         return 0
 
 
