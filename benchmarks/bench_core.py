@@ -42,12 +42,15 @@ def case(name, model, x, y, steps, repeats, lr=0.05):
     assert len(points) == 2 * steps + 1
     lca.analyze(model, (x, y), snaps[:3], method="simpson", progress=False)  # warm-up
     floor(model, x, y, points[:5])
-    ratios, t_floor, t_lca = [], [], []
+    ratios, t_floor, t_lca, batched = [], [], [], []
     for _ in range(repeats):
         f = floor(model, x, y, points)
         t0 = time.perf_counter()
         result = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
         a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lca.analyze(model, (x, y), snaps, method="simpson", batched_points=True, progress=False)
+        batched.append((time.perf_counter() - t0) / a)  # batched-points path against the plain one
         t_floor.append(f)
         t_lca.append(a)
         ratios.append(a / f)
@@ -55,7 +58,7 @@ def case(name, model, x, y, steps, repeats, lr=0.05):
     res = float(abs(result.residual).max())
     print(
         f"| {name} | {n_params:,} | {steps} | {statistics.median(t_floor):.2f} | {statistics.median(t_lca):.2f} "
-        f"| **{statistics.median(ratios):.3f}** | {min(ratios):.3f}-{max(ratios):.3f} | {res:.1e} |"
+        f"| **{statistics.median(ratios):.3f}** | {min(ratios):.3f}-{max(ratios):.3f} | {res:.1e} | {statistics.median(batched):.2f} |"
     )
 
 
@@ -69,8 +72,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, digits ({len(models.digits_data()[0])} samples, one batch)\n")
-    print("| model | parameters | T | floor s (median) | analyze s (median) | ratio (median) | ratio range | max abs residual |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | parameters | T | floor s (median) | analyze s (median) | ratio (median) | ratio range | max abs residual | batched_points / plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
     x, y = models.digits_data()
     case("digits MLP", models.mlp(seed=0), x, y, 60 if args.quick else 300, repeats)
     # The design notes' size: an 84k-parameter MLP (64 -> 512 -> 100 -> 10).
