@@ -434,8 +434,8 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
         n = math.prod(shape)
         layer = name.rsplit(".", 1)[0] if "." in name else name
         idx = np.arange(n)
-        tensors.append(np.full(n, name, dtype=object))
-        layers.append(np.full(n, layer, dtype=object))
+        tensors.append(np.repeat(np.array([name]), n))  # fixed-width strings: no Python object per element
+        layers.append(np.repeat(np.array([layer]), n))
         dim = spec.unit_dims.get(name, 0)
         if not len(shape):
             units.append(np.zeros(n, dtype=np.int64))
