@@ -365,6 +365,15 @@ class StoreSink:
         return self.done
 
     def write_loss(self, k: int, value: float):
+        # The loss at the snapshot a resumed run starts from was stored by the run before: recomputed, it must
+        # agree. This catches what the recorded identity cannot see (a loss_fn or model changed under its name).
+        stored = self.buf_ck["loss"][k - self.b0]
+        if k and np.isfinite(stored) and not math.isclose(stored, value, rel_tol=1e-5, abs_tol=1e-8):
+            raise ValueError(
+                f"the store {self.path!r} holds loss {stored:.9g} at snapshot {k}, but resuming computes {value:.9g} there: "
+                "the model, the data or loss_fn differ from the run that wrote it, although their names match. "
+                "Use the same ones to continue it, or another store path to compute anew."
+            )
         self.buf_ck["loss"][k - self.b0] = value
 
     def write(self, row):

@@ -117,3 +117,39 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
     np.testing.assert_array_equal(resumed.dataset["step"].values, np.arange(T + 1))
     for by in GRANULARITIES:
         np.testing.assert_allclose(resumed.total(by, 3, 21).values, whole.total(by, 3, 21).values, rtol=1e-6, atol=1e-9)
+
+
+def _scaled_loss(scale, fail_after=None):
+    """A loss function whose name does not change with ``scale``: only its values tell them apart."""
+    count = [0]
+
+    def loss_fn(output, target):
+        count[0] += 1
+        if fail_after is not None and count[0] > fail_after:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        return scale * nn.functional.cross_entropy(output, target)
+
+    return loss_fn
+
+
+def test_resume_with_a_different_loss_under_the_same_name_is_refused(digits_run, tmp_path, monkeypatch):
+    model, x, y, traj = digits_run
+    monkeypatch.setattr(store_mod, "CHUNK_ITERATIONS", CHUNK)
+    out = tmp_path / "lca.zarr"
+    with pytest.raises(KeyboardInterrupt):  # simpson: 1 + 2 evaluations per iteration, so 11 iterations done
+        lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(1.0, fail_after=23), method="simpson", store=out, progress=False)
+    done = _completed(out)
+    assert 0 < done < T
+    before = lca.open(out).dataset.load()
+
+    with pytest.raises(ValueError, match=rf"holds loss .* at snapshot {done}.*loss_fn differ"):
+        lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(2.0), method="simpson", store=out, progress=False)
+    after = lca.open(out).dataset.load()
+    assert after.attrs["completed_iterations"] == done  # nothing was lost or overwritten
+    np.testing.assert_array_equal(after["lca"].values[:done], before["lca"].values[:done])
+
+    resumed = lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(1.0), method="simpson", store=out, progress=False)
+    whole = lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(1.0), method="simpson", progress=False)
+    np.testing.assert_allclose(resumed.lca.values, whole.lca.values, rtol=1e-6, atol=1e-9)
+    # The independent check of what was resumed: Simpson's parts add up to the real loss change.
+    np.testing.assert_allclose(resumed.lca.values.sum(1) + resumed.dataset["lca_rest"].values, np.diff(whole.loss.values), atol=1e-3)
