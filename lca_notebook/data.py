@@ -2,7 +2,8 @@
 
 LCA needs the gradient of the mean loss over ALL of the data at many points of the path, so the
 data is read once, collated once and moved to the device once; every later evaluation only
-iterates over the cached batches. Batches are a memory device: each is weighted by its size.
+iterates over the cached batches. Batches are a memory device: each is weighted by its size,
+which is dim 0 of its first input tensor (the DataLoader convention).
 """
 
 from __future__ import annotations
