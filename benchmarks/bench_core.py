@@ -5,7 +5,7 @@ every midpoint, prepared before the clock starts) with ``functional_call`` + ``t
 and nothing else. The ratio analyze / floor is what the library spends beyond the mathematics.
 Runs alternate (floor, analyze, floor, analyze, ...) so drifting machine load hits both alike.
 
-    .venv/bin/python benchmarks/bench_core.py            # MLP T=300 and CNN T=200, 5 repeats
+    .venv/bin/python benchmarks/bench_core.py            # MLP T=300 and CNN T=200, 9 repeats
     .venv/bin/python benchmarks/bench_core.py --quick    # T=60, 3 repeats
 """
 
@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 9)  # the machine is shared: more pairs, steadier medians
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, digits ({len(models.digits_data()[0])} samples, one batch)\n")
