@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys

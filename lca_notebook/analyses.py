@@ -25,7 +25,6 @@ opened lazily from disk. Nothing here imports widgets.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 

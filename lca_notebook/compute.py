@@ -565,16 +565,23 @@ def analyze(
             progress=progress, batched_points=batched_points,
         )
     result = sink.finish()
-    if method == "adaptive":
-        stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
-        if stuck.any():
-            warnings.warn(
-                f"adaptive LCA hit max_splits={max_splits} with |residual| > tol={tol:g} on {int(stuck.sum())} of "
-                f"{stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise max_splits or tol, or record "
-                "snapshots more often",
-                stacklevel=2,
-            )
+    warn_if_stuck(result, config)
     return result
+
+
+def warn_if_stuck(result, config: dict, stacklevel: int = 3):
+    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol``."""
+    if config["method"] != "adaptive":
+        return
+    tol, max_splits = config["tol"], config["max_splits"]
+    stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
+    if stuck.any():
+        warnings.warn(
+            f"adaptive LCA hit max_splits={max_splits} with |residual| > tol={tol:g} on {int(stuck.sum())} of "
+            f"{stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise max_splits or tol, or record "
+            "snapshots more often",
+            stacklevel=stacklevel,
+        )
 
 
 def run(evaluate, read, sink, *, method, tol, max_splits, progress=True, start=None, stop=None, batched_points=False):

@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - distributed is an optional depe
     ) from exc
 
 from . import store as store_mod
+from .compute import warn_if_stuck
 from .trajectory import SnapshotList, Trajectory
 
 __all__ = ["analyze_sharded", "Sharding", "plan_shards"]
@@ -420,7 +421,7 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
         seconds=float(attrs.get("seconds", 0.0)) + time.perf_counter() - t_start, gradient_evaluations=evaluations,
     )
     result = store_mod.open_store(path)
-    _warn_if_stuck(result, config)
+    warn_if_stuck(result, config, stacklevel=4)
     return result
 
 
@@ -448,21 +449,6 @@ def _note_kept(exc: BaseException, path: str, chained: int, computed: set, plan)
             exc.partial_result = store_mod.open_store(path)
         except Exception:
             pass
-
-
-def _warn_if_stuck(result, config):
-    """The warning analyze gives when adaptive quadrature hit its piece limit."""
-    if config["method"] != "adaptive":
-        return
-    tol, max_splits = config["tol"], config["max_splits"]
-    stuck = (np.abs(result.residual.values) > tol) & (result.splits.values >= max_splits)
-    if stuck.any():
-        warnings.warn(
-            f"adaptive LCA hit max_splits={max_splits} with |residual| > tol={tol:g} on {int(stuck.sum())} of "
-            f"{stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise max_splits or tol, or record "
-            "snapshots more often",
-            stacklevel=3,
-        )
 
 
 def analyze_sharded(

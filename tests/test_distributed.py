@@ -293,3 +293,10 @@ def test_a_shard_that_kills_every_worker_is_named_and_the_rest_is_kept(client, r
     assert sorted(map(int, attrs["shards"]["computed"])) == [0, 8, 16, 24, 40]
     assert attrs["completed_iterations"] == 32 and info.value.partial_result.n_iterations == 31
     client.wait_for_workers(2, timeout=60)
+
+
+def test_adaptive_stuck_at_max_splits_warns_at_the_callers_line(client, run, tmp_path):
+    x, y, snaps = run
+    with pytest.warns(UserWarning, match=r"hit max_splits=1 with \|residual\| > tol=1e-12") as caught:
+        lca.analyze(models.mlp(), (x, y), snaps[:9], method="adaptive", tol=1e-12, max_splits=1, client=client, store=tmp_path / "s", progress=False)
+    assert [w.filename for w in caught if "max_splits" in str(w.message)] == [__file__]

@@ -82,8 +82,9 @@ def test_adaptive_weights_match_composite_simpson():
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
     for step in range(3):  # large, jagged steps make Simpson's residual large
         snaps.append({k: v + torch.randn_like(v) * 3 for k, v in snaps[-1].items()})
-    with pytest.warns(UserWarning, match=r"hit max_splits=8 with \|residual\| > tol=1e-09 on \d of 3 iterations"):
+    with pytest.warns(UserWarning, match=r"hit max_splits=8 with \|residual\| > tol=1e-09 on \d of 3 iterations") as caught:
         result = lca.analyze(model, (x, y), snaps, method="adaptive", tol=1e-9, max_splits=8, progress=False)
+    assert [w.filename for w in caught if "max_splits" in str(w.message)] == [__file__]  # points at the caller
     assert result.splits.values.max() > 1
     for t in range(3):
         pieces = int(result.splits[t])

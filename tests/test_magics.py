@@ -145,7 +145,7 @@ for step in range(20):
 
 @pytest.mark.timeout(300)
 def test_the_cards_flow_in_a_real_kernel_ends_with_the_explorer():
-    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     from nbformat.v4 import new_code_cell, new_notebook
 

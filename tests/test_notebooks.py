@@ -5,13 +5,11 @@ cell's traceback. Each is meant to finish in under 2 minutes on 2 CPU cores; the
 only a guard against a hang.
 """
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from browser_utils import kernel_env, python3_kernel
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -27,18 +25,7 @@ def _notebooks():
 
 @pytest.fixture(scope="session")
 def kernel_name():
-    """A "python3" kernel that runs this interpreter (so it imports this checkout's lca_notebook)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    ksm = KernelSpecManager()
-    specs = ksm.find_kernel_specs()
-    needs_install = "python3" not in specs
-    if not needs_install:
-        argv0 = ksm.get_kernel_spec("python3").argv[0]
-        needs_install = argv0 not in ("python", "python3", "{python}") and os.path.realpath(argv0) != os.path.realpath(sys.executable)
-    if needs_install:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], check=True, capture_output=True)
-    return "python3"
+    return python3_kernel()
 
 
 def test_the_example_notebooks_are_all_there_and_stripped():
@@ -63,10 +50,8 @@ def test_notebook_runs(name, kernel_name):
     )
     # The examples' models are tiny: one thread is fastest, and threads oversubscribed by other work
     # on the same cores slow small convolutions down many times over.
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
-    client.execute(env=env)
+    client.execute(env=kernel_env())
     print(f"{name}: {time.perf_counter() - started:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
