@@ -36,6 +36,19 @@ def _step_of(path) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+def check_given_order(paths):
+    """Refuse a list of numbered checkpoint files that is not in the order of its numbers (``glob`` and
+    ``os.listdir`` give such lists): analysed in that order, the loss changes would belong to no real step."""
+    names = [os.path.basename(os.fspath(p)) for p in paths]
+    if all(_step_of(p) is not None for p in paths) and names != sorted(names, key=natural_key):
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(
+            f"the checkpoint files are not in the order of the numbers in their names ({shown}), so they are probably "
+            "not in training order. Pass them sorted: sorted(files, key=lca_notebook.checkpoints.natural_key), "
+            "or the directory itself; to keep this order, pass lca_notebook.checkpoints.CheckpointFiles(files, sort=False)."
+        )
+
+
 class CheckpointFiles(Trajectory):
     """Snapshots in checkpoint files, one file per snapshot, loaded when needed.
 

@@ -95,9 +95,10 @@ def as_trajectory(obj) -> Trajectory:
         return open_path(obj)
     if isinstance(obj, Sequence) and not isinstance(obj, Mapping):
         if len(obj) and all(isinstance(x, (str, bytes)) or hasattr(x, "__fspath__") for x in obj):
-            from .checkpoints import CheckpointFiles
+            from .checkpoints import CheckpointFiles, check_given_order
 
-            return CheckpointFiles(obj)
+            check_given_order(obj)
+            return CheckpointFiles(obj, sort=False)  # a list is an order: the user's (a directory is sorted)
         return SnapshotList(obj)
     raise TypeError(
         f"trajectory is a {type(obj).__name__}; give a list of state_dicts, a Trajectory, a recorder "

@@ -61,10 +61,28 @@ def test_directory_is_read_in_natural_order_and_matches_the_snapshots(run, tmp_p
     assert [os.path.basename(p) for p in traj.paths] == [f"step_{s}.pt" for s in STEPS]
     assert traj.steps == STEPS
     ref = lca.analyze(model, (x, y), [snaps[s] for s in STEPS], method="simpson", progress=False)
-    for source in (d, str(d), [d / f"step_{s}.pt" for s in reversed(STEPS)]):
+    for source in (d, str(d), [d / f"step_{s}.pt" for s in STEPS]):
         got = lca.analyze(model, (x, y), source, method="simpson", progress=False)
         np.testing.assert_array_equal(got.lca.values, ref.lca.values)
         np.testing.assert_array_equal(got.dataset["step"].values, STEPS)
+
+
+def test_a_list_of_files_keeps_its_order_and_a_shuffled_numbered_list_is_refused(run, tmp_path):
+    model, x, y, snaps = run
+    d = tmp_path / "named"
+    d.mkdir()
+    names = ["init.pt", "middle.pt", "final.pt"]  # training order, not alphabetical
+    for name, k in zip(names, (0, 3, 20)):
+        torch.save(snaps[k], d / name)
+    got = lca.analyze(model, (x, y), [d / n for n in names], method="simpson", progress=False)
+    ref = lca.analyze(model, (x, y), [snaps[0], snaps[3], snaps[20]], method="simpson", progress=False)
+    np.testing.assert_array_equal(got.loss.values, ref.loss.values)
+    assert got.loss.values[-1] < got.loss.values[0]  # really trained forwards
+
+    numbered = _write_dir(tmp_path, snaps)
+    shuffled = [numbered / f"step_{s}.pt" for s in reversed(STEPS)]  # as os.listdir or glob may give them
+    with pytest.raises(ValueError, match=r"not in the order of the numbers in their names \(step_\d+\.pt.*natural_key"):
+        lca.analyze(model, (x, y), shuffled, progress=False)
 
 
 def test_missing_tensor_names_file_and_tensor(run, tmp_path):
