@@ -128,7 +128,7 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
 
 def _is_whole_pair(data) -> bool:
     """``(inputs, targets)`` of whole-data tensors, not a sequence of two batches: the target is a tensor
-    or a dict of tensors, the inputs a tensor or a tuple/dict of tensors."""
+    or a dict of tensors (or a tuple of them after a tensor input), the inputs a tensor or a tuple/dict of tensors."""
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         return False
     inputs, target = data
@@ -138,9 +138,11 @@ def _is_whole_pair(data) -> bool:
             isinstance(x, containers) and len(x) > 0 and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in (x.values() if isinstance(x, dict) else x))
         )
 
-    return (isinstance(target, torch.Tensor) or tensors_only(target, dict)) and tensors_only(inputs, (tuple, list, dict)) and (
-        not isinstance(inputs, torch.Tensor) or inputs.dim() > 0
-    )
+    if any(isinstance(v, dict) and {"inputs", "targets"} <= v.keys() for v in data):
+        return False  # two batches given as {"inputs": ..., "targets": ...}
+    if isinstance(inputs, torch.Tensor):  # a batch is never a bare tensor, so tuple targets are unambiguous here
+        return inputs.dim() > 0 and tensors_only(target, (tuple, list, dict))
+    return (isinstance(target, torch.Tensor) or tensors_only(target, dict)) and tensors_only(inputs, (tuple, list, dict))
 
 
 def _whole_loader(loader: DataLoader) -> DataLoader:
@@ -148,8 +150,15 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
     loss does not depend on order, and a fixed order keeps a stored computation's data fingerprint stable."""
     from torch.utils.data import BatchSampler, IterableDataset, SequentialSampler
 
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
-        return loader  # the user's own batching (a batch_sampler, or an iterable dataset)
+    if isinstance(loader.dataset, IterableDataset):  # no sampler to sort; only drop_last to undo
+        if not loader.drop_last or loader.batch_size is None:
+            return loader
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, drop_last=False, collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+        )
+    if loader.batch_size is None:
+        return loader  # the user's own batching (a batch_sampler)
     if isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
         return loader
     indices = sorted(loader.sampler)  # any finite sampler: the same samples, sorted (a shuffle reads the same)

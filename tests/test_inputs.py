@@ -46,6 +46,37 @@ def test_data_forms_give_the_same_lca(small):
     assert as_loader.attrs["n_samples"] == 101
 
 
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+def test_more_data_forms_give_the_same_lca(small):
+    model, x, y, snaps = small
+    ref = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+    # An iterable dataset under a loader that drops its short last batch: read again without dropping.
+    stream = DataLoader(_Stream(x, y), batch_size=25, drop_last=True)
+    # Batches as {"inputs", "targets"} dicts, two of them of equal size (not one whole (inputs, targets) pair).
+    half = len(x) // 2
+    dicts = [{"inputs": x[:half], "targets": y[:half]}, {"inputs": x[half : 2 * half], "targets": y[half : 2 * half]}]
+    ref_even = lca.analyze(model, (x[: 2 * half], y[: 2 * half]), snaps, method="simpson", progress=False)
+    as_dicts = lca.analyze(model, dicts, snaps, method="simpson", progress=False)
+    np.testing.assert_allclose(as_dicts.lca.values, ref_even.lca.values, rtol=2e-4, atol=1e-7)
+    # Whole data with a tuple of targets (two heads' labels), the loss using both.
+    two_heads = lca.analyze(
+        model, (x, (y, y)), snaps, method="simpson", progress=False,
+        loss_fn=lambda out, t: nn.functional.cross_entropy(out, t[0]) + nn.functional.cross_entropy(out, t[1]),
+    )
+    as_stream = lca.analyze(model, stream, snaps, method="simpson", progress=False)
+    np.testing.assert_allclose(as_stream.lca.values, ref.lca.values, rtol=2e-4, atol=1e-7)
+    assert as_stream.attrs["n_samples"] == len(x)
+    np.testing.assert_allclose(two_heads.lca.values, 2 * ref.lca.values, rtol=2e-4, atol=1e-7)
+
+
 def test_simpson_costs_exactly_2T_plus_1_evaluations(small):
     model, x, y, snaps = small
     calls = []
