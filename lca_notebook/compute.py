@@ -40,7 +40,9 @@ class PathSpec:
     dtype: torch.dtype  # dtype of the flat vector
     aliases: dict[str, str]  # every name the model knows (tied weights too) -> its primary name
     fixed_names: set[str] = field(default_factory=set)  # in snapshot 0 but not floating: taken per snapshot
-    unit_dims: dict[str, int] = field(default_factory=dict)  # tensors whose output unit is not dim 0
+    # Transposed-convolution weights, (in, out // groups, ...): their output unit is dim 1 within the group
+    # of dim 0. Name -> groups. Every other tensor's unit is dim 0.
+    transposed: dict[str, int] = field(default_factory=dict)
 
     @property
     def numels(self) -> list[int]:
@@ -114,7 +116,9 @@ def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="sn
     aliases = _aliases(model)
     snap = _canonical(snapshot0, aliases, where, expected=selected + other)
     buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
-    missing_buffers = [n for n, b in model.named_buffers() if b.is_floating_point() and n not in snap]
+    transient = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    # Non-persistent buffers (rotary inv_freq...) are never in a state_dict: nothing to warn about.
+    missing_buffers = [n for n, b in model.named_buffers() if b.is_floating_point() and n not in snap and n not in transient]
     if missing_buffers and batchnorm == "eval":
         warnings.warn(
             f"{where} has no {missing_buffers[0]!r}{f' (and {len(missing_buffers) - 1} more buffers)' if len(missing_buffers) > 1 else ''}: "
@@ -141,12 +145,12 @@ def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="sn
     # Frozen tensors that move between snapshots (gradual unfreezing) get a gradient, their share in lca_rest.
     with_grad = [True] * (len(selected) + len(other)) + [batchnorm == "eval"] * len(buffers) + [n in moving for n in frozen]
     fixed = {n for n in snap if n not in names}
-    unit_dims = {}
+    transposed = {}
     for n in selected:
         owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
         if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) and n.endswith("weight"):
-            unit_dims[n] = 1  # (in, out // groups, ...): output channels are dim 1
-    return PathSpec(names, [module_tensors[n].shape for n in names], dtypes, with_grad, len(selected), dtype, aliases, fixed, unit_dims)
+            transposed[n] = owner.groups
+    return PathSpec(names, [module_tensors[n].shape for n in names], dtypes, with_grad, len(selected), dtype, aliases, fixed, transposed)
 
 
 class _DifferentiableBatchNorm(TorchFunctionMode):
@@ -353,7 +357,9 @@ class IterationResult:
 
 
 def _same(x: dict, y: dict) -> bool:
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    """Whether two snapshots' non-floating tensors give the same function (a BatchNorm's step counter
+    changes every step but never enters its output)."""
+    return x.keys() == y.keys() and all(k.rsplit(".", 1)[-1] == "num_batches_tracked" or torch.equal(x[k], y[k]) for k in x)
 
 
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
@@ -432,15 +438,22 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
     tensors, layers, units, index = [], [], [], []
     for name, shape in spec.selected:
         n = math.prod(shape)
-        layer = name.rsplit(".", 1)[0] if "." in name else name
+        if ".parametrizations." in f".{name}":  # torch.nn.utils.parametrize: the layer is the parametrized module
+            owner = f".{name}".split(".parametrizations.")[0][1:]
+            layer = owner or name.split(".")[1]
+        else:
+            layer = name.rsplit(".", 1)[0] if "." in name else name
         idx = np.arange(n)
         tensors.append(np.repeat(np.array([name]), n))  # fixed-width strings: no Python object per element
         layers.append(np.repeat(np.array([layer]), n))
-        dim = spec.unit_dims.get(name, 0)
         if not len(shape):
             units.append(np.zeros(n, dtype=np.int64))
-        else:  # the index along the unit axis of each element of tensor.flatten()
-            units.append(np.unravel_index(idx, tuple(shape))[dim].astype(np.int64) if n else idx)
+        elif name in spec.transposed:  # output channel = group * (out // groups) + index along dim 1
+            ix = np.unravel_index(idx, tuple(shape))
+            per_group_in = shape[0] // spec.transposed[name]
+            units.append((ix[0] // per_group_in * shape[1] + ix[1]).astype(np.int64))
+        else:  # the index along dim 0 of each element of tensor.flatten()
+            units.append(np.unravel_index(idx, tuple(shape))[0].astype(np.int64) if n else idx)
         index.append(idx)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return {
@@ -486,7 +499,8 @@ def analyze(
     loss_fn: ``loss_fn(outputs, targets) -> scalar mean``; default cross-entropy. Any loss works.
     method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
         pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
-    batch_size: split the data into batches of this size (memory only; the result does not change).
+    batch_size: split the data into batches of this size (memory only; the result does not change, except
+        with ``batchnorm="batch"``, whose statistics are those of each batch).
     device: where to compute (default: the model's device).
     parameters: glob patterns (``"fc1.*"``) restricting which parameters get LCA; the others'
         share goes into ``lca_rest``.

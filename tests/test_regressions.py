@@ -151,3 +151,76 @@ def test_adam_on_the_digits_cnn_adds_up():
     assert np.abs(result.residual.values).max() <= 1e-3
     np.testing.assert_allclose(result.lca.values.sum(1, dtype=np.float64) + result.lca_rest.values - result.residual.values,
                                np.diff(result.loss.values), atol=1e-9)
+
+
+def test_grouped_conv_transpose_units_are_the_groups_output_channels():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4, 4, 4), torch.randint(0, 3, (16,))
+    net = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 3))
+    snaps = _snaps(net, x, y, steps=3)
+    result = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+    units = result.sel(tensor="0.weight")["unit"].values.reshape(4, 3, 3, 3)  # (in, out // groups, kh, kw)
+    # Input channels 0-1 feed output channels 0-2, input channels 2-3 feed output channels 3-5.
+    expected = np.arange(3)[None, :, None, None] + np.array([0, 0, 3, 3])[:, None, None, None]
+    assert (units == expected).all()
+    out = net[0](x)  # the independent check: channel 4 of the output depends only on the weights labelled 4
+    w = net[0].weight.detach().clone().requires_grad_()
+    torch.nn.functional.conv_transpose2d(x, w, net[0].bias, groups=2)[:, 4].sum().backward()
+    assert ((w.grad.abs() > 0).numpy() == (units == 4)).all() and out.shape[1] == 6
+
+
+def test_non_persistent_buffers_do_not_warn():
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("inv_freq", torch.linspace(0.5, 1.0, 4), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x * self.inv_freq)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    net = Rotary()
+    snaps = _snaps(net, x, y, steps=3)
+    assert "inv_freq" not in snaps[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+    np.testing.assert_allclose(result.lca.values.sum(1), np.diff(result.loss.values), atol=1e-5)
+
+
+def test_batched_points_apply_to_a_batchnorm_model_trained_in_train_mode():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    snaps = _snaps(net, x, y, steps=3)  # num_batches_tracked counts up at every step
+    calls = []
+    evaluate_many = lca.compute.Evaluator.many
+
+    def counting(self, thetas, extras, where):
+        calls.append(len(thetas))
+        return evaluate_many(self, thetas, extras, where)
+
+    lca.compute.Evaluator.many = counting
+    try:
+        batched = lca.analyze(net, (x, y), snaps, method="simpson", batched_points=True, progress=False)
+    finally:
+        lca.compute.Evaluator.many = evaluate_many
+    assert calls == [2, 2, 2]  # end point and midpoint together at every iteration
+    plain = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+    np.testing.assert_allclose(batched.lca.values, plain.lca.values, rtol=1e-4, atol=1e-8)
+
+
+def test_a_parametrized_layer_is_one_layer():
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    net = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    snaps = _snaps(net, x, y, steps=3)
+    result = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
+    assert sorted(set(result.dataset["layer"].values)) == ["0", "2"]
+    assert result.total("layer").sizes["layer"] == 2
