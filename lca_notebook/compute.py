@@ -200,6 +200,28 @@ def _fixed_function(model: torch.nn.Module, batchnorm: str):
             m.training = training
 
 
+def _batch_weights(batches, loss_fn) -> list[float]:
+    """Each batch's share of the full-data mean loss: its size, or for PyTorch's classification losses
+    what their mean divides by (targets not ignored, times their class weights), so that ignored
+    targets and class weights average over all of the data exactly as one batch would."""
+    rows = [float(b.size) for b in batches]
+    if loss_fn in (F.cross_entropy, F.nll_loss):
+        ignore, weight = -100, None
+    elif isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) and loss_fn.reduction == "mean":
+        ignore, weight = loss_fn.ignore_index, loss_fn.weight
+    else:
+        ignore = None
+    if ignore is not None and len(batches) > 1 and all(isinstance(b.target, torch.Tensor) and not b.target.is_floating_point() for b in batches):
+        counts = []
+        for b in batches:
+            kept = b.target[b.target != ignore]
+            counts.append(float(kept.numel()) if weight is None else float(weight.to(kept.device)[kept].sum()))
+        if sum(counts) > 0:
+            rows = counts
+    total = sum(rows)
+    return [r / total for r in rows]
+
+
 class Evaluator:
     """Full-data mean loss and its gradient with respect to the flat path vector.
 
@@ -209,6 +231,7 @@ class Evaluator:
     def __init__(self, model, batches, loss_fn, spec: PathSpec, device, batchnorm="eval"):
         self.model, self.batches, self.loss_fn, self.spec = model, batches, loss_fn, spec
         self.n = data_mod.n_samples(batches)
+        self.weights = _batch_weights(batches, loss_fn)
         self.batchnorm = batchnorm
         path = set(spec.names)
         own = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -257,13 +280,14 @@ class Evaluator:
         total = grads = None
         mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
         with mode:
-            for b in self.batches:
+            for b, w in zip(self.batches, self.weights):
+                if w == 0.0:
+                    continue  # every target of this batch is ignored by the loss
                 out = functional_call(self.model, tensors, b.args, b.kwargs)
                 loss = self.loss_fn(out, b.target)
                 if not self._checked:
                     self._check_loss(loss)
                 gs = [g.to_dense() if g is not None and g.is_sparse else g for g in torch.autograd.grad(loss, leaves, allow_unused=True)]
-                w = b.size / self.n
                 if grads is None:
                     grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
                     total = loss.detach().double() * w
@@ -294,9 +318,10 @@ class Evaluator:
         total = grads = None
         mode = _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
         with mode:
-            for b in self.batches:
+            for b, w in zip(self.batches, self.weights):
+                if w == 0.0:
+                    continue
                 g, loss = batched(thetas.detach(), b.args, b.kwargs, b.target)
-                w = b.size / self.n
                 if grads is None:
                     grads, total = (g if w == 1.0 else g.mul_(w)), loss.double() * w
                 else:

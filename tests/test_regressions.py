@@ -224,3 +224,29 @@ def test_a_parametrized_layer_is_one_layer():
     result = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
     assert sorted(set(result.dataset["layer"].values)) == ["0", "2"]
     assert result.total("layer").sizes["layer"] == 2
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [None, nn.CrossEntropyLoss(ignore_index=2), nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]))],
+    ids=["default-ignore_index", "module-ignore_index", "class-weights"],
+)
+def test_batches_average_like_the_loss_does_over_all_of_the_data(loss_fn):
+    torch.manual_seed(0)
+    x, y = torch.randn(103, 4), torch.randint(0, 3, (103,))
+    if getattr(loss_fn, "ignore_index", -100) == -100:
+        y[::4] = -100  # ignored by cross_entropy's default (the module case ignores class 2 instead)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    full_loss = loss_fn or nn.functional.cross_entropy
+    keep = y != -100
+    snaps = _snaps(net, x[keep], y[keep], steps=4)
+    whole = lca.analyze(net, (x, y), snaps, loss_fn=loss_fn, method="simpson", progress=False)
+    batched = lca.analyze(net, (x, y), snaps, loss_fn=loss_fn, method="simpson", batch_size=16, progress=False)
+    with torch.no_grad():  # the independent check: the loss over all of the data, evaluated by PyTorch itself
+        truth = []
+        for s in snaps:
+            net.load_state_dict(s)
+            truth.append(float(full_loss(net(x), y)))
+    np.testing.assert_allclose(whole.loss.values, truth, rtol=1e-6)
+    np.testing.assert_allclose(batched.loss.values, truth, rtol=1e-5)
+    np.testing.assert_allclose(batched.lca.values, whole.lca.values, rtol=1e-4, atol=1e-8)
