@@ -103,23 +103,37 @@ def _canonical(snapshot, aliases, where: str, expected=()) -> dict[str, torch.Te
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         also = f"; it holds tensors the model does not have: {extra}" if unknown else ""
-        raise ValueError(f"{where} has no tensor {missing[0]!r}{more}{also}")
+        raise ValueError(
+            f"{where} has no tensor {missing[0]!r}{more}{also}. Every snapshot needs every trainable tensor: save "
+            "model.state_dict(), or fill in tensors that never changed with {**model.state_dict(), **snapshot}"
+        )
     if unknown:
         raise ValueError(f"{where} holds tensors the model does not have: {extra}")
     return out
 
 
-def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0", last=None) -> PathSpec:
+def build_spec(model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0", last=None, subset=False) -> PathSpec:
     """The path layout, from the model and its first snapshot (``last``, the final snapshot, tells
-    whether frozen tensors move: those that do get a gradient so their share is counted)."""
+    whether frozen tensors move: those that do get a gradient so their share is counted). With ``subset``
+    (a trajectory recorded with ``parameters=``), trainable tensors it lacks stay at the model's values."""
     selected, other, frozen = _select(model, parameters)
     aliases = _aliases(model)
+    if subset:
+        present = {aliases.get(k) for k in snapshot0}
+        unrecorded = [n for n in selected if n not in present]
+        if parameters is not None and unrecorded:
+            raise ValueError(
+                f"parameters={parameters!r} selects {unrecorded[0]!r}, which this trajectory did not record (it was recorded "
+                "with parameters= of its own): select among the recorded tensors"
+            )
+        selected = [n for n in selected if n in present] or selected  # none recorded: the usual error below
+        other = [n for n in other if n in present]
     snap = _canonical(snapshot0, aliases, where, expected=selected + other)
     buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
     transient = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     # Non-persistent buffers (rotary inv_freq...) are never in a state_dict: nothing to warn about.
     missing_buffers = [n for n, b in model.named_buffers() if b.is_floating_point() and n not in snap and n not in transient]
-    if missing_buffers and batchnorm == "eval":
+    if missing_buffers and batchnorm == "eval" and not subset:  # a subset recorder checked them itself
         warnings.warn(
             f"{where} has no {missing_buffers[0]!r}{f' (and {len(missing_buffers) - 1} more buffers)' if len(missing_buffers) > 1 else ''}: "
             "the model's current values are used at every snapshot. Record full state_dicts to use each snapshot's "
@@ -574,7 +588,10 @@ def analyze(
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    spec = build_spec(model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=traj[len(traj) - 1])
+    spec = build_spec(
+        model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=traj[len(traj) - 1],
+        subset=getattr(traj, "subset", False),
+    )
     batches = data_mod.batches(data, batch_size=batch_size, device=device)
     config = {
         "method": method,

@@ -13,6 +13,7 @@ import fnmatch
 import os
 import queue
 import threading
+import warnings
 
 import torch
 
@@ -58,6 +59,7 @@ class Recorder(Trajectory):
             if _refuse_foreign(self.path, "trajectory") is not None and not overwrite:
                 raise ValueError(f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path")
         self._snapshots: list[dict] = []
+        self._unrecorded: dict = {}  # with parameters=: the other floating tensors at the start
         self._steps: list[int] = []
         self._step = 0  # optimizer steps seen
         self._handles = []
@@ -74,6 +76,10 @@ class Recorder(Trajectory):
         self._closed = False
         if not self._steps:  # theta_0, before any forward pass moves BatchNorm's running statistics
             self._snapshot(0)
+            if self.subset:  # what is not recorded must stay fixed: keep it to check on close
+                recorded = set(self._state())
+                self._unrecorded = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                                    if k not in recorded and isinstance(v, torch.Tensor) and v.is_floating_point()}
         self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
         return self
 
@@ -88,6 +94,15 @@ class Recorder(Trajectory):
         if self._steps and self._steps[-1] != self._step:
             self._snapshot(self._step)
         self._stop_writer()
+        now = self.model.state_dict()
+        moved = [k for k, v in self._unrecorded.items() if k in now and not torch.equal(now[k].detach().cpu(), v)]
+        if moved:
+            warnings.warn(
+                f"{moved[0]!r}{f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''} changed during training but was not "
+                f"recorded (parameters={self.patterns!r}): analyze takes its final value at every snapshot, so its share of "
+                "the loss change ends up in the residual. Record it too, or freeze it.",
+                stacklevel=3,
+            )
 
     def __enter__(self) -> "Recorder":
         return self.start()
@@ -127,7 +142,7 @@ class Recorder(Trajectory):
 
         if self._writer is None:
             self._layout = store.make_layout(state)
-            self._writer = _Writer(store.TrajectoryWriter(self.path, self._layout, overwrite=self.overwrite), self._layout)
+            self._writer = _Writer(store.TrajectoryWriter(self.path, self._layout, overwrite=self.overwrite, subset=self.subset), self._layout)
         else:
             self._check_layout(state)
         self._writer.put(step, store.pack(state, self._layout), index=len(self._steps))
@@ -152,6 +167,11 @@ class Recorder(Trajectory):
             self._writer.drain()
 
     # -- the Trajectory protocol ----------------------------------------------------------------
+    @property
+    def subset(self) -> bool:
+        """Recorded with ``parameters=``: the other tensors stayed fixed and are taken from the model."""
+        return self.patterns is not None
+
     @property
     def steps(self) -> list[int]:
         """The optimizer step after which each snapshot was taken (0: before the first step)."""
@@ -254,7 +274,8 @@ def record(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, 
     of each snapshot. With ``path`` the snapshots stream to a zarr store there (a background thread
     writes them; ``lca.analyze(model, data, path)`` reads it later, even in another process);
     without, they stay in memory as CPU copies. ``parameters``: glob patterns of ``state_dict`` names
-    to record (the others must then stay fixed during training for ``analyze``).
+    to record, for when only those train: ``analyze`` takes the others from the model, and closing the
+    recorder warns if any of them changed after all.
 
     >>> import torch, lca_notebook as lca
     >>> model = torch.nn.Linear(4, 3); opt = torch.optim.SGD(model.parameters(), lr=0.1)

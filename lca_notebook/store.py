@@ -551,7 +551,7 @@ def _widths(layout) -> dict:
 class TrajectoryWriter:
     """Appends packed snapshots to a new trajectory store (the recorder's writer thread calls it)."""
 
-    def __init__(self, path, layout, *, overwrite=False):
+    def __init__(self, path, layout, *, overwrite=False, subset=False):
         self.path = os.path.abspath(os.fspath(path))
         self.layout = layout
         attrs = _refuse_foreign(self.path, "trajectory")
@@ -569,7 +569,7 @@ class TrajectoryWriter:
                 root.create_array(f"snapshots_{key}", shape=(self.capacity, width), chunks=(1, chunk), dtype=_storage(getattr(torch, key))[1],
                                   compressors=None, fill_value=0)
             root.create_array("steps", shape=(self.capacity,), chunks=(1024,), dtype=np.int64, compressors=None, fill_value=-1)
-            update_attrs(tmp, **{KIND: "trajectory", "format": FORMAT, "tensors": layout, "n_snapshots": 0})
+            update_attrs(tmp, **{KIND: "trajectory", "format": FORMAT, "tensors": layout, "n_snapshots": 0, "subset": subset})
 
         _create_atomically(self.path, create)
         self.arrays = {key: _open_array(self.path, f"snapshots_{key}") for key in self.widths}
@@ -628,6 +628,7 @@ class RecordedTrajectory(Trajectory):
             raise ValueError(f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})")
         self.layout = attrs["tensors"]
         self.n = int(attrs["n_snapshots"])
+        self.subset = bool(attrs.get("subset", False))
         keys = list(_widths(self.layout))
         for key in keys:
             check_rows(self.path, f"snapshots_{key}", self.n, "snapshot")

@@ -24,6 +24,9 @@ class Trajectory(Sequence):
 
     #: Training step of each snapshot when known (e.g. a recorder with ``every=10``), else None.
     steps: Sequence[int] | None = None
+    #: True when the snapshots hold some of the model's tensors by design (``record(..., parameters=...)``):
+    #: the others stayed fixed and are taken from the model.
+    subset: bool = False
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

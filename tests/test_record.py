@@ -2,6 +2,7 @@
 
 import copy
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -97,11 +98,35 @@ def test_only_selected_tensors_are_recorded(digits):
     x, y = digits
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with lca.record(model, opt, parameters=["0.*", "3.weight"]) as rec:
-        _train(model, opt, x, y, 2)
+    with pytest.warns(UserWarning, match=r"'1.weight' \(and \d+ more\) changed during training but was not recorded"):
+        with lca.record(model, opt, parameters=["0.*", "3.weight"]) as rec:  # the optimizer trains more than that
+            _train(model, opt, x, y, 2)
     assert list(rec[0]) == ["0.weight", "0.bias", "3.weight"]
     with pytest.raises(ValueError, match="every must be a positive int"):
         lca.record(model, opt, every=0)
+
+
+@pytest.mark.parametrize("where", ["memory", "store"])
+def test_a_subset_recording_of_what_trains_is_analysed(digits, tmp_path, where):
+    x, y = digits
+    model = _model()
+    model.eval()  # BatchNorm statistics fixed too: only the last layer moves
+    opt = torch.optim.SGD(model[3].parameters(), lr=0.2, momentum=0.9)
+    by_hand = [copy.deepcopy(model.state_dict())]
+    with lca.record(model, opt, path=tmp_path / "t.zarr" if where == "store" else None, parameters="3.*") as rec:
+        _train(model, opt, x, y, 5, on_step=lambda i: by_hand.append(copy.deepcopy(model.state_dict())))
+    assert set(rec[0]) == {"3.weight", "3.bias"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: what was not recorded did not move
+        got = lca.analyze(model, (x, y), rec if where == "memory" else tmp_path / "t.zarr", method="simpson", progress=False)
+    full = lca.analyze(model, (x, y), by_hand, method="simpson", progress=False, parameters="3.*")
+    assert list(dict.fromkeys(got.dataset["tensor"].values)) == ["3.weight", "3.bias"]
+    np.testing.assert_allclose(got.loss.values, full.loss.values, rtol=1e-6)
+    np.testing.assert_allclose(got.lca.values, full.lca.values, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match=r"selects '0.weight', which this trajectory did not record"):
+        lca.analyze(model, (x, y), rec, parameters="0.*", progress=False)
+    with pytest.raises(ValueError, match=r"has no tensor '0.weight'.*model.state_dict\(\)"):  # plain dicts: no subset
+        lca.analyze(model, (x, y), [rec[k] for k in range(len(rec))], progress=False)
 
 
 def test_bfloat16_tensors_round_trip_bit_for_bit(tmp_path):
