@@ -145,3 +145,16 @@ def test_paths_that_hold_no_trajectory(run, tmp_path):
     assert result.n_iterations == 1
     with pytest.raises(ValueError, match="LCA result store, not a trajectory"):
         open_path(tmp_path / "res")
+
+
+def test_lightnings_last_ckpt_is_not_read_twice(run, tmp_path):
+    model, x, y, snaps = run
+    d = tmp_path / "lightning"
+    d.mkdir()
+    for k, step in enumerate(STEPS):
+        torch.save({"state_dict": snaps[step], "epoch": k}, d / f"epoch={k}-step={step}.ckpt")
+    torch.save({"state_dict": snaps[STEPS[-1]], "epoch": len(STEPS) - 1}, d / "last.ckpt")  # Lightning's copy of the newest
+    traj = open_path(d)
+    assert traj.steps == STEPS
+    result = lca.analyze(model, (x, y), d, method="simpson", progress=False)
+    assert result.n_iterations == len(STEPS) - 1
