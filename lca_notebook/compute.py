@@ -592,6 +592,14 @@ def analyze(
         model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=traj[len(traj) - 1],
         subset=getattr(traj, "subset", False),
     )
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        warnings.warn(
+            f"the model computes in {' and '.join(low)}: its loss is rounded to 3-4 significant digits, so loss changes and "
+            "residuals below that are rounding noise (and adaptive may never reach tol). For exact sums analyze a float32 "
+            "copy on the same snapshots: lca.analyze(copy.deepcopy(model).float(), data, trajectory)",
+            stacklevel=2,
+        )
     batches = data_mod.batches(data, batch_size=batch_size, device=device)
     config = {
         "method": method,

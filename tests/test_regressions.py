@@ -83,8 +83,12 @@ def test_half_precision_models_accumulate_in_float32(dtype):
     snaps32 = _snaps(model, x, y)
     half = copy.deepcopy(model).to(dtype)
     snaps = [{k: v.to(dtype) for k, v in s.items()} for s in snaps32]
-    result = lca.analyze(half, (x.to(dtype), y), snaps, method="simpson", batch_size=16, progress=False)
+    with pytest.warns(UserWarning, match=r"computes in (b)?float16.*lca.analyze\(copy.deepcopy\(model\).float\(\)"):
+        result = lca.analyze(half, (x.to(dtype), y), snaps, method="simpson", batch_size=16, progress=False)
     assert result.lca.dtype == np.float32
+    # The advice works: a float32 copy on the same half-precision snapshots adds up to its own loss change.
+    exact = lca.analyze(copy.deepcopy(half).float(), (x, y), snaps, method="simpson", batch_size=16, progress=False)
+    np.testing.assert_allclose(exact.lca.values.sum(1), np.diff(exact.loss.values), atol=1e-5)
     moved = np.stack([np.concatenate([(b[k] - a[k]).float().reshape(-1).numpy() for k in a]) for a, b in zip(snaps[:-1], snaps[1:])])
     # Every parameter that moved has a non-zero share (fp16 accumulation used to round many to exactly 0).
     assert (result.lca.values[moved != 0] != 0).mean() > 0.99
