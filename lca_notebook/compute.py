@@ -226,10 +226,13 @@ def _batch_weights(batches, loss_fn) -> list[float]:
     else:
         ignore = None
     if ignore is not None and len(batches) > 1 and all(isinstance(b.target, torch.Tensor) and not b.target.is_floating_point() for b in batches):
-        counts = []
-        for b in batches:
-            kept = b.target[b.target != ignore]
-            counts.append(float(kept.numel()) if weight is None else float(weight.to(kept.device)[kept].sum()))
+        try:
+            counts = []
+            for b in batches:
+                kept = b.target[b.target != ignore]
+                counts.append(float(kept.numel()) if weight is None else float(weight.to(kept.device)[kept].sum()))
+        except (IndexError, RuntimeError):  # a class out of range: the loss itself will say so, naming it
+            counts = []
         if sum(counts) > 0:
             rows = counts
     total = sum(rows)
