@@ -25,8 +25,8 @@ from dask.distributed import Client, LocalCluster
 
 import lca_notebook as lca
 from lca_notebook import models
-from lca_notebook import store as store_mod
-from lca_notebook.distributed import analyze_sharded
+from lca_notebook.storage import results as store_mod
+from lca_notebook.distributed import Sharding
 
 
 def single(snaps, x, y, path, threads):
@@ -38,9 +38,8 @@ def single(snaps, x, y, path, threads):
 
 def sharded(client, snaps, x, y, path, shard, tune_malloc=True):
     t0 = time.perf_counter()
-    r = analyze_sharded(
-        models.cnn(), (x, y), snaps, client=client, store=path, method="simpson", shard_iterations=shard, tune_malloc=tune_malloc, progress=False
-    )
+    sharding = Sharding(client, shard_iterations=shard, tune_malloc=tune_malloc)
+    r = lca.analyze(models.cnn(), (x, y), snaps, client=sharding, store=path, method="simpson", progress=False)
     return time.perf_counter() - t0, r
 
 
@@ -68,7 +67,7 @@ def main():
     t0 = time.perf_counter()
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     client = Client(cluster)
-    client.run(lambda: __import__("lca_notebook.compute"))
+    client.run(lambda: __import__("lca_notebook.engine"))
     startup = time.perf_counter() - t0
     first, _ = sharded(client, snaps[:4], x, y, os.path.join(tmp, "first"), 1)  # the job reaches both workers
     times = {"1 process, 1 thread": [], "2 workers x 1 thread": []}
@@ -84,7 +83,7 @@ def main():
             evals["1 process"] = r.attrs["gradient_evaluations"]
             if args.dask_malloc:  # mallopt lasts for the process: fresh workers first, untouched
                 client.restart()
-                client.run(lambda: __import__("lca_notebook.compute"))
+                client.run(lambda: __import__("lca_notebook.engine"))
                 t, _ = sharded(client, snaps, x, y, os.path.join(tmp, f"m-{i}"), args.shard, tune_malloc=False)
                 times["2 workers x 1 thread, Dask's malloc setting"].append(t)
             t, r = sharded(client, snaps, x, y, os.path.join(tmp, f"d-{i}"), args.shard)

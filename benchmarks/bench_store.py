@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.checkpoints import open_path
+from lca_notebook.sources import open_path
 
 
 def digits():

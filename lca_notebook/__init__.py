@@ -6,11 +6,33 @@
 2
 """
 
-from . import analyses, models  # noqa: F401 - lca.analyses.synchrony(result), lca.models.mlp() after %load_ext
-from .compute import analyze
+from __future__ import annotations
+
+import importlib
+
+from .api import analyze
+from .errors import LCAError, RecordingError, StoreWriteError
 from .record import record
-from .result import LCAResult, open
+from .result import LCAResult
+from .storage.results import open  # noqa: A004 - lca.open, on purpose; not in __all__, so `import *` keeps the builtin
 from .trajectory import Trajectory
+
+__all__ = ["analyze", "record", "explore", "LCAResult", "Trajectory", "LCAError", "StoreWriteError", "RecordingError"]
+__version__ = "0.1.0"
+
+# Submodules reachable as attributes (lca.analyses.synchrony(result), lca.models.mlp() after %load_ext), imported
+# on first use: models needs scikit-learn, and computing LCA never needs either.
+_LAZY = ("analyses", "models", "distributed")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 
 def explore(result, **options):
@@ -34,7 +56,3 @@ def unload_ipython_extension(ipython):
     from .magics import unload_ipython_extension as _unload
 
     _unload(ipython)
-
-
-__all__ = ["analyze", "record", "open", "explore", "LCAResult", "Trajectory"]
-__version__ = "0.1.0"

@@ -31,7 +31,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from .api import analyze
 from .result import LCAResult
+from .sources import as_trajectory
 
 __all__ = [
     "fractions", "layer_totals", "hurting_layers", "per_window", "peaks", "synchrony", "oscillation",
@@ -45,7 +47,7 @@ RULES = ("first_order", "trapezoid", "simpson", "adaptive")
 
 
 def _labels(result: LCAResult, by: str) -> np.ndarray:
-    return np.asarray(result._groups(by)[1])
+    return np.asarray(result.groups.labels(by))
 
 
 def _rows(result: LCAResult, start: int, stop: int):
@@ -169,12 +171,9 @@ def per_window(result: LCAResult, by: str = "unit", windows: int = 20, layer: st
         elif "layer" in da.coords:
             da = da.isel({by: np.isin(da["layer"].values, layers)})
         else:  # tensor: its layer is the tensor name's owner
-            ids, labels, _ = result._groups(by)
-            owner = {}
-            for i, lab in enumerate(np.asarray(result._coords["layer"])):
-                owner.setdefault(ids[i], lab)
-            keep = [owner[i] in layers for i in range(len(labels))]
-            da = da.isel({by: np.flatnonzero(keep)})
+            layer_labels = result.groups.labels("layer")
+            owner = layer_labels[result.groups.layer_of(by)]
+            da = da.isel({by: np.flatnonzero(np.isin(owner, layers))})
     return da
 
 
@@ -309,7 +308,7 @@ def oscillation(result: LCAResult, trajectory=None, *, by: str = "layer") -> xr.
         pairs += (prod != 0).sum(axis=0)
         prev = s[-1:]
     labels = _labels(result, by)
-    g_flips, g_pairs = result.group_sum(flips, by), result.group_sum(pairs, by)
+    g_flips, g_pairs = result.groups.sum(flips, by), result.groups.sum(pairs, by)
     rate = np.divide(g_flips, g_pairs, out=np.full(len(labels), np.nan), where=g_pairs > 0)
     if by == "parameter":  # a parameter is its own group; skip the (iteration, parameter) table
         group_rate = rate
@@ -330,7 +329,7 @@ def oscillation(result: LCAResult, trajectory=None, *, by: str = "layer") -> xr.
     )
     if trajectory is not None:
         rev, moves = _reversals(result, trajectory)
-        g_rev, g_moves = result.group_sum(rev, by), result.group_sum(moves, by)
+        g_rev, g_moves = result.groups.sum(rev, by), result.groups.sum(moves, by)
         out["reversal_rate"] = ((by,), np.divide(g_rev, g_moves, out=np.full(len(labels), np.nan), where=g_moves > 0))
         out["all_reversal_rate"] = float(rev.sum() / moves.sum()) if moves.sum() else float("nan")
     return out
@@ -340,16 +339,14 @@ def _reversals(result: LCAResult, trajectory) -> tuple[np.ndarray, np.ndarray]:
     """Per parameter: number of direction reversals and of consecutive pairs of nonzero steps."""
     import torch
 
-    from .trajectory import as_trajectory
-
     traj = as_trajectory(trajectory)
     if len(traj) != result.n_iterations + 1:
         raise ValueError(
             f"the trajectory has {len(traj)} snapshots but the result has {result.n_iterations} iterations: "
             f"pass the same T+1 = {result.n_iterations + 1} snapshots that were given to analyze()"
         )
-    tensors = np.asarray(result._coords["tensor"])
-    index = np.asarray(result._coords["index"])
+    tensors = np.asarray(result.groups.coords["tensor"])
+    index = np.asarray(result.groups.coords["index"])
     where = {name: np.flatnonzero(tensors == name) for name in dict.fromkeys(tensors.tolist())}
 
     def flat(k: int) -> np.ndarray:
@@ -430,7 +427,7 @@ def concentration(
         raise ValueError(f"share must be in (0, 1], got {share}")
     total = np.asarray(result.total(by="parameter", start=start, stop=stop).values, dtype=np.float64)
     x = np.maximum(-total, 0.0) if of == "helped" else np.abs(total)
-    layer = np.asarray(result._coords["layer"])
+    layer = np.asarray(result.groups.coords["layer"])
     names = result.layers
     return xr.Dataset(
         {
@@ -506,8 +503,6 @@ def rule_accuracy(model, data, trajectory, *, methods: Sequence[str] = RULES, re
     >>> bool(t["max_abs_residual"].sel(rule="simpson") < t["max_abs_residual"].sel(rule="first_order"))
     True
     """
-    from .compute import analyze
-
     analyze_kwargs.setdefault("progress", False)
     if hasattr(trajectory, "__next__"):  # a one-shot iterator: every rule must read the same snapshots
         trajectory = list(trajectory)

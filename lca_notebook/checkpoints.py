@@ -1,4 +1,4 @@
-"""Trajectories from files: a directory or list of checkpoint files, or a recorder's store.
+"""Trajectories from checkpoint files: one ``torch.save`` file per snapshot, loaded when needed.
 
 Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)`` only, which
 unpickles tensors and plain containers and refuses anything that could run code.
@@ -120,36 +120,3 @@ def state_dict_of(obj, path="checkpoint") -> dict:
         f"{path!r} holds a dict with keys {list(obj)[:8]} but no state_dict: expected tensors by name, or one under "
         f"{' / '.join(repr(k) for k in STATE_KEYS)}"
     )
-
-
-def open_path(path) -> Trajectory:
-    """A trajectory from a path: a recorder store, or a directory of checkpoint files.
-
-    >>> import torch, tempfile, os
-    >>> d = tempfile.mkdtemp()
-    >>> for s in (0, 1, 2):
-    ...     torch.save({"w": torch.full((2,), float(s))}, os.path.join(d, f"ckpt-{s}.pt"))
-    >>> len(open_path(d))
-    3
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no trajectory at {path!r}: give a directory of checkpoint files or a recorder store")
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "zarr.json")):
-            from .store import KIND, RecordedTrajectory, read_attrs
-
-            kind = read_attrs(path).get(KIND)
-            if kind == "result":
-                raise ValueError(f"{path!r} is an LCA result store, not a trajectory: lca.open(path) opens it")
-            return RecordedTrajectory(path)
-        files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES) and os.path.isfile(os.path.join(path, f))]
-        # Lightning's last.ckpt copies the newest checkpoint: read beside it, it would add an iteration of length 0.
-        copies = [f for f in files if re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(f))]
-        if copies and len(copies) < len(files):
-            files = [f for f in files if f not in copies]
-        if not files:
-            listing = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
-            raise ValueError(f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}); it has: {listing}")
-        return CheckpointFiles(files)
-    return CheckpointFiles([path])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 #: Batch size used when the data comes as tensors or a Dataset and ``batch_size`` is not given.
@@ -192,3 +193,37 @@ def fingerprint(batch_list: list[Batch]) -> str:
 
 def n_samples(batch_list: list[Batch]) -> int:
     return sum(b.size for b in batch_list)
+
+
+def batch_weights(batch_list: list[Batch], loss_fn) -> list[float]:
+    """Each batch's share of the full-data mean loss: its size, or for PyTorch's classification losses
+    what their mean divides by (targets not ignored, times their class weights), so that ignored
+    targets and class weights average over all of the data exactly as one batch would.
+
+    >>> import torch
+    >>> bs = batches((torch.zeros(3, 2), torch.tensor([0, -100, 1])), batch_size=2)
+    >>> batch_weights(bs, torch.nn.functional.cross_entropy)
+    [0.5, 0.5]
+    """
+    rows = [float(b.size) for b in batch_list]
+    if loss_fn in (F.cross_entropy, F.nll_loss):
+        ignore, weight = -100, None
+    elif isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) and loss_fn.reduction == "mean":
+        ignore, weight = loss_fn.ignore_index, loss_fn.weight
+    else:
+        ignore = None
+    targets_are_labels = all(
+        isinstance(b.target, torch.Tensor) and not b.target.is_floating_point() for b in batch_list
+    )
+    if ignore is not None and len(batch_list) > 1 and targets_are_labels:
+        try:
+            counts = []
+            for b in batch_list:
+                kept = b.target[b.target != ignore]
+                counts.append(float(kept.numel()) if weight is None else float(weight.to(kept.device)[kept].sum()))
+        except (IndexError, RuntimeError):  # a class out of range: the loss itself will say so, naming it
+            counts = []
+        if sum(counts) > 0:
+            rows = counts
+    total = sum(rows)
+    return [r / total for r in rows]

@@ -8,9 +8,11 @@ chunks of the store's iteration axis, so two tasks never write the same chunk fi
 
 Prefix sums (``prefix_parameter``, ``prefix_unit``, ...) are a running sum, so they are one short task
 per shard run in order, each starting from the row the previous one stored: the same float64
-additions in the same order as :class:`~lca_notebook.store.StoreSink`, so the store is bit for bit the
-one a single process writes (when workers and driver run the same torch build with the same number
-of intra-op threads: a matmul's summation order can depend on it).
+additions in the same order as the single-process store (both call
+:meth:`~lca_notebook.sinks.PrefixBlock.advance`), so the store is bit for bit the one a single process
+writes, provided workers and driver run the same torch build with the same number of intra-op threads
+(``Sharding.torch_threads``, default 1: a matmul's summation order can depend on it; a 2-thread process
+and 1-thread workers differ by about 1e-9).
 
 Only the driver writes the store's root attributes: the shard plan, which shards are computed, and
 (as the prefix chain advances) ``completed_iterations`` / ``completed_checkpoints`` with the same
@@ -46,11 +48,17 @@ except ImportError as exc:  # pragma: no cover - distributed is an optional depe
         f"sharding LCA over Dask needs dask.distributed ({exc}); install it with: pip install distributed"
     ) from exc
 
-from . import store as store_mod
-from .compute import warn_if_stuck
+from .checkpoints import CheckpointFiles
+from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
+from .layout import Groups, PathSpec
+from .record import Recorder
+from .sinks import ITERATION_VARS, PrefixBlock, Rows
+from .storage.files import Arrays, open_array, read_attrs, update_attrs
+from .storage.results import PREFIX_VARS, StoreSink, open_store
+from .storage.trajectories import RecordedTrajectory
 from .trajectory import SnapshotList, Trajectory
 
-__all__ = ["analyze_sharded", "Sharding", "plan_shards"]
+__all__ = ["Sharding", "plan_shards"]
 
 
 @dataclass
@@ -116,7 +124,7 @@ class _Reopen:
         self.path = path
 
     def open(self):
-        return store_mod.RecordedTrajectory(self.path)
+        return RecordedTrajectory(self.path)
 
 
 @dataclass
@@ -126,16 +134,12 @@ class _Job:
     model: torch.nn.Module
     batches: list
     loss_fn: object
-    spec: object
+    spec: PathSpec
     coords: dict
     path: str
     n_iterations: int
     chunk: int
-    method: str
-    tol: float
-    max_splits: int
-    batchnorm: str
-    batched_points: bool
+    options: Options
     device: str
     torch_threads: int
     tune_malloc: bool = True
@@ -156,7 +160,7 @@ class _Job:
 
     def groups(self):
         if "groups" not in self._cache:
-            self._cache["groups"] = store_mod._grouper(self.coords)
+            self._cache["groups"] = Groups(self.coords)
         return self._cache["groups"]
 
 
@@ -195,43 +199,33 @@ def _where(a, b) -> str:
 # -- the tasks -----------------------------------------------------------------------------------
 def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     """Compute iterations ``[a, b)`` and write their rows (and losses ``a..b-1``; ``..T`` for the last shard)."""
-    from .compute import Evaluator, SnapshotReader, _fixed_function, iterate
-
     torch.set_num_threads(job.torch_threads)
     if job.tune_malloc:
         _tune_malloc()
     t0 = time.perf_counter()
     model = copy.deepcopy(job.model)  # functional_call swaps a module's tensors: one copy per task, threads never share it
     device = torch.device(job.device)
-    ct, p = job.chunk, job.spec.n_selected
-    arrays = {name: store_mod._open_array(job.path, name) for name in (*store_mod._ITERATION_VARS, "loss")}
-    buf = {
-        "lca": np.zeros((ct, p), np.float32), "residual": np.zeros(ct), "lca_rest": np.zeros(ct),
-        "splits": np.zeros(ct, np.int32), "evaluations": np.zeros(ct, np.int32),
-    }
+    ct = job.chunk
+    arrays = Arrays(job.path, (*ITERATION_VARS, "loss"))
+    rows = Rows(ct, job.spec.n_selected)
     stop_loss = job.n_iterations + 1 if b == job.n_iterations else b  # loss[b] is the next shard's (its chunk)
     loss = np.full(stop_loss - a, np.nan)
     try:
-        with _fixed_function(model, job.batchnorm):
-            evaluate = Evaluator(model, job.on_device(), job.loss_fn, job.spec, device, job.batchnorm)
+        with fixed_function(model, job.options.batchnorm):
+            evaluate = Evaluator(model, job.on_device(), job.loss_fn, job.spec, device, job.options.batchnorm)
             read = SnapshotReader(job.traj(window), job.spec, device)
-            steps = iterate(evaluate, read, a, b, method=job.method, tol=job.tol, max_splits=job.max_splits, batched_points=job.batched_points)
+            steps = iterate(evaluate, read, a, b, job.options)
             loss[0] = next(steps)
             c0 = a
             for row in steps:
                 i = row.t - c0
-                buf["lca"][i] = row.lca.detach().to("cpu", torch.float32).numpy()
-                buf["residual"][i], buf["lca_rest"][i] = row.residual, row.rest
-                buf["splits"][i], buf["evaluations"][i] = row.splits, row.evaluations
+                rows.put(i, row)
                 if row.t + 1 - a < len(loss):
                     loss[row.t + 1 - a] = row.loss_end
                 if i + 1 == ct or row.t + 1 == b:  # a whole chunk (or the shard's end): write it
-                    for name, values in buf.items():
-                        arrays[name][c0 : row.t + 1] = values[: i + 1]
+                    arrays.write(c0, rows.head(i + 1))
                     c0 = row.t + 1
-        arrays["loss"][a:stop_loss] = loss
-        for name in arrays:
-            store_mod._sync_rows(job.path, name, a, stop_loss if name == "loss" else b)
+        arrays.write(a, {"loss": loss})
     except BaseException as exc:
         if hasattr(exc, "add_note"):
             exc.add_note(f"lca_notebook: in {_where(a, b)}")
@@ -245,29 +239,19 @@ def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
     ``computed`` (this shard's compute task) and ``previous`` (the prefix task before) are passed only so
     that Dask runs this after both: the prefix tasks form one chain, so none ever writes beside another.
     """
-    arrays = {name: store_mod._open_array(job.path, name) for name in store_mod._CHECKPOINT_VARS if name != "loss"}
-    lca = store_mod._open_array(job.path, "lca")
-    groups = job.groups()
-    ct = job.chunk
+    arrays = Arrays(job.path, ("lca", *PREFIX_VARS.values()))
     try:
         # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task before.
-        prev = {name: np.zeros(arr.shape[1:]) if a == 0 else np.asarray(arr[a], dtype=np.float64) for name, arr in arrays.items()}
-        for c0 in range(a, b, ct):
-            c1 = min(c0 + ct, b)
-            rows = np.asarray(lca[c0:c1])
-            out = {name: np.empty((c1 - c0 + 1,) + prev[name].shape) for name in arrays}
-            for name in arrays:
-                out[name][0] = prev[name]
-            for i, row in enumerate(rows):  # as StoreSink._advance: float32 row added in float64, in order
-                np.add(out["prefix_parameter"][i], row, out=out["prefix_parameter"][i + 1], dtype=np.float64)
-                for by in store_mod._GROUP_DIMS:
-                    key = f"prefix_{by}"
-                    out[key][i + 1] = out[key][i] + groups.group_sum(row[None], by)[0]
-            for name, arr in arrays.items():
-                arr[c0 : c1 + 1] = out[name]
-            prev = {name: out[name][-1] for name in arrays}
-        for name in arrays:
-            store_mod._sync_rows(job.path, name, a, b + 1)
+        start = None if a == 0 else {by: np.asarray(arrays[name][a], dtype=np.float64) for by, name in PREFIX_VARS.items()}
+        for c0 in range(a, b, job.chunk):
+            c1 = min(c0 + job.chunk, b)
+            block = PrefixBlock(job.groups(), c1 - c0)
+            if start is not None:
+                block.seed(start)
+            for i, row in enumerate(np.asarray(arrays["lca"][c0:c1])):
+                block.advance(i, row)
+            arrays.write(c0, {name: block.rows[by] for by, name in PREFIX_VARS.items()})
+            start = block.last(c1 - c0)
     except BaseException as exc:
         if hasattr(exc, "add_note"):
             exc.add_note(f"lca_notebook: in {_where(a, b)} (prefix sums)")
@@ -285,15 +269,12 @@ def _picklable(what: str, obj, hint: str):
 
 def _ship_trajectory(traj):
     """(object every task gets, or None to send per-shard windows of snapshots)."""
-    from .checkpoints import CheckpointFiles
-    from .record import Recorder
-
     if isinstance(traj, Recorder):
         if traj.path is None:
             return None
         traj.flush()
         return _Reopen(traj.path)
-    if isinstance(traj, store_mod.RecordedTrajectory):
+    if isinstance(traj, RecordedTrajectory):
         return _Reopen(traj.path)
     if isinstance(traj, (SnapshotList, CheckpointFiles)):
         return None if isinstance(traj, SnapshotList) else traj
@@ -318,12 +299,12 @@ def _progress_attrs(computed: set, chained: int, n_iterations: int) -> dict:
     return {"completed_iterations": chained, "completed_checkpoints": chained + 1 if whole else chained}
 
 
-def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, device, progress, batched_points) -> object:
+def run_sharded(client, model, batches, traj, spec, options: Options, *, store, loss_fn, device, progress, data_fingerprint):
     """The ``client=`` path of :func:`lca_notebook.analyze`, after its checks: shard, submit, record, finish."""
     from tqdm.auto import tqdm
 
-    options = client if isinstance(client, Sharding) else Sharding(client)
-    client = options.client
+    sharding = client if isinstance(client, Sharding) else Sharding(client)
+    client = sharding.client
     if not isinstance(client, Client):
         raise TypeError(f"client must be a dask.distributed.Client (or a lca_notebook.distributed.Sharding), got {type(client).__name__}")
     if store is None:
@@ -337,28 +318,27 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
                "Use a module-level function, or one that captures no open files, locks or GPU handles.")
     shipped = _ship_trajectory(traj)
     t_start = time.perf_counter()
-    sink = store_mod.StoreSink(store, spec=spec, traj=traj, batches=batches, config=config)
+    sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options)
     if sink.complete:
-        return store_mod.open_store(sink.path)
+        return open_store(sink.path)
     path, T, ct = sink.path, sink.n_iterations, sink.ct
-    attrs = store_mod.read_attrs(path)
+    attrs = read_attrs(path)
     record = attrs.get("shards") or {}
     if record.get("chunk") == ct and record.get("bounds"):
         plan = [tuple(x) for x in record["bounds"]]  # a resumed run keeps the store's plan
     else:
         n_threads = sum(client.nthreads().values()) or 1
-        plan = plan_shards(T, ct, options.shard_iterations, n_threads)
+        plan = plan_shards(T, ct, sharding.shard_iterations, n_threads)
         record = {"chunk": ct, "bounds": [list(x) for x in plan], "computed": {}}
     done_before = int(attrs.get("completed_iterations", 0))  # contiguous, prefix sums included (maybe by a plain run)
     computed = {int(a) for a in record["computed"]} | {a for a, b in plan if b <= done_before}
     chained = max([b for a, b in plan if b <= done_before], default=0)
-    store_mod.update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
+    update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
 
     job = _Job(
         model=model, batches=[b.to("cpu") for b in batches], loss_fn=loss_fn, spec=spec, coords=sink.coords, path=path,
-        n_iterations=T, chunk=ct, method=config["method"], tol=config["tol"], max_splits=config["max_splits"],
-        batchnorm=config["batchnorm"], batched_points=batched_points, device=str(device), torch_threads=options.torch_threads,
-        tune_malloc=options.tune_malloc, trajectory=shipped,
+        n_iterations=T, chunk=ct, options=options, device=str(device), torch_threads=sharding.torch_threads,
+        tune_malloc=sharding.tune_malloc, trajectory=shipped,
     )
     payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
     tag = uuid.uuid4().hex[:8]
@@ -370,14 +350,14 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
         for a, b in plan:
             if a not in computed:
                 window = _window(traj, a, b) if shipped is None else None
-                compute_f[a] = client.submit(_compute_shard, job_f, a, b, window, key=f"lca-shard-{a}-{b}-{tag}", retries=options.retries, pure=False)
+                compute_f[a] = client.submit(_compute_shard, job_f, a, b, window, key=f"lca-shard-{a}-{b}-{tag}", retries=sharding.retries, pure=False)
     chain_f: dict[int, Future] = {}
     previous = None
     for a, b in plan:
         if b <= chained:
             continue
         previous = chain_f[a] = client.submit(
-            _prefix_shard, job_f, a, b, compute_f.get(a), previous, key=f"lca-prefix-{a}-{b}-{tag}", retries=options.retries,
+            _prefix_shard, job_f, a, b, compute_f.get(a), previous, key=f"lca-prefix-{a}-{b}-{tag}", retries=sharding.retries,
             priority=10, pure=False,
         )
     owner = {f.key: ("compute", a) for a, f in compute_f.items()} | {f.key: ("prefix", a) for a, f in chain_f.items()}
@@ -399,7 +379,7 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
                 bar.update(bounds[a] - a)
             else:
                 chained = max(chained, value)
-            store_mod.update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
+            update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
     except BaseException as exc:  # Ctrl-C in the driver: stop the workers, keep what is recorded
         client.cancel([job_f, *compute_f.values(), *chain_f.values()])
         _note_kept(exc, path, chained, computed, plan)
@@ -414,14 +394,14 @@ def run_sharded(client, model, batches, traj, spec, config, *, store, loss_fn, d
     evaluations = sum(int(v["evaluations"]) for v in record["computed"].values())
     plain = [(a, b) for a, b in plan if str(a) not in record["computed"]]  # finished by a run without a client
     if plain:
-        ev = store_mod._open_array(path, "evaluations")
+        ev = open_array(path, "evaluations")
         evaluations += sum(int(np.asarray(ev[a:b]).sum()) + 1 for a, b in plain)
-    store_mod.update_attrs(
+    update_attrs(
         path, shards=record, completed_iterations=T, completed_checkpoints=T + 1, complete=True,
         seconds=float(attrs.get("seconds", 0.0)) + time.perf_counter() - t_start, gradient_evaluations=evaluations,
     )
-    result = store_mod.open_store(path)
-    warn_if_stuck(result, config, stacklevel=4)
+    result = open_store(path)
+    warn_if_stuck(result.residual.values, result.splits.values, options, stacklevel=4)
     return result
 
 
@@ -446,32 +426,6 @@ def _note_kept(exc: BaseException, path: str, chained: int, computed: set, plan)
     exc.add_note(f"lca_notebook: {kept}{extra}. Run the same call again to compute only the missing shards.")
     if chained:
         try:
-            exc.partial_result = store_mod.open_store(path)
+            exc.partial_result = open_store(path)
         except Exception:
             pass
-
-
-def analyze_sharded(
-    model, data, trajectory, *, client, store, shard_iterations=None, retries: int = 1, torch_threads: int = 1, tune_malloc: bool = True, **options
-):
-    """:func:`lca_notebook.analyze` with its iterations sharded over the workers of a Dask ``client``.
-
-    >>> import os, tempfile, lca_notebook as lca
-    >>> from dask.distributed import Client
-    >>> from lca_notebook import models
-    >>> x, y = models.digits_data()
-    >>> snaps = models.train(models.mlp(), (x, y), steps=6)
-    >>> with Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=None) as client:
-    ...     path = os.path.join(tempfile.mkdtemp(), "lca.zarr")
-    ...     result = analyze_sharded(models.mlp(), (x, y), snaps, client=client, store=path, shard_iterations=3, progress=False)
-    >>> result.lca.shape, result.attrs["complete"]
-    ((6, 17226), True)
-
-    ``store`` is required (every worker writes its shard there). ``shard_iterations``, ``retries``,
-    ``torch_threads`` and ``tune_malloc`` are those of :class:`Sharding`; ``options`` are :func:`~lca_notebook.analyze`'s.
-    The result equals ``analyze(model, data, trajectory, store=...)`` without a client.
-    """
-    from .compute import analyze
-
-    sharding = Sharding(client, shard_iterations=shard_iterations, retries=retries, torch_threads=torch_threads, tune_malloc=tune_malloc)
-    return analyze(model, data, trajectory, store=store, client=sharding, **options)

@@ -17,13 +17,12 @@ import warnings
 
 import torch
 
+from .errors import RecordingError
+from .storage.files import refuse_foreign
+from .storage.trajectories import RecordedTrajectory, TrajectoryWriter, make_layout, pack
 from .trajectory import Trajectory
 
 _QUEUE_BYTES = 256 << 20  # at most this much of snapshots waits for the disk
-
-
-class RecordingError(RuntimeError):
-    """Writing the recorded trajectory failed; raised in the training thread."""
 
 
 class Recorder(Trajectory):
@@ -54,9 +53,7 @@ class Recorder(Trajectory):
         self.patterns = [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
         self.overwrite = overwrite
         if self.path is not None:  # fail now, not at the first snapshot, if the path is taken
-            from .store import _refuse_foreign
-
-            if _refuse_foreign(self.path, "trajectory") is not None and not overwrite:
+            if refuse_foreign(self.path, "trajectory") is not None and not overwrite:
                 raise ValueError(f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path")
         self._snapshots: list[dict] = []
         self._unrecorded: dict = {}  # with parameters=: the other floating tensors at the start
@@ -138,14 +135,13 @@ class Recorder(Trajectory):
             self._snapshots.append({k: v.detach().to("cpu", copy=True) for k, v in state.items()})
             self._steps.append(step)
             return
-        from . import store
-
         if self._writer is None:
-            self._layout = store.make_layout(state)
-            self._writer = _Writer(store.TrajectoryWriter(self.path, self._layout, overwrite=self.overwrite, subset=self.subset), self._layout)
+            self._layout = make_layout(state)
+            writer = TrajectoryWriter(self.path, self._layout, overwrite=self.overwrite, subset=self.subset)
+            self._writer = _Writer(writer, self._layout)
         else:
             self._check_layout(state)
-        self._writer.put(step, store.pack(state, self._layout), index=len(self._steps))
+        self._writer.put(step, pack(state, self._layout), index=len(self._steps))
         self._steps.append(step)
 
     def _check_layout(self, state):
@@ -189,8 +185,6 @@ class Recorder(Trajectory):
             return self._snapshots[k]
         self.flush()
         if self._reader is None or len(self._reader) <= k:
-            from .store import RecordedTrajectory
-
             self._reader = RecordedTrajectory(self.path)
         return self._reader.load(k)
 

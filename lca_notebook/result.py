@@ -26,8 +26,9 @@ from functools import cached_property
 import numpy as np
 import xarray as xr
 
-#: Granularities a sum can be taken at, finest first.
-GRANULARITIES = ("parameter", "unit", "tensor", "layer", "total")
+from .layout import GRANULARITIES, Groups, check_granularity
+
+__all__ = ["GRANULARITIES", "LCAResult", "from_arrays"]
 
 _ROWS = 256  # iterations per block when streaming over (iteration, parameter)
 
@@ -86,16 +87,17 @@ class LCAResult:
         return self.dataset.attrs
 
     @cached_property
-    def _coords(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(self.dataset[k].values) for k in ("tensor", "layer", "unit", "index")}
+    def groups(self) -> Groups:
+        """The parameters' groups at every granularity (ids, labels in model order, sizes, sums)."""
+        return Groups({k: np.asarray(self.dataset[k].values) for k in ("tensor", "layer", "unit", "index")})
 
     @property
     def layers(self) -> list[str]:
-        return list(self._groups("layer")[1])
+        return list(self.groups.labels("layer"))
 
     @property
     def tensors(self) -> list[str]:
-        return list(self._groups("tensor")[1])
+        return list(self.groups.labels("tensor"))
 
     def __repr__(self) -> str:
         a = self.attrs
@@ -120,90 +122,23 @@ class LCAResult:
             if key in indexers:
                 value = indexers.pop(key)
                 values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
-                known = set(self._coords[key].tolist())
+                coord = self.groups.coords[key]
+                known = set(coord.tolist())
                 unknown = [v for v in values if v not in known]
                 if unknown:
-                    raise KeyError(f"no {key} {unknown[0]!r} in this result; it has: {', '.join(map(str, list(dict.fromkeys(self._coords[key].tolist()))[:20]))}")
-                mask &= np.isin(self._coords[key], values)
+                    shown = ", ".join(map(str, list(dict.fromkeys(coord.tolist()))[:20]))
+                    raise KeyError(f"no {key} {unknown[0]!r} in this result; it has: {shown}")
+                mask &= np.isin(coord, values)
         if not mask.all():
             da = da.isel(parameter=np.flatnonzero(mask))
         if indexers:
             da = da.sel(**indexers)
         return da
 
-    # -- groups ---------------------------------------------------------------------------------
-    def _groups(self, by: str):
-        """(group id of each parameter, group labels, extra coords) for a granularity."""
-        if by not in GRANULARITIES:
-            raise ValueError(f"by must be one of {GRANULARITIES}, got {by!r}")
-        return self._group_table[by]
-
-    @cached_property
-    def _group_table(self):
-        c, p = self._coords, self.n_parameters
-        table = {"parameter": (np.arange(p), np.arange(p), {}), "total": (np.zeros(p, dtype=np.int64), np.array(["total"]), {})}
-        for key in ("tensor", "layer"):
-            labels, first, ids = np.unique(c[key], return_index=True, return_inverse=True)
-            order = np.argsort(first)  # keep model order, not alphabetical
-            rank = np.empty_like(order)
-            rank[order] = np.arange(len(order))
-            table[key] = (rank[ids], labels[order], {})
-        unit_key = np.char.add(np.char.add(c["layer"].astype(str), "["), np.char.add(c["unit"].astype(str), "]"))
-        labels, first, ids = np.unique(unit_key, return_index=True, return_inverse=True)
-        order = np.argsort(first)
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        table["unit"] = (rank[ids], labels[order], {"layer": c["layer"][first[order]], "unit_index": c["unit"][first[order]]})
-        return table
-
-    @cached_property
-    def _runs(self):
-        """Runs of consecutive parameters sharing (tensor, unit): every coarser group is a union of runs,
-        so one pass over a block (sum each run) serves unit, tensor, layer and total alike."""
-        c = self._coords
-        p = self.n_parameters
-        if p == 0:
-            return np.zeros(0, np.int64), {}
-        change = np.ones(p, dtype=bool)
-        change[1:] = (c["tensor"][1:] != c["tensor"][:-1]) | (c["unit"][1:] != c["unit"][:-1])
-        starts = np.flatnonzero(change)
-        reducers = {}
-        for by in ("unit", "tensor", "layer", "total"):
-            ids, labels, _ = self._groups(by)
-            run_ids = ids[starts]
-            if np.array_equal(run_ids, np.arange(len(labels))):
-                reducers[by] = None  # each group is exactly one run, already in order
-            else:
-                perm = np.argsort(run_ids, kind="stable")
-                reducers[by] = (perm, np.searchsorted(run_ids[perm], np.arange(len(labels))))
-        return starts, reducers
-
-    def group_sums(self, block: np.ndarray, bys) -> dict[str, np.ndarray]:
-        """Sum a ``(..., parameter)`` array into ``(..., groups)`` (float64) for several granularities,
-        reading the block once."""
-        block = np.asarray(block)
-        out = {}
-        if "parameter" in bys:
-            out["parameter"] = block.astype(np.float64)
-        coarse = [by for by in bys if by != "parameter"]
-        if not coarse:
-            return out
-        starts, reducers = self._runs
-        if block.shape[-1] == 0:
-            return out | {by: np.zeros(block.shape[:-1] + (len(self._groups(by)[1]),)) for by in coarse}
-        runs = np.add.reduceat(block, starts, axis=-1, dtype=np.float64)
-        for by in coarse:
-            r = reducers[by]
-            out[by] = runs if r is None else np.add.reduceat(runs[..., r[0]], r[1], axis=-1)
-        return out
-
-    def group_sum(self, block: np.ndarray, by: str) -> np.ndarray:
-        """Sum a ``(..., parameter)`` array into ``(..., groups)`` in float64."""
-        self._groups(by)
-        return self.group_sums(block, (by,))[by]
-
+    # -- sums ---------------------------------------------------------------------------------
     def _wrap(self, values: np.ndarray, by: str, iteration=None) -> xr.DataArray:
-        _, labels, extra = self._groups(by)
+        labels = self.groups.labels(by)
+        extra = self.groups.unit_coords() if by == "unit" else {}
         dims, coords = [], {}
         if iteration is not None:
             dims.append("iteration")
@@ -214,7 +149,7 @@ class LCAResult:
             coords[k] = (by, v)
         if by == "parameter":
             for k in ("tensor", "layer", "unit", "index"):
-                coords[k] = ("parameter", self._coords[k])
+                coords[k] = ("parameter", self.groups.coords[k])
         return xr.DataArray(values, dims=dims, coords=coords, name="lca")
 
     def _blocks(self, start: int = 0, stop: int | None = None):
@@ -229,16 +164,16 @@ class LCAResult:
 
         A stored result reads them from disk, lazily. In memory they are built on first use: the
         parameter level alone (``(T+1) x P`` float64), the four coarser levels together in one pass."""
-        self._groups(by)
+        check_granularity(by)
         if by not in self._prefix_cache:
             name = f"prefix_{by}"
             if name in self.dataset:  # a stored result keeps them (rows are read on demand)
                 self._prefix_cache[by] = self.dataset[name].data
             else:
                 bys = ("parameter",) if by == "parameter" else tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
-                arrays = {b: np.zeros((self.n_iterations + 1, len(self._groups(b)[1]))) for b in bys}
+                arrays = {b: np.zeros((self.n_iterations + 1, len(self.groups.labels(b)))) for b in bys}
                 for t0, block in self._blocks():
-                    for b, sums in self.group_sums(block, bys).items():
+                    for b, sums in self.groups.sums(block, bys).items():
                         rows = arrays[b][t0 + 1 : t0 + 1 + len(sums)]
                         np.cumsum(sums, axis=0, out=rows)
                         rows += arrays[b][t0]
@@ -280,13 +215,12 @@ class LCAResult:
         """Fractions of parameters that help (LCA < 0), hurt (> 0) or do not move the loss (== 0) at each
         iteration, over all parameters (``by="total"``) or per layer/tensor/unit: ``(iteration, groups)``."""
         start, stop = self._range(start, stop)
-        ids, labels, _ = self._groups(by)
-        counts = np.bincount(ids, minlength=len(labels)).astype(np.float64)
-        out = {k: np.zeros((stop - start, len(labels))) for k in ("helped", "hurt", "zero")}
+        counts = self.groups.sizes(by).astype(np.float64)
+        out = {k: np.zeros((stop - start, len(counts))) for k in ("helped", "hurt", "zero")}
         for t0, block in self._blocks(start, stop):
             rows = slice(t0 - start, t0 - start + len(block))
-            out["helped"][rows] = self.group_sum(block < 0, by) / counts
-            out["hurt"][rows] = self.group_sum(block > 0, by) / counts
+            out["helped"][rows] = self.groups.sum(block < 0, by) / counts
+            out["hurt"][rows] = self.groups.sum(block > 0, by) / counts
         out["zero"] = 1.0 - out["helped"] - out["hurt"]
         it = np.arange(start, stop)
         ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
@@ -365,76 +299,4 @@ def from_arrays(lca, loss, coords, *, residual=None, lca_rest=None, splits=None,
     )
     if steps is not None:
         ds = ds.assign_coords(step=("checkpoint", np.asarray(steps, dtype=np.int64)))
-    return LCAResult(ds)
-
-
-class MemorySink:
-    """Collects iterations in memory for ``analyze`` without ``store=``."""
-
-    def __init__(self, spec, n_snapshots: int, config: dict, steps=None):
-        from .compute import parameter_coords
-
-        self.n_iterations = n_snapshots - 1
-        self.coords = parameter_coords(spec)
-        dtype = np.float64 if str(spec.dtype) == "torch.float64" else np.float32
-        t = self.n_iterations
-        self.lca = np.zeros((t, spec.n_selected), dtype=dtype)
-        self.loss = np.full(t + 1, np.nan)
-        self.residual, self.rest = np.zeros(t), np.zeros(t)
-        self.splits, self.evals = np.zeros(t, np.int32), np.zeros(t, np.int32)
-        self.config, self.steps = config, steps
-        self.seconds, self.evaluations = 0.0, 0
-        self.partial: LCAResult | None = None
-
-    def resume_from(self) -> int:
-        return 0
-
-    def write_loss(self, k: int, value: float):
-        self.loss[k] = value
-
-    def write(self, row):
-        import torch  # result.py stays importable without torch at module level
-
-        t = row.t
-        self.lca[t] = row.lca.detach().to("cpu", torch.float64 if self.lca.dtype == np.float64 else torch.float32).numpy()
-        self.loss[t + 1] = row.loss_end
-        self.residual[t], self.rest[t] = row.residual, row.rest
-        self.splits[t], self.evals[t] = row.splits, row.evaluations
-
-    def interrupted(self, done: int):
-        if done > 0:
-            self.partial = self._result(done)
-
-    def where_kept(self) -> str:
-        return "they are kept in this exception's .partial_result (an LCAResult)"
-
-    def _result(self, t: int) -> LCAResult:
-        attrs = dict(self.config, gradient_evaluations=int(self.evaluations), seconds=float(self.seconds))
-        steps = self.steps[: t + 1] if self.steps is not None else None
-        return from_arrays(
-            self.lca[:t], self.loss[: t + 1], self.coords, residual=self.residual[:t], lca_rest=self.rest[:t],
-            splits=self.splits[:t], evaluations=self.evals[:t], steps=steps, attrs=attrs,
-        )
-
-    def finish(self) -> LCAResult:
-        return self._result(self.n_iterations)
-
-
-def open(path) -> LCAResult:  # noqa: A001 - the public name is lca_notebook.open
-    """Open a result saved with :meth:`LCAResult.save` or computed into a store (``analyze(store=...)``).
-
-    Nothing is read into memory until used.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no LCA result at {path!r}")
-    try:
-        if path.endswith(".nc"):
-            ds = xr.open_dataset(path, engine="h5netcdf")
-        else:
-            from .store import open_store
-
-            return open_store(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path!r} is not a readable LCA result ({type(exc).__name__}: {exc})") from exc
     return LCAResult(ds)

@@ -2,7 +2,8 @@
 
 A trajectory is a sequence of T+1 snapshots theta_0 .. theta_T, each a dict ``name -> tensor``
 (a ``state_dict`` or only the parameters); T+1 snapshots give T iterations. ``analyze`` reads
-snapshot k only when it needs it, so a trajectory on disk is never loaded whole.
+snapshot k only when it needs it, so a trajectory on disk is never loaded whole. A leaf: the sources
+that read files build on it (:mod:`lca_notebook.sources` turns anything a user passes into one).
 """
 
 from __future__ import annotations
@@ -83,27 +84,3 @@ class CallableTrajectory(Trajectory):
 
     def load(self, k):
         return self._load(k)
-
-
-def as_trajectory(obj) -> Trajectory:
-    """Turn what a user passes as ``trajectory`` into a :class:`Trajectory`."""
-    if isinstance(obj, Trajectory):
-        return obj
-    as_traj = getattr(obj, "as_trajectory", None)  # a recorder, a store
-    if callable(as_traj):
-        return as_traj()
-    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
-        from .checkpoints import open_path  # files are the checkpoints module's job
-
-        return open_path(obj)
-    if isinstance(obj, Sequence) and not isinstance(obj, Mapping):
-        if len(obj) and all(isinstance(x, (str, bytes)) or hasattr(x, "__fspath__") for x in obj):
-            from .checkpoints import CheckpointFiles, check_given_order
-
-            check_given_order(obj)
-            return CheckpointFiles(obj, sort=False)  # a list is an order: the user's (a directory is sorted)
-        return SnapshotList(obj)
-    raise TypeError(
-        f"trajectory is a {type(obj).__name__}; give a list of state_dicts, a Trajectory, a recorder "
-        "(lca.record), a directory or list of checkpoint files, or a recorder store path"
-    )

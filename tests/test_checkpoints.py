@@ -11,7 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.checkpoints import CheckpointFiles, open_path
+from lca_notebook.checkpoints import CheckpointFiles
+from lca_notebook.sources import open_path
 
 STEPS = [0, 1, 2, 3, 10, 11, 20]  # step_2 must come before step_10, step_3 before step_11
 

@@ -15,8 +15,9 @@ from torch import nn
 
 import lca_notebook as lca
 from lca_notebook import models
-from lca_notebook import store as store_mod
-from lca_notebook.distributed import analyze_sharded, plan_shards
+from lca_notebook.storage import results as store_mod
+from lca_notebook.storage.files import read_attrs
+from lca_notebook.distributed import Sharding, plan_shards
 from lca_notebook.trajectory import Trajectory
 
 distributed = pytest.importorskip("dask.distributed")
@@ -67,12 +68,12 @@ def _assert_same_store(got, want):
         a, b = zarr.open_array(str(got), path=name, mode="r")[:], zarr.open_array(str(want), path=name, mode="r")[:]
         assert a.shape == b.shape, name
         np.testing.assert_array_equal(a, b, err_msg=name)  # bit for bit: same kernels, same order, one thread each
-    attrs = store_mod.read_attrs(str(got))
+    attrs = read_attrs(str(got))
     assert attrs["complete"] and attrs["completed_iterations"] == T and attrs["completed_checkpoints"] == T + 1
 
 
 def _n_shards(path):
-    return len(store_mod.read_attrs(str(path))["shards"]["bounds"])
+    return len(read_attrs(str(path))["shards"]["bounds"])
 
 
 def test_plan_covers_every_iteration_once_in_whole_chunks():
@@ -125,11 +126,11 @@ def test_checkpoint_files_batchnorm_and_parameter_subset(client, run, tmp_path):
         torch.save({"model": s}, files[-1])
     options = dict(method="simpson", parameters=["fc1.*", "bn.*"], batch_size=500)
     lca.analyze(BNNet(), (x, y), files, store=tmp_path / "single", progress=False, **options)
-    analyze_sharded(BNNet(), (x, y), files, client=client, store=tmp_path / "sharded", shard_iterations=16, progress=False, **options)
+    lca.analyze(BNNet(), (x, y), files, client=Sharding(client, shard_iterations=16), store=tmp_path / "sharded", progress=False, **options)
     for name in VARIABLES:
         a = zarr.open_array(str(tmp_path / "sharded"), path=name, mode="r")[:]
         np.testing.assert_array_equal(a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name)
-    attrs = store_mod.read_attrs(str(tmp_path / "sharded"))
+    attrs = read_attrs(str(tmp_path / "sharded"))
     assert attrs["shards"]["bounds"] == [[0, 16], [16, 21]]
     assert attrs["gradient_evaluations"] == 2 * 21 + 2  # Simpson: 2T, plus each shard's first snapshot
 
@@ -207,7 +208,7 @@ def test_a_worker_killed_mid_shard_gives_the_same_store(client, run, tmp_path):
     pids = set(client.run(os.getpid).values())
     marker = tmp_path / "killed"
     # Snapshot 21 is read in the middle of shard [16, 24): rows 16..20 were computed when the worker died.
-    analyze_sharded(models.mlp(), (x, y), KillOnce(snaps, 21, marker), client=client, store=tmp_path / "sharded", retries=0, progress=False)
+    lca.analyze(models.mlp(), (x, y), KillOnce(snaps, 21, marker), client=Sharding(client, retries=0), store=tmp_path / "sharded", progress=False)
     killed = int(marker.read_text())
     assert killed in pids  # a worker of this cluster really died ...
     client.wait_for_workers(2, timeout=60)
@@ -227,11 +228,11 @@ def test_rerun_after_a_failed_shard_computes_only_that_shard(client, run, tmp_pa
     marker.write_text("")
     traj = FailWhile(snaps, 19, marker)  # inside shard [16, 24)
     path = tmp_path / "sharded"
-    call = dict(client=client, store=path, method="simpson", retries=0, progress=False)
+    call = dict(client=Sharding(client, retries=0), store=path, method="simpson", progress=False)
     with pytest.raises(OSError, match="snapshot 19 is unreadable") as info:
-        analyze_sharded(models.mlp(), (x, y), traj, **call)
+        lca.analyze(models.mlp(), (x, y), traj, **call)
     assert any("Run the same call again" in note for note in getattr(info.value, "__notes__", []))
-    attrs = store_mod.read_attrs(str(path))
+    attrs = read_attrs(str(path))
     assert sorted(map(int, attrs["shards"]["computed"])) == [0, 8, 24, 32, 40]  # the other shards finished
     assert attrs["completed_iterations"] == 16 and not attrs["complete"]
     partial = lca.open(path)  # readable now; loss at checkpoint 16 belongs to the failed shard
@@ -241,7 +242,7 @@ def test_rerun_after_a_failed_shard_computes_only_that_shard(client, run, tmp_pa
     assert all(before.values()) and not _chunk_stats(path, "lca", 16, CHUNK)
 
     marker.unlink()
-    result = analyze_sharded(models.mlp(), (x, y), traj, **call)
+    result = lca.analyze(models.mlp(), (x, y), traj, **call)
     for a, stats in before.items():  # computed shards were not computed (nor written) again
         assert _chunk_stats(path, "lca", a, CHUNK) == stats, f"shard at {a} was rewritten"
     _assert_same_store(path, want)
@@ -255,8 +256,8 @@ def test_a_run_without_client_finishes_a_half_sharded_store(client, run, tmp_pat
     marker.write_text("")
     path = tmp_path / "sharded"
     with pytest.raises(OSError):
-        analyze_sharded(models.mlp(), (x, y), FailWhile(snaps, 35, marker), client=client, store=path, method="simpson", retries=0, progress=False)
-    assert store_mod.read_attrs(str(path))["completed_iterations"] == 32
+        lca.analyze(models.mlp(), (x, y), FailWhile(snaps, 35, marker), client=Sharding(client, retries=0), store=path, method="simpson", progress=False)
+    assert read_attrs(str(path))["completed_iterations"] == 32
     lca.analyze(models.mlp(), (x, y), snaps, store=path, method="simpson", progress=False)  # plain StoreSink resume
     _assert_same_store(path, want)
 
@@ -283,13 +284,13 @@ def test_a_shard_that_kills_every_worker_is_named_and_the_rest_is_kept(client, r
     path = tmp_path / "sharded"
     marker = tmp_path / "broken"
     marker.write_text("")
-    call = dict(client=client, store=path, method="simpson", retries=0, progress=False)
+    call = dict(client=Sharding(client, retries=0), store=path, method="simpson", progress=False)
     with pytest.raises(OSError):  # every shard but [32, 40) computed first, so only that one is on the dying workers
-        analyze_sharded(models.mlp(), (x, y), FailWhile(snaps, 35, marker), **call)
+        lca.analyze(models.mlp(), (x, y), FailWhile(snaps, 35, marker), **call)
     with pytest.raises(RuntimeError, match=r"iterations 32\.\.39 \(compute\) was running on every worker that died") as info:
-        analyze_sharded(models.mlp(), (x, y), KillAlways(snaps, 35, None), **call)
+        lca.analyze(models.mlp(), (x, y), KillAlways(snaps, 35, None), **call)
     assert isinstance(info.value.__cause__, distributed.KilledWorker)
-    attrs = store_mod.read_attrs(str(path))
+    attrs = read_attrs(str(path))
     assert sorted(map(int, attrs["shards"]["computed"])) == [0, 8, 16, 24, 40]
     assert attrs["completed_iterations"] == 32 and info.value.partial_result.n_iterations == 31
     client.wait_for_workers(2, timeout=60)

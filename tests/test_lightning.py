@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lca_notebook as lca
-from lca_notebook.checkpoints import open_path
+from lca_notebook.sources import open_path
 
 L = pytest.importorskip("lightning.pytorch")
 from lca_notebook.lightning import LCARecorder  # noqa: E402

@@ -11,8 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.checkpoints import open_path
-from lca_notebook.record import RecordingError
+from lca_notebook.sources import open_path
+from lca_notebook import RecordingError
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import lca_notebook as lca
 from lca_notebook import data as data_mod
+from lca_notebook import engine as lca_engine
 from lca_notebook import models
 
 
@@ -202,17 +203,17 @@ def test_batched_points_apply_to_a_batchnorm_model_trained_in_train_mode():
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
     snaps = _snaps(net, x, y, steps=3)  # num_batches_tracked counts up at every step
     calls = []
-    evaluate_many = lca.compute.Evaluator.many
+    evaluate_many = lca_engine.Evaluator.many
 
     def counting(self, thetas, extras, where):
         calls.append(len(thetas))
         return evaluate_many(self, thetas, extras, where)
 
-    lca.compute.Evaluator.many = counting
+    lca_engine.Evaluator.many = counting
     try:
         batched = lca.analyze(net, (x, y), snaps, method="simpson", batched_points=True, progress=False)
     finally:
-        lca.compute.Evaluator.many = evaluate_many
+        lca_engine.Evaluator.many = evaluate_many
     assert calls == [2, 2, 2]  # end point and midpoint together at every iteration
     plain = lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
     np.testing.assert_allclose(batched.lca.values, plain.lca.values, rtol=1e-4, atol=1e-8)

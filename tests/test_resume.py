@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook import store as store_mod
+from lca_notebook.storage import results as store_mod
 from lca_notebook.result import GRANULARITIES
 
 T = 24
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from torch import nn
     from sklearn.datasets import load_digits
     import lca_notebook as lca
-    from lca_notebook import store
+    from lca_notebook.storage import results as store
 
     store.CHUNK_ITERATIONS = {chunk}
     traj, out, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])

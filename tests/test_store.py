@@ -11,9 +11,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook import store as store_mod
+from lca_notebook.storage import results as store_mod
 from lca_notebook.result import GRANULARITIES
-from lca_notebook.store import StoreWriteError
+from lca_notebook import StoreWriteError
 
 T = 11  # with 4 iterations per chunk: two full chunks and a partial one
 

@@ -130,8 +130,9 @@ class Explorer(widgets.VBox):
     # -- precomputation (once) ------------------------------------------------------------------
     def _precompute(self, budget):
         r = self.result
-        layer_ids, layer_labels, _ = r._groups("layer")
-        self.layers = [str(x) for x in layer_labels]
+        groups = r.groups
+        layer_ids = groups.ids("layer")
+        self.layers = [str(x) for x in groups.labels("layer")]
         n_layers = len(self.layers)
         self._loss = np.asarray(r.loss.values, dtype=np.float64)
         self._reconstructed = np.asarray(r.reconstructed_loss().values, dtype=np.float64)
@@ -140,15 +141,10 @@ class Explorer(widgets.VBox):
         # element -> layer, labels and per-layer counts at each granularity
         self._labels, self._elem_layer, self._prefix = {}, {}, {}
         for by in ("parameter", "unit", "tensor", "layer"):
-            ids, labels, _ = r._groups(by)
-            if by == "parameter":
-                owner = layer_ids
-            else:
-                owner = np.empty(len(labels), dtype=np.int64)
-                owner[ids] = layer_ids
+            if by != "parameter":
                 self._prefix[by] = np.asarray(r.prefix(by), dtype=np.float64)
-            self._labels[by], self._elem_layer[by] = np.asarray(labels), owner
-        self._units_of_layer = r._groups("unit")[2]["unit_index"]
+            self._labels[by], self._elem_layer[by] = np.asarray(groups.labels(by)), groups.layer_of(by)
+        self._units_of_layer = groups.unit_coords()["unit_index"]
         self._n_elements = {by: np.bincount(o, minlength=n_layers).astype(np.float64) for by, o in self._elem_layer.items()}
         # each layer's parameter columns: a slice where contiguous (cheap to read), else an index array
         self._columns = []

@@ -1,0 +1,144 @@
+"""``analyze()``: the only module that knows every path from a trajectory to a result.
+
+It checks the arguments, turns the trajectory into a :class:`~lca_notebook.Trajectory` (``sources``),
+lays out the path (``layout``), reads the data once (``data``), picks where rows go (``sinks``: memory,
+or a result store in ``storage``) and runs the engine, in this process or sharded over Dask
+(``distributed``, imported only when ``client=`` is given).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .engine import Evaluator, Options, SnapshotReader, fixed_function, run, warn_if_stuck
+from .layout import build_spec
+from .result import LCAResult
+from .sinks import MemorySink
+from .sources import as_trajectory
+from .storage.results import StoreSink
+
+
+def analyze(
+    model: torch.nn.Module,
+    data,
+    trajectory,
+    *,
+    loss_fn=None,
+    method: str = "adaptive",
+    tol: float = 1e-3,
+    max_splits: int = 32,
+    batch_size: int | None = None,
+    device=None,
+    parameters=None,
+    batchnorm: str = "eval",
+    store=None,
+    batched_points: bool = False,
+    progress: bool = True,
+    client=None,
+) -> LCAResult:
+    """Loss Change Allocation of every parameter at every iteration of a recorded training run.
+
+    ``LCA[t, i] = (theta_{t+1} - theta_t)_i * average over the segment of dL/dtheta_i``, with ``L``
+    the mean of ``loss_fn`` over all of ``data``; summed over parameters it is the loss change of
+    iteration ``t`` up to the quadrature error, reported per iteration as ``residual``.
+
+    Parameters
+    ----------
+    model: the ``nn.Module`` that was trained. It is never modified (evaluated with
+        ``torch.func.functional_call``).
+    data: ``(inputs, targets)`` tensors, a ``Dataset``, a ``DataLoader`` or an iterable of
+        ``(inputs, targets)`` batches. The gradient is that of the mean loss over all of it.
+    trajectory: T+1 snapshots (``state_dict``\\ s or dicts of parameters), a :class:`Trajectory`,
+        a recorder from :func:`lca_notebook.record`, or a directory / list of checkpoint files.
+    loss_fn: ``loss_fn(outputs, targets) -> scalar mean``; default cross-entropy. Any loss works.
+    method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
+        pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
+    batch_size: split the data into batches of this size (memory only; the result does not change, except
+        with ``batchnorm="batch"``, whose statistics are those of each batch).
+    device: where to compute (default: the model's device).
+    parameters: glob patterns (``"fc1.*"``) restricting which parameters get LCA; the others'
+        share goes into ``lca_rest``.
+    batchnorm: "eval" (running statistics of each snapshot, interpolated along the segment, their
+        share of the loss change in ``lca_rest``) or "batch" (batch statistics of each data batch).
+    store: path of a zarr store to stream the result into (resumable); the result is opened lazily.
+    batched_points: evaluate several quadrature points in one ``torch.func.vmap`` call (Simpson's end
+        and midpoint together; adaptive's new points together). Same numbers to float rounding; faster
+        where one point does not fill the device (small models on a GPU). Needs a vmap-able model.
+    progress: show a tqdm progress bar.
+    client: a ``dask.distributed.Client`` (or a :class:`lca_notebook.distributed.Sharding` around one, to
+        set the shard size): shard the iterations over its workers, each writing its rows of ``store``
+        (required); same result. See :mod:`lca_notebook.distributed`.
+
+    Example
+    -------
+    >>> import torch, lca_notebook as lca
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
+    >>> for _ in range(5):
+    ...     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    ...     snaps.append({k: v.clone() for k, v in model.state_dict().items()})
+    >>> result = lca.analyze(model, (x, y), snaps, progress=False)
+    >>> result.lca.shape
+    (5, 15)
+    >>> bool(abs(result.residual).max() < 1e-3)
+    True
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    options = Options(
+        method=method, tol=tol, max_splits=max_splits, batchnorm=batchnorm, batched_points=batched_points,
+        loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__name__), model=type(model).__name__,
+    )  # fmt: skip
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    traj = as_trajectory(trajectory)
+    if len(traj) < 2:
+        raise ValueError(
+            f"the trajectory has {len(traj)} snapshot(s): LCA needs at least two (T+1 snapshots give T iterations)"
+        )
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    spec = build_spec(
+        model, traj[0], parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=traj[len(traj) - 1],
+        subset=traj.subset,
+    )  # fmt: skip
+    _warn_if_half_precision(model)
+    batches = data_mod.batches(data, batch_size=batch_size, device=device)
+    options = Options(**{**options.__dict__, "n_samples": data_mod.n_samples(batches)})
+    if client is not None:  # dask.distributed is imported on this path only
+        from .distributed import run_sharded
+
+        return run_sharded(
+            client, model, batches, traj, spec, options, store=store, loss_fn=loss_fn, device=device,
+            progress=progress, data_fingerprint=data_mod.fingerprint(batches),
+        )  # fmt: skip
+    if store is not None:
+        sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_mod.fingerprint(batches), options=options)
+    else:
+        sink = MemorySink(spec, len(traj), options, steps=traj.steps)
+    with fixed_function(model, batchnorm):
+        evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
+        run(evaluate, SnapshotReader(traj, spec, device), sink, options, progress=progress)
+    result = sink.finish()
+    warn_if_stuck(result.residual.values, result.splits.values, options)
+    return result
+
+
+def _warn_if_half_precision(model: torch.nn.Module):
+    low = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+    )
+    if low:
+        warnings.warn(
+            f"the model computes in {' and '.join(low)}: its loss is rounded to 3-4 significant digits, so loss "
+            "changes and residuals below that are rounding noise (and adaptive may never reach tol). For exact sums "
+            "analyze a float32 copy on the same snapshots: lca.analyze(copy.deepcopy(model).float(), data, trajectory)",
+            stacklevel=3,
+        )

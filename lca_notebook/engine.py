@@ -1,0 +1,443 @@
+"""Full-data gradients along the recorded path, and the loop over iterations that turns them into LCA.
+
+:class:`Evaluator` gives the mean loss over all batches and its gradient with respect to the flat
+path vector (see :mod:`lca_notebook.layout`), evaluating the model at any point with
+``torch.func.functional_call``: the user's module is never written to. :func:`iterate` walks the
+iterations with a quadrature rule from :mod:`lca_notebook.quadrature` and yields one
+:class:`IterationResult` per iteration; :func:`run` hands them to a sink (:mod:`lca_notebook.sinks`).
+Every path (in memory, a store, a Dask shard) runs this loop.
+
+>>> import torch
+>>> from lca_notebook import data, layout
+>>> model = torch.nn.Linear(2, 2)
+>>> a = {k: v.clone() for k, v in model.state_dict().items()}
+>>> b = {k: v + 0.1 for k, v in a.items()}
+>>> spec = layout.build_spec(model, a)
+>>> batches = data.batches((torch.randn(8, 2), torch.randint(0, 2, (8,))))
+>>> evaluate = Evaluator(model, batches, torch.nn.functional.cross_entropy, spec, "cpu")
+>>> steps = iterate(evaluate, SnapshotReader([a, b], spec, "cpu"), 0, 1, Options(method="simpson"))
+>>> loss0, row = next(steps), next(steps)
+>>> row.t, row.lca.shape, row.evaluations, bool(abs(row.residual) < 1e-6)
+(0, torch.Size([6]), 2, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+
+from . import data as data_mod
+from .layout import BATCHNORM_MODES, PathSpec, canonical
+from .quadrature import check_method, refinement_points, rule, simpson_weights
+
+#: Most points one batched call evaluates (memory grows with it: activations of every point at once).
+MAX_POINTS_PER_CALL = 8
+
+
+@dataclass(frozen=True)
+class Options:
+    """How LCA is computed, and the names that identify the computation; checked when made.
+
+    One record for every path: the engine reads the rule, a result keeps :meth:`attrs`, a store
+    refuses to resume with other ones, and the Dask tasks get it whole.
+
+    >>> Options(method="rk4").method
+    'simpson'
+    >>> Options(tol=0)
+    Traceback (most recent call last):
+    ValueError: tol must be a positive number, got 0
+    """
+
+    method: str = "adaptive"
+    tol: float = 1e-3
+    max_splits: int = 32
+    batchnorm: str = "eval"
+    batched_points: bool = False
+    loss_fn: str = "cross_entropy"  # names only: what a stored result remembers
+    model: str = ""
+    n_samples: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", check_method(self.method))
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and self.tol > 0):
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        if isinstance(self.max_splits, bool) or not (isinstance(self.max_splits, int) and self.max_splits >= 1):
+            raise ValueError(f"max_splits must be a positive int, got {self.max_splits!r}")
+        if self.batched_points and self.batchnorm == "batch":
+            raise ValueError(
+                "batched_points=True cannot be used with batchnorm='batch' (batch statistics update buffers in "
+                "place, which vmap forbids)"
+            )
+        object.__setattr__(self, "tol", float(self.tol))
+
+    def attrs(self) -> dict:
+        """What a result records of its computation (``batched_points`` changes rounding only)."""
+        out = asdict(self)
+        del out["batched_points"]
+        return out
+
+
+@dataclass
+class IterationResult:
+    """One iteration's row: what every sink stores."""
+
+    t: int
+    lca: torch.Tensor  # selected parameters, flat
+    rest: float  # LCA of the path tensors outside `lca` (other parameters, running statistics)
+    residual: float
+    splits: int
+    loss_end: float
+    evaluations: int
+
+
+class _DifferentiableBatchNorm(TorchFunctionMode):
+    """Eval-mode batch norm written out, so running statistics that move along the path get a
+    gradient (``native_batch_norm`` refuses one) and their share of the loss change is counted."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            return _instance_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    if training or running_mean is None or not (running_mean.requires_grad or running_var.requires_grad):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    y = (input - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def _instance_norm(
+    input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True, momentum=0.1, eps=1e-5
+):
+    if use_input_stats or running_mean is None or not (running_mean.requires_grad or running_var.requires_grad):
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)  # same formula in eval
+
+
+@contextlib.contextmanager
+def fixed_function(model: torch.nn.Module, batchnorm: str):
+    """Dropout off, BatchNorm in eval (or, on request, batch-statistics) mode; flags restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        if batchnorm == "batch":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class Evaluator:
+    """Full-data mean loss and its gradient with respect to the flat path vector.
+
+    ``evaluations`` counts full-data gradient evaluations (each is one pass over all batches).
+    """
+
+    def __init__(self, model, batches, loss_fn, spec: PathSpec, device, batchnorm="eval"):
+        self.model, self.batches, self.loss_fn, self.spec = model, batches, loss_fn, spec
+        self.weights = data_mod.batch_weights(batches, loss_fn)
+        self.batchnorm = batchnorm
+        path = set(spec.names)
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        # Tensors not in the snapshots stay at the model's current values (moved to device once).
+        self.fixed = {n: t.detach().to(device) for n, t in own.items() if n not in path}
+        self.evaluations = 0
+        own_params = dict(model.named_parameters())
+        self._bn_mode = batchnorm == "eval" and any(n not in own_params for n in spec.names)
+        self._checked = False
+        # Per-tensor layout, precomputed: binding runs at every quadrature point.
+        self._numels = spec.numels
+        self._buffer_names = [n for n, _ in model.named_buffers()]
+        self._layout = [
+            (n, s, None if d == spec.dtype else d, g)
+            for n, s, d, g in zip(spec.names, spec.shapes, spec.dtypes, spec.with_grad, strict=True)
+        ]
+
+    def bind(self, flat: torch.Tensor, extras: dict, leaves: list | None = None) -> dict:
+        """The model's tensors at the point ``flat``: views into it, cast to each tensor's dtype. With a
+        ``leaves`` list, each tensor that gets a gradient becomes a leaf of its own (appended there), so the
+        backward graph has no split/view nodes; without, ``torch.func`` transforms differentiate ``flat``."""
+        tensors = dict(self.fixed)
+        tensors.update(extras)
+        for (name, shape, dtype, grad), piece in zip(self._layout, torch.split(flat, self._numels), strict=True):
+            t = piece.view(shape)
+            if not grad:
+                t = t.detach()
+            elif leaves is not None:
+                t.requires_grad_(True)
+                leaves.append(t)
+            tensors[name] = t if dtype is None else t.to(dtype)
+        if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
+            for name in self._buffer_names:
+                if name in tensors:
+                    tensors[name] = tensors[name].detach().clone()
+        return tensors
+
+    def _loss_mode(self):
+        return _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
+
+    def __call__(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, torch.Tensor]:
+        leaves: list[torch.Tensor] = []
+        tensors = self.bind(theta.detach(), extras, leaves)
+        total = grads = None
+        with self._loss_mode():
+            for b, w in zip(self.batches, self.weights, strict=True):
+                if w == 0.0:
+                    continue  # every target of this batch is ignored by the loss
+                out = functional_call(self.model, tensors, b.args, b.kwargs)
+                loss = self.loss_fn(out, b.target)
+                if not self._checked:
+                    self._check_loss(loss)
+                gs = [
+                    g.to_dense() if g is not None and g.is_sparse else g
+                    for g in torch.autograd.grad(loss, leaves, allow_unused=True)
+                ]
+                if grads is None:
+                    grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
+                    total = loss.detach().double() * w
+                else:
+                    grads = [
+                        a if g is None else (g.mul_(w) if a is None else a.add_(g, alpha=w))
+                        for a, g in zip(grads, gs, strict=True)
+                    ]
+                    total += loss.detach().double() * w
+        self.evaluations += 1
+        value = float(total)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
+        it = iter(grads)
+        parts = []
+        for (_, _, _, grad), n in zip(self._layout, self._numels, strict=True):
+            g = next(it) if grad else None
+            parts.append(theta.new_zeros(n) if g is None else g.reshape(-1).to(theta.dtype))
+        return value, torch.cat(parts)
+
+    def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
+        """Losses and gradients at ``k`` points at once (``thetas`` is ``(k, P)``): one ``torch.func.vmap``
+        over the stacked points per data batch instead of ``k`` separate passes."""
+        from torch.func import grad, vmap
+
+        def loss_at(flat, args, kwargs, target):
+            out = functional_call(self.model, self.bind(flat, extras), args, kwargs)
+            loss = self.loss_fn(out, target)
+            return loss, loss.detach()
+
+        batched = vmap(grad(loss_at, has_aux=True), in_dims=(0, None, None, None))
+        total = grads = None
+        with self._loss_mode():
+            for b, w in zip(self.batches, self.weights, strict=True):
+                if w == 0.0:
+                    continue
+                g, loss = batched(thetas.detach(), b.args, b.kwargs, b.target)
+                if grads is None:
+                    grads, total = (g if w == 1.0 else g.mul_(w)), loss.double() * w
+                else:
+                    grads.add_(g, alpha=w)
+                    total += loss.double() * w
+        self.evaluations += len(thetas)
+        values = total.tolist()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss is {value} at {where} (point {k}): LCA needs a finite loss at every point of the path"
+                )
+        return values, grads
+
+    def _check_loss(self, loss):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean' or "
+                "add .mean()"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss_fn returned a tensor with no gradient: it must be computed from the model's outputs without "
+                ".detach()"
+            )
+        self._checked = True
+
+
+class SnapshotReader:
+    """Reads snapshot k of a trajectory into (flat vector, non-floating extras), checking it."""
+
+    def __init__(self, traj: Sequence, spec: PathSpec, device):
+        self.traj, self.spec, self.device = traj, spec, device
+
+    def _where(self, k: int) -> str:
+        describe = getattr(self.traj, "describe", None)
+        return describe(k) if describe is not None else f"snapshot {k}"
+
+    def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
+        spec, where = self.spec, self._where(k)
+        snap = canonical(self.traj[k], spec.aliases, where, expected=spec.names)
+        parts = []
+        for name, shape in zip(spec.names, spec.shapes, strict=True):
+            t = snap[name]
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
+        flat = torch.cat(parts)
+        if not math.isfinite(float(flat.sum(dtype=torch.float64))):  # one pass; search tensors only if it fails
+            for name, piece in zip(spec.names, torch.split(flat, spec.numels), strict=True):
+                if not bool(torch.isfinite(piece).all()):
+                    bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
+                    raise ValueError(f"{where} (iteration {k}): tensor {name!r} holds {bad}")
+        extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
+        return flat, extras
+
+
+def _same(x: dict, y: dict) -> bool:
+    """Whether two snapshots' non-floating tensors give the same function (a BatchNorm's step counter
+    changes every step but never enters its output)."""
+    return x.keys() == y.keys() and all(
+        k.rsplit(".", 1)[-1] == "num_batches_tracked" or torch.equal(x[k], y[k]) for k in x
+    )
+
+
+def iterate(
+    evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options
+) -> Iterator[float | IterationResult]:
+    """Yield the loss at snapshot ``start``, then one :class:`IterationResult` per iteration in ``[start, stop)``.
+
+    With ``options.batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are
+    evaluated in one vmapped call when the two snapshots share their non-floating tensors."""
+    method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
+    p_sel = evaluate.spec.n_selected
+    a, extras_a = read(start)
+    loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
+    yield loss_a
+    simpson_like = method in ("simpson", "adaptive")
+    fixed_rule = None if simpson_like else list(zip(*rule(method), strict=True))  # (s, w) at s = 0 or 1
+
+    def points_sum(points, extras, where):
+        total = None
+        for chunk in torch.split(points, MAX_POINTS_PER_CALL):
+            g = evaluate.many(chunk, extras, where)[1].sum(0)
+            total = g if total is None else total.add_(g)
+        return total
+
+    for t in range(start, stop):
+        before = evaluate.evaluations
+        b, extras_b = read(t + 1)
+        d = b - a
+        mids = None
+        if batched and simpson_like and _same(extras_a, extras_b):
+            where = f"snapshot {t + 1} and s=0.5 before it"
+            losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, where)
+            loss_b, g_b, mids = losses[0], grads[0], grads[1]
+        else:
+            loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
+        change = loss_b - loss_a
+        pieces = 1
+        if fixed_rule is not None:
+            avg = None
+            for s, w in fixed_rule:
+                g = g_a if s == 0.0 else g_b
+                avg = torch.mul(g, float(w)) if avg is None else avg.add_(g, alpha=float(w))
+            lca_all = avg.mul_(d)
+        else:
+            # Composite Simpson kept as running sums: ends E, current midpoints A, older interior points B.
+            ends = g_a + g_b
+            if mids is None:
+                mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
+            interior = None
+            while True:
+                w_end, w_mid, w_interior = simpson_weights(pieces)
+                avg = torch.mul(ends, w_end).add_(mids, alpha=w_mid)
+                if interior is not None:
+                    avg.add_(interior, alpha=w_interior)
+                lca_all = avg.mul_(d)
+                if method == "simpson" or pieces >= max_splits:
+                    break
+                if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol:
+                    break
+                interior = mids if interior is None else interior.add_(mids)
+                where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
+                new = refinement_points(pieces)
+                if batched:
+                    s_col = torch.as_tensor(new, dtype=a.dtype, device=a.device)[:, None]
+                    mids = points_sum(a + s_col * d, extras_a, where)
+                else:
+                    mids = torch.zeros_like(ends)
+                    for s in new:
+                        where = f"s={s:g} between snapshots {t} and {t + 1}"
+                        mids += evaluate(torch.add(a, d, alpha=float(s)), extras_a, where)[1]
+                pieces *= 2
+        total = float(lca_all.sum(dtype=torch.float64))
+        selected = lca_all[:p_sel]
+        rest = total - float(selected.sum(dtype=torch.float64)) if p_sel < len(lca_all) else 0.0
+        yield IterationResult(t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before)
+        a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
+
+
+def run(evaluate, read, sink, options: Options, *, progress=True, start=None, stop=None):
+    """Drive :func:`iterate` from the sink's first missing iteration and hand each row to the sink.
+
+    On any error (Ctrl-C included) the sink keeps what was computed, and the exception gets a note
+    saying where (and a ``partial_result`` when the sink has one)."""
+    from tqdm.auto import tqdm
+
+    start = sink.resume_from() if start is None else start
+    stop = sink.n_iterations if stop is None else stop
+    if start >= stop:
+        return
+    t0 = time.perf_counter()
+    bar = tqdm(total=stop - start, desc="LCA", unit="it", disable=not progress, leave=False)
+    done = start
+    try:
+        steps = iterate(evaluate, read, start, stop, options)
+        sink.write_loss(start, next(steps))
+        for row in steps:
+            sink.write(row)
+            done = row.t + 1
+            bar.update(1)
+    except BaseException as exc:
+        sink.interrupted(done)
+        if getattr(sink, "partial", None) is not None:
+            exc.partial_result = sink.partial
+        if done > start and hasattr(exc, "add_note"):
+            exc.add_note(f"lca_notebook: iterations {start}..{done - 1} were computed before this error; {sink.where_kept()}")
+        raise
+    finally:
+        bar.close()
+    sink.seconds += time.perf_counter() - t0
+    sink.evaluations += evaluate.evaluations
+
+
+def warn_if_stuck(residual: np.ndarray, splits: np.ndarray, options: Options, stacklevel: int = 3):
+    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol``."""
+    if options.method != "adaptive":
+        return
+    stuck = (np.abs(np.asarray(residual)) > options.tol) & (np.asarray(splits) >= options.max_splits)
+    if stuck.any():
+        warnings.warn(
+            f"adaptive LCA hit max_splits={options.max_splits} with |residual| > tol={options.tol:g} on "
+            f"{int(stuck.sum())} of {stuck.size} iterations (first: {int(np.flatnonzero(stuck)[0])}); raise "
+            "max_splits or tol, or record snapshots more often",
+            stacklevel=stacklevel,
+        )

@@ -1,0 +1,22 @@
+"""The exceptions users catch. Every error the package raises on purpose names what was wrong and where;
+these are the ones that also mean "your data is safe, here is how to continue".
+
+>>> from lca_notebook import LCAError, StoreWriteError
+>>> issubclass(StoreWriteError, LCAError) and issubclass(StoreWriteError, OSError)
+True
+"""
+
+from __future__ import annotations
+
+
+class LCAError(Exception):
+    """Base of the exceptions lca_notebook defines: ``except lca.LCAError`` catches each of them."""
+
+
+class StoreWriteError(LCAError, OSError):
+    """Writing to a store failed (disk full, read-only, a file where a directory should be); what was written
+    before is kept, and the message says how to continue."""
+
+
+class RecordingError(LCAError, RuntimeError):
+    """Recording a trajectory failed; raised in the training thread. The snapshots saved so far are kept."""

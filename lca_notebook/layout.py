@@ -1,0 +1,342 @@
+"""Which tensors move along the path, where each sits in the flat vector, and the groups every sum uses.
+
+Every tensor that moves along the path is packed into one flat vector ``theta`` (selected parameters
+first, in ``named_parameters`` order), so a point of the path is one ``a + s * d``. The selected
+parameters are the result's ``parameter`` dimension; :func:`parameter_coords` names each of them
+(tensor, layer, unit, index) and :class:`Groups` turns those names into the group ids, labels and
+sums at every granularity (unit, tensor, layer, total). A leaf: nothing here imports the package.
+
+>>> import torch
+>>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+>>> spec = build_spec(model, model.state_dict())
+>>> spec.names, spec.n_selected
+(['0.weight', '0.bias'], 8)
+>>> g = Groups(parameter_coords(spec))
+>>> g.labels("unit").tolist(), g.sum(torch.ones(8).numpy(), "unit").tolist()
+(['0[0]', '0[1]'], [4.0, 4.0])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import torch
+
+#: Granularities a sum can be taken at, finest first.
+GRANULARITIES = ("parameter", "unit", "tensor", "layer", "total")
+#: The granularities coarser than a parameter: sums over groups of parameters.
+COARSE = GRANULARITIES[1:]
+#: What ``batchnorm=`` accepts: running statistics of each snapshot, or each data batch's statistics.
+BATCHNORM_MODES = ("eval", "batch")
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """Which tensors move along the path and where each sits in the flat vector."""
+
+    names: list[str]  # path tensors, in flat order: selected params, other trainable, buffers, frozen
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    with_grad: list[bool]  # gradient taken (frozen params and, in "batch" mode, buffers are not)
+    n_selected_tensors: int
+    dtype: torch.dtype  # dtype of the flat vector
+    aliases: dict[str, str]  # every name the model knows (tied weights too) -> its primary name
+    fixed_names: set[str] = field(default_factory=set)  # in snapshot 0 but not floating: taken per snapshot
+    # Transposed-convolution weights, (in, out // groups, ...): their output unit is dim 1 within the group
+    # of dim 0. Name -> groups. Every other tensor's unit is dim 0.
+    transposed: dict[str, int] = field(default_factory=dict)
+
+    @cached_property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def n_selected(self) -> int:
+        return sum(self.numels[: self.n_selected_tensors])
+
+    @property
+    def selected(self) -> list[tuple[str, torch.Size]]:
+        return list(zip(self.names, self.shapes, strict=True))[: self.n_selected_tensors]
+
+
+def _select(model: torch.nn.Module, parameters) -> tuple[list[str], list[str], list[str]]:
+    """Split the model's (deduplicated) parameters into selected, other trainable and frozen names."""
+    named = list(model.named_parameters())  # remove_duplicate=True: a tied tensor counts once
+    trainable = [n for n, p in named if p.requires_grad]
+    frozen = [n for n, p in named if not p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"the model ({type(model).__name__}) has no trainable parameters (requires_grad=True): "
+            "nothing to allocate the loss change to"
+        )
+    if parameters is None:
+        return trainable, [], frozen
+    patterns = [parameters] if isinstance(parameters, str) else list(parameters)
+    selected = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not selected:
+        raise ValueError(
+            f"parameters={patterns!r} match none of the model's trainable parameters: {', '.join(trainable)}"
+        )
+    return selected, [n for n in trainable if n not in selected], frozen
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    primary: dict[int, str] = {}
+    out = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        out[name] = primary.setdefault(id(t), name)
+    return out
+
+
+def canonical(snapshot: Mapping, aliases: Mapping[str, str], where: str, expected=()) -> dict[str, torch.Tensor]:
+    """The snapshot keyed by primary names (tied weights under one name), checked against the model."""
+    out, unknown = {}, []
+    for key, value in snapshot.items():
+        name = aliases.get(key)
+        if name is None:
+            unknown.append(key)
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+        else:
+            out.setdefault(name, value)
+    extra = ""
+    if unknown:
+        extra = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        if all(k.startswith("module.") for k in unknown):
+            extra += " (they start with 'module.': strip that prefix left by DataParallel/DistributedDataParallel)"
+    missing = [n for n in expected if n not in out]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        also = f"; it holds tensors the model does not have: {extra}" if unknown else ""
+        raise ValueError(
+            f"{where} has no tensor {missing[0]!r}{more}{also}. Every snapshot needs every trainable tensor: save "
+            "model.state_dict(), or fill in tensors that never changed with {**model.state_dict(), **snapshot}"
+        )
+    if unknown:
+        raise ValueError(f"{where} holds tensors the model does not have: {extra}")
+    return out
+
+
+def build_spec(
+    model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0", last=None, subset=False
+) -> PathSpec:
+    """The path layout, from the model and its first snapshot (``last``, the final snapshot, tells
+    whether frozen tensors move: those that do get a gradient so their share is counted). With ``subset``
+    (a trajectory recorded with ``parameters=``), trainable tensors it lacks stay at the model's values."""
+    selected, other, frozen = _select(model, parameters)
+    aliases = _aliases(model)
+    if subset:
+        present = {aliases.get(k) for k in snapshot0}
+        unrecorded = [n for n in selected if n not in present]
+        if parameters is not None and unrecorded:
+            raise ValueError(
+                f"parameters={parameters!r} selects {unrecorded[0]!r}, which this trajectory did not record (it was "
+                "recorded with parameters= of its own): select among the recorded tensors"
+            )
+        selected = [n for n in selected if n in present] or selected  # none recorded: the usual error below
+        other = [n for n in other if n in present]
+    snap = canonical(snapshot0, aliases, where, expected=selected + other)
+    buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
+    transient = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    # Non-persistent buffers (rotary inv_freq...) are never in a state_dict: nothing to warn about.
+    missing_buffers = [
+        n for n, b in model.named_buffers() if b.is_floating_point() and n not in snap and n not in transient
+    ]
+    if missing_buffers and batchnorm == "eval" and not subset:  # a subset recorder checked them itself
+        more = f" (and {len(missing_buffers) - 1} more buffers)" if len(missing_buffers) > 1 else ""
+        warnings.warn(
+            f"{where} has no {missing_buffers[0]!r}{more}: the model's current values are used at every snapshot. "
+            "Record full state_dicts to use each snapshot's running statistics, or pass batchnorm='batch'.",
+            stacklevel=3,
+        )
+    frozen = [n for n in frozen if n in snap]
+    module_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    if last is not None and frozen:
+        end = canonical(last, aliases, "the last snapshot")
+        moving = [n for n in frozen if n in end and not torch.equal(end[n].detach().cpu(), snap[n].detach().cpu())]
+    else:
+        moving = []
+    frozen = moving + [n for n in frozen if n not in moving]
+    names = selected + other + buffers + frozen
+    for n in names:
+        if tuple(snap[n].shape) != tuple(module_tensors[n].shape):
+            raise ValueError(
+                f"{where}: tensor {n!r} has shape {tuple(snap[n].shape)} but the model's has "
+                f"{tuple(module_tensors[n].shape)}"
+            )
+    dtypes = [module_tensors[n].dtype if module_tensors[n].is_floating_point() else torch.float32 for n in names]
+    dtype = torch.float32  # at least: fp16/bf16 sums of many small d*g products lose the small ones
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    # Frozen tensors that move between snapshots (gradual unfreezing) get a gradient, their share in lca_rest.
+    with_grad = (
+        [True] * (len(selected) + len(other)) + [batchnorm == "eval"] * len(buffers) + [n in moving for n in frozen]
+    )
+    fixed = {n for n in snap if n not in names}
+    transposed = {}
+    for n in selected:
+        owner = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
+        if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) and n.endswith("weight"):
+            transposed[n] = owner.groups
+    shapes = [module_tensors[n].shape for n in names]
+    return PathSpec(names, shapes, dtypes, with_grad, len(selected), dtype, aliases, fixed, transposed)
+
+
+def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
+    """Coordinates on the flat ``parameter`` dimension: tensor, layer, unit, index."""
+    tensors, layers, units, index = [], [], [], []
+    for name, shape in spec.selected:
+        n = math.prod(shape)
+        if ".parametrizations." in f".{name}":  # torch.nn.utils.parametrize: the layer is the parametrized module
+            owner = f".{name}".split(".parametrizations.")[0][1:]
+            layer = owner or name.split(".")[1]
+        else:
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+        idx = np.arange(n)
+        tensors.append(np.repeat(np.array([name]), n))  # fixed-width strings: no Python object per element
+        layers.append(np.repeat(np.array([layer]), n))
+        if not len(shape):
+            units.append(np.zeros(n, dtype=np.int64))
+        elif name in spec.transposed:  # output channel = group * (out // groups) + index along dim 1
+            ix = np.unravel_index(idx, tuple(shape))
+            per_group_in = shape[0] // spec.transposed[name]
+            units.append((ix[0] // per_group_in * shape[1] + ix[1]).astype(np.int64))
+        else:  # the index along dim 0 of each element of tensor.flatten()
+            units.append(np.unravel_index(idx, tuple(shape))[0].astype(np.int64) if n else idx)
+        index.append(idx)
+
+    def cat(xs, dt):
+        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
+    return {
+        "tensor": cat(tensors, str),
+        "layer": cat(layers, str),
+        "unit": cat(units, np.int64),
+        "index": cat(index, np.int64),
+    }
+
+
+def check_granularity(by: str) -> str:
+    if by not in GRANULARITIES:
+        raise ValueError(f"by must be one of {GRANULARITIES}, got {by!r}")
+    return by
+
+
+class Groups:
+    """The groups of parameters at every granularity, from the per-parameter coordinates.
+
+    ``ids(by)`` gives each parameter's group, ``labels(by)`` the groups in model order (a unit is
+    ``"layer[unit]"``), ``sizes(by)`` their parameter counts and :meth:`sums` the sums of a
+    ``(..., parameter)`` block at several granularities in one pass.
+
+    >>> import numpy as np
+    >>> g = Groups({"tensor": np.array(["a.w", "a.w", "a.b", "b.w"]), "layer": np.array(["a", "a", "a", "b"]),
+    ...             "unit": np.array([0, 1, 0, 0]), "index": np.array([0, 1, 0, 0])})
+    >>> g.labels("layer").tolist(), g.sizes("unit").tolist()
+    (['a', 'b'], [2, 1, 1])
+    >>> {by: s.tolist() for by, s in g.sums(np.arange(4.0), ("tensor", "total")).items()}
+    {'tensor': [1.0, 2.0, 3.0], 'total': [6.0]}
+    """
+
+    def __init__(self, coords: Mapping[str, np.ndarray]):
+        self.coords = {k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")}
+        self.n_parameters = len(self.coords["tensor"])
+
+    def ids(self, by: str) -> np.ndarray:
+        """Group id of each parameter (0 .. n_groups - 1, in model order)."""
+        return self._table[check_granularity(by)][0]
+
+    def labels(self, by: str) -> np.ndarray:
+        """Group labels in model order (``"total"`` for the one total group)."""
+        return self._table[check_granularity(by)][1]
+
+    def unit_coords(self) -> dict[str, np.ndarray]:
+        """Per unit: its ``layer`` and ``unit_index`` (index along dim 0 of its tensor)."""
+        return self._table["unit"][2]
+
+    def sizes(self, by: str) -> np.ndarray:
+        """Number of parameters in each group."""
+        return np.bincount(self.ids(by), minlength=len(self.labels(by)))
+
+    def layer_of(self, by: str) -> np.ndarray:
+        """The layer id (into ``labels("layer")``) of each group at a granularity."""
+        layer_ids = self.ids("layer")
+        if by == "parameter":
+            return layer_ids
+        out = np.zeros(len(self.labels(by)), dtype=np.int64)
+        out[self.ids(by)] = layer_ids
+        return out
+
+    @cached_property
+    def _table(self):
+        c, p = self.coords, self.n_parameters
+        table = {
+            "parameter": (np.arange(p), np.arange(p), {}),
+            "total": (np.zeros(p, dtype=np.int64), np.array(["total"]), {}),
+        }
+        for key in ("tensor", "layer"):
+            ids, labels, _ = _in_model_order(c[key])
+            table[key] = (ids, labels, {})
+        unit_key = np.char.add(np.char.add(c["layer"].astype(str), "["), np.char.add(c["unit"].astype(str), "]"))
+        ids, labels, first = _in_model_order(unit_key)
+        table["unit"] = (ids, labels, {"layer": c["layer"][first], "unit_index": c["unit"][first]})
+        return table
+
+    @cached_property
+    def _runs(self):
+        """Runs of consecutive parameters sharing (tensor, unit): every coarser group is a union of runs,
+        so one pass over a block (sum each run) serves unit, tensor, layer and total alike."""
+        c, p = self.coords, self.n_parameters
+        if p == 0:
+            return np.zeros(0, np.int64), {}
+        change = np.ones(p, dtype=bool)
+        change[1:] = (c["tensor"][1:] != c["tensor"][:-1]) | (c["unit"][1:] != c["unit"][:-1])
+        starts = np.flatnonzero(change)
+        reducers = {}
+        for by in COARSE:
+            run_ids = self.ids(by)[starts]
+            if np.array_equal(run_ids, np.arange(len(self.labels(by)))):
+                reducers[by] = None  # each group is exactly one run, already in order
+            else:
+                perm = np.argsort(run_ids, kind="stable")
+                reducers[by] = (perm, np.searchsorted(run_ids[perm], np.arange(len(self.labels(by)))))
+        return starts, reducers
+
+    def sums(self, block: np.ndarray, bys: Iterable[str]) -> dict[str, np.ndarray]:
+        """Sum a ``(..., parameter)`` array into ``(..., groups)`` (float64) at several granularities,
+        reading the block once."""
+        block = np.asarray(block)
+        bys = [check_granularity(by) for by in bys]
+        out = {}
+        if "parameter" in bys:
+            out["parameter"] = block.astype(np.float64)
+        coarse = [by for by in bys if by != "parameter"]
+        if not coarse:
+            return out
+        if block.shape[-1] == 0:
+            return out | {by: np.zeros((*block.shape[:-1], len(self.labels(by)))) for by in coarse}
+        starts, reducers = self._runs
+        runs = np.add.reduceat(block, starts, axis=-1, dtype=np.float64)
+        for by in coarse:
+            r = reducers[by]
+            out[by] = runs if r is None else np.add.reduceat(runs[..., r[0]], r[1], axis=-1)
+        return out
+
+    def sum(self, block: np.ndarray, by: str) -> np.ndarray:
+        """Sum a ``(..., parameter)`` array into ``(..., groups)`` in float64."""
+        return self.sums(block, (by,))[by]
+
+
+def _in_model_order(keys: np.ndarray):
+    """(group id per element, labels, first element of each group), groups in order of first appearance."""
+    labels, first, ids = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # model order, not alphabetical
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[ids], labels[order], first[order]
