@@ -12,6 +12,7 @@ Runs alternate (floor, analyze, floor, analyze, ...) so drifting machine load hi
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -36,7 +37,7 @@ def case(name, model, x, y, steps, repeats, lr=0.05):
     snaps = models.train(model, (x, y), steps=steps, lr=lr, seed=0)
     names = [n for n, _ in model.named_parameters()]
     points = [{n: snaps[0][n] for n in names}]
-    for a, b in zip(snaps[:-1], snaps[1:]):
+    for a, b in itertools.pairwise(snaps):
         points.append({n: (a[n] + b[n]) / 2 for n in names})
         points.append({n: b[n] for n in names})
     assert len(points) == 2 * steps + 1
@@ -71,8 +72,12 @@ def main():
     repeats = args.repeats or (3 if args.quick else 9)  # the machine is shared: more pairs, steadier medians
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, digits ({len(models.digits_data()[0])} samples, one batch)\n")
-    print("| model | parameters | T | floor s (median) | analyze s (median) | ratio (median) | ratio range | max abs residual | batched_points / plain |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, digits ({len(models.digits_data()[0])} samples, one batch)\n"
+    )
+    print(
+        "| model | parameters | T | floor s (median) | analyze s (median) | ratio (median) | ratio range | max abs residual | batched_points / plain |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     x, y = models.digits_data()
     case("digits MLP", models.mlp(seed=0), x, y, 60 if args.quick else 300, repeats)

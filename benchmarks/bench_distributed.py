@@ -25,8 +25,8 @@ from dask.distributed import Client, LocalCluster
 
 import lca_notebook as lca
 from lca_notebook import models
-from lca_notebook.storage import results as store_mod
 from lca_notebook.distributed import Sharding
+from lca_notebook.storage import results as store_mod
 
 
 def single(snaps, x, y, path, threads):
@@ -49,7 +49,9 @@ def main():
     ap.add_argument("--shard", type=int, default=25, help="iterations per shard (= store chunk here)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--two-threads", action="store_true", help="also time 1 process with 2 torch threads")
-    ap.add_argument("--dask-malloc", action="store_true", help="also time workers left with Dask's MALLOC_TRIM_THRESHOLD_")
+    ap.add_argument(
+        "--dask-malloc", action="store_true", help="also time workers left with Dask's MALLOC_TRIM_THRESHOLD_"
+    )
     args = ap.parse_args()
     store_mod.CHUNK_ITERATIONS = args.shard  # the driver creates the stores: shards of exactly one chunk
     torch.set_num_threads(1)
@@ -59,9 +61,13 @@ def main():
     n_params = sum(p.numel() for p in models.cnn().parameters())
     shipped = len(cloudpickle.dumps(((x, y), models.cnn())))
     window = len(cloudpickle.dumps(snaps[: args.shard + 1]))
-    print(f"digits CNN: {n_params:,} parameters, {len(x)} samples, T={args.steps}, Simpson, shards of {args.shard}; "
-          f"{os.cpu_count()} CPU cores; {os.getloadavg()[0]:.1f} load average at start")
-    print(f"shipped once per worker: {shipped / 1e6:.2f} MB (data + model); per shard task: {window / 1e6:.2f} MB of snapshots")
+    print(
+        f"digits CNN: {n_params:,} parameters, {len(x)} samples, T={args.steps}, Simpson, shards of {args.shard}; "
+        f"{os.cpu_count()} CPU cores; {os.getloadavg()[0]:.1f} load average at start"
+    )
+    print(
+        f"shipped once per worker: {shipped / 1e6:.2f} MB (data + model); per shard task: {window / 1e6:.2f} MB of snapshots"
+    )
 
     single(snaps[:3], x, y, os.path.join(tmp, "warm"), 1)  # warm-up (imports, allocator)
     t0 = time.perf_counter()
@@ -101,7 +107,9 @@ def main():
     print("| run | median s | runs | speed-up vs 1 process, 1 thread |")
     print("| --- | --- | --- | --- |")
     for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.2f} | {', '.join(f'{t:.1f}' for t in ts)} | **{base / statistics.median(ts):.2f}x** |")
+        print(
+            f"| {name} | {statistics.median(ts):.2f} | {', '.join(f'{t:.1f}' for t in ts)} | **{base / statistics.median(ts):.2f}x** |"
+        )
     print()
     print(f"cluster start-up (2 processes, torch imported): {startup:.1f} s; first tiny sharded call: {first:.1f} s")
     print(f"gradient evaluations: 1 process {evals['1 process']} (2T+1), 2 workers {evals['2 workers']} (2T + shards)")

@@ -63,8 +63,10 @@ def main():
     ex = Explorer(result)
     built = time.perf_counter() - t0
     T, P = result.n_iterations, result.n_parameters
-    print(f"result: T={T} x P={P} ({T * P * 4 / 1e9:.2f} GB float32), made in {made:.1f} s; explorer built in {built:.1f} s "
-          f"(parameter prefix kept every {ex._parameters.stride} iterations)")
+    print(
+        f"result: T={T} x P={P} ({T * P * 4 / 1e9:.2f} GB float32), made in {made:.1f} s; explorer built in {built:.1f} s "
+        f"(parameter prefix kept every {ex._parameters.stride} iterations)"
+    )
 
     def slider_moves(label):
         times = []
@@ -98,8 +100,15 @@ def main():
     print(f"{'control change -> all marks updated':42s} {'n':>4s} {'median ms':>10s} {'p90 ms':>8s} {'max ms':>8s}")
     for label, times in rows:
         times = np.asarray(times)
-        print(f"{label:42s} {len(times):4d} {np.median(times):10.1f} {np.percentile(times, 90):8.1f} {times.max():8.1f}")
-    sent = sum(np.asarray(getattr(m, k)).size for m in ex.marks.values() for k in ("x", "y", "color") if getattr(m, k, None) is not None)
+        print(
+            f"{label:42s} {len(times):4d} {np.median(times):10.1f} {np.percentile(times, 90):8.1f} {times.max():8.1f}"
+        )
+    sent = sum(
+        np.asarray(getattr(m, k)).size
+        for m in ex.marks.values()
+        for k in ("x", "y", "color")
+        if getattr(m, k, None) is not None
+    )
     print(f"values held by all marks after the last change: {sent} (vs T x P = {T * P})")
 
 

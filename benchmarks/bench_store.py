@@ -59,7 +59,9 @@ def child_rss(traj, out):
     x, y = digits()
     model = mlp_100k()
     first = open_path(traj)  # warm up on one iteration (an in-memory result of all T would be T x P)
-    lca.analyze(model, (x[:256], y[:256]), lca.Trajectory.from_callable(first.load, 2), method="trapezoid", progress=False)
+    lca.analyze(
+        model, (x[:256], y[:256]), lca.Trajectory.from_callable(first.load, 2), method="trapezoid", progress=False
+    )
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     r = lca.analyze(model, (x, y), traj, method="trapezoid", store=out, progress=False)
@@ -168,7 +170,9 @@ def main():
         n_params, plain, recorded, total_ratio = bench_recording(tmp, 3, 8 if args.quick else 20)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\nlca_notebook store benchmarks ({'quick' if args.quick else 'full'}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)\n")
+    print(
+        f"\nlca_notebook store benchmarks ({'quick' if args.quick else 'full'}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)\n"
+    )
     _print_rss(rss, t_rss)
     print(f"\n2. iteration-range sum on the stored result, {iters} iterations x {params} parameters (random ranges)")
     print(f"   {'by':>10} {'median ms':>10} {'max ms':>8} {'values':>8}")
@@ -176,7 +180,9 @@ def main():
         print(f"   {by:>10} {med:>10.2f} {mx:>8.2f} {size:>8}")
     print("   (target: under 50 ms)")
     print(f"\n3. training step of a {n_params / 1e6:.2f}M-parameter MLP (batch 1024), recording every step to disk")
-    print(f"   median step: {plain * 1e3:.1f} ms without, {recorded * 1e3:.1f} ms with recording; ratio {recorded / plain:.3f} (target <= 1.2)")
+    print(
+        f"   median step: {plain * 1e3:.1f} ms without, {recorded * 1e3:.1f} ms with recording; ratio {recorded / plain:.3f} (target <= 1.2)"
+    )
     print(f"   whole blocks incl. the final flush: ratio {total_ratio:.3f}")
 
 

@@ -53,7 +53,14 @@ def main():
         print(proc.stdout, flush=True)
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
-        lines += [f"## {script}: {what}", "", f"`{' '.join(['python', *cmd[1:]]).replace(str(HERE.parent) + '/', '')}` ({took:.0f} s, exit {proc.returncode})", "", proc.stdout.strip(), ""]
+        lines += [
+            f"## {script}: {what}",
+            "",
+            f"`{' '.join(['python', *cmd[1:]]).replace(str(HERE.parent) + '/', '')}` ({took:.0f} s, exit {proc.returncode})",
+            "",
+            proc.stdout.strip(),
+            "",
+        ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"\nwritten: {args.out}")
 

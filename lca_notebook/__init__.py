@@ -14,10 +14,10 @@ from .api import analyze
 from .errors import LCAError, RecordingError, StoreWriteError
 from .record import record
 from .result import LCAResult
-from .storage.results import open  # noqa: A004 - lca.open, on purpose; not in __all__, so `import *` keeps the builtin
+from .storage.results import open as open  # lca.open; not in __all__, so `import *` keeps the builtin
 from .trajectory import Trajectory
 
-__all__ = ["analyze", "record", "explore", "LCAResult", "Trajectory", "LCAError", "StoreWriteError", "RecordingError"]
+__all__ = ["LCAError", "LCAResult", "RecordingError", "StoreWriteError", "Trajectory", "analyze", "explore", "record"]
 __version__ = "0.1.0"
 
 # Submodules reachable as attributes (lca.analyses.synchrony(result), lca.models.mlp() after %load_ext), imported

@@ -30,14 +30,17 @@ def summarize(result) -> str:
     change = loss[-1] - loss[0]
     lines = [
         f"{result.n_iterations} iterations x {result.n_parameters:,} parameters, method={result.attrs.get('method')}",
-        f"loss {loss[0]:.4f} -> {loss[-1]:.4f} (change {change:+.4f}); sum of all LCA {float(result.total(by='total')[0]) + float(result.lca_rest.sum()):+.4f}",
+        f"loss {loss[0]:.4f} -> {loss[-1]:.4f} (change {change:+.4f}); sum of all LCA "
+        f"{float(result.total(by='total')[0]) + float(result.lca_rest.sum()):+.4f}",
         f"|residual| per iteration: median {np.median(res):.1e}, max {res.max():.1e}",
         f"parameters helping per iteration: mean {helped.mean():.1%} (the paper: barely over 50%)",
         "LCA per layer (negative helps):",
     ]
-    for layer, value in zip(by_layer["layer"].values, by_layer.values):
+    for layer, value in zip(by_layer["layer"].values, by_layer.values, strict=False):
         share = value / change if change else float("nan")
-        lines.append(f"  {layer:<12} {value:+.4f}  ({share:.0%} of the loss change){'  <- hurt overall' if value > 0 else ''}")
+        lines.append(
+            f"  {layer:<12} {value:+.4f}  ({share:.0%} of the loss change){'  <- hurt overall' if value > 0 else ''}"
+        )
     return "\n".join(lines)
 
 
@@ -63,7 +66,10 @@ def main(argv=None) -> int:
     model = models.mlp(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
-    print(f"training an MLP ({sum(p.numel() for p in model.parameters()):,} parameters) on digits for {args.steps} steps, recording ...")
+    print(
+        f"training an MLP ({sum(p.numel() for p in model.parameters()):,} parameters) on digits for {args.steps} "
+        "steps, recording ..."
+    )
     with lca.record(model, opt) as trajectory:
         for _ in range(args.steps):
             idx = torch.randint(0, len(x), (64,), generator=g)
@@ -82,15 +88,24 @@ def main(argv=None) -> int:
         return 0
     root = Path(__file__).resolve().parent.parent / "example_notebooks"
     if not (root / "01_quickstart.ipynb").exists() or importlib.util.find_spec("jupyterlab") is None:
-        print("JupyterLab or the example notebooks are not here; run `bash .ci/setup` from a checkout of the repository.")
+        print(
+            "JupyterLab or the example notebooks are not here; run `bash .ci/setup` from a checkout of the repository."
+        )
         return 0
     port = args.port or _free_port()
     token = secrets.token_hex(16)
     headless = not os.environ.get("DISPLAY") or os.environ.get("CI")
     url = f"http://localhost:{port}/lab/tree/01_quickstart.ipynb?token={token}"
     cmd = [
-        sys.executable, "-m", "jupyter", "lab", str(root / "01_quickstart.ipynb"), f"--port={port}", f"--ServerApp.root_dir={root}",
-        f"--IdentityProvider.token={token}", "--ServerApp.open_browser=" + ("False" if headless else "True"),
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        str(root / "01_quickstart.ipynb"),
+        f"--port={port}",
+        f"--ServerApp.root_dir={root}",
+        f"--IdentityProvider.token={token}",
+        "--ServerApp.open_browser=" + ("False" if headless else "True"),
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")

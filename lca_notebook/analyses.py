@@ -25,8 +25,8 @@ opened lazily from disk. Nothing here imports widgets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -36,8 +36,21 @@ from .result import LCAResult
 from .sources import as_trajectory
 
 __all__ = [
-    "fractions", "layer_totals", "hurting_layers", "per_window", "peaks", "synchrony", "oscillation",
-    "gini", "concentration", "residual_table", "rule_accuracy", "findings", "Finding", "Findings", "RULES",
+    "RULES",
+    "Finding",
+    "Findings",
+    "concentration",
+    "findings",
+    "fractions",
+    "gini",
+    "hurting_layers",
+    "layer_totals",
+    "oscillation",
+    "peaks",
+    "per_window",
+    "residual_table",
+    "rule_accuracy",
+    "synchrony",
 ]
 
 _ROWS = 256  # iterations read per block when streaming over (iteration, parameter)
@@ -123,7 +136,9 @@ def layer_totals(result: LCAResult, by: str = "layer", start: int | None = None,
     )
 
 
-def hurting_layers(result: LCAResult, by: str = "layer", start: int | None = None, stop: int | None = None) -> list[str]:
+def hurting_layers(
+    result: LCAResult, by: str = "layer", start: int | None = None, stop: int | None = None
+) -> list[str]:
     """Names of the layers whose total LCA is positive (they raised the loss overall), worst first.
 
     >>> import lca_notebook as lca
@@ -137,7 +152,9 @@ def hurting_layers(result: LCAResult, by: str = "layer", start: int | None = Non
 
 
 # -- windows ------------------------------------------------------------------------------------
-def per_window(result: LCAResult, by: str = "unit", windows: int = 20, layer: str | Sequence[str] | None = None) -> xr.DataArray:
+def per_window(
+    result: LCAResult, by: str = "unit", windows: int = 20, layer: str | Sequence[str] | None = None
+) -> xr.DataArray:
     """LCA summed over ``windows`` equal windows of iterations, at a granularity: ``(window, group)``.
 
     Each window is one subtraction of prefix sums, so this is cheap on long runs. ``layer=`` keeps the
@@ -160,7 +177,9 @@ def per_window(result: LCAResult, by: str = "unit", windows: int = 20, layer: st
     da = da.assign_coords(start=("window", edges[:-1]), stop=("window", edges[1:]))
     if layer is not None:
         if by == "total":
-            raise ValueError("layer= picks groups inside layers; with by='total' there is one group: use by='layer' instead")
+            raise ValueError(
+                "layer= picks groups inside layers; with by='total' there is one group: use by='layer' instead"
+            )
         layers = [layer] if isinstance(layer, str) else list(layer)
         known = set(result.layers)
         missing = [name for name in layers if name not in known]
@@ -210,7 +229,8 @@ def synchrony(
     start: int | None = None,
     stop: int | None = None,
 ) -> xr.Dataset:
-    """Do layers learn on the same iterations? Peaks of each layer's learning, their coincidences, and a permutation test.
+    """Do layers learn on the same iterations? Peaks of each layer's learning, their coincidences, and a
+    permutation test.
 
     Learning of a layer at an iteration is minus its summed LCA; its peaks are given by :func:`peaks`.
     The statistic is the number of coinciding pairs: the sum over iterations of ``k (k - 1) / 2`` where
@@ -354,10 +374,15 @@ def _reversals(result: LCAResult, trajectory) -> tuple[np.ndarray, np.ndarray]:
         out = np.empty(result.n_parameters)
         for name, pos in where.items():
             if name not in snap:
-                raise KeyError(f"{traj.describe(k)} has no tensor {name!r}, which the result has; pass the snapshots given to analyze()")
+                raise KeyError(
+                    f"{traj.describe(k)} has no tensor {name!r}, which the result has; pass the snapshots given to "
+                    "analyze()"
+                )
             v = snap[name].detach().reshape(-1).to("cpu", torch.float64).numpy()
             if index[pos].max(initial=-1) >= v.size:
-                raise ValueError(f"{name!r} in {traj.describe(k)} has {v.size} values, fewer than the result's; wrong trajectory?")
+                raise ValueError(
+                    f"{name!r} in {traj.describe(k)} has {v.size} values, fewer than the result's; wrong trajectory?"
+                )
             out[pos] = v[index[pos]]
         return out
 
@@ -408,7 +433,8 @@ def _fraction_for(x: np.ndarray, share: float) -> float:
 def concentration(
     result: LCAResult, *, of: str = "helped", share: float = 0.9, start: int | None = None, stop: int | None = None
 ) -> xr.Dataset:
-    """How few parameters do the learning: Gini coefficient of per-parameter total LCA, and the fraction carrying ``share`` of it.
+    """How few parameters do the learning: Gini coefficient of per-parameter total LCA, and the fraction
+    carrying ``share`` of it.
 
     ``of="helped"`` (default) takes each parameter's learning, ``max(-total LCA, 0)``: a parameter that
     hurt overall did no learning, and the paper's question is who lowered the loss. ``of="abs"`` takes
@@ -462,10 +488,17 @@ def residual_table(results: Mapping[str, LCAResult]) -> xr.Dataset:
     names = list(results)
     lengths = {n: results[n].n_iterations for n in names}
     if len(set(lengths.values())) != 1:
-        raise ValueError(f"the results cover different numbers of iterations ({lengths}); compare results of the same trajectory")
+        raise ValueError(
+            f"the results cover different numbers of iterations ({lengths}); compare results of the same trajectory"
+        )
     res = np.stack([np.asarray(results[n].residual.values, dtype=np.float64) for n in names])
     evals = np.stack(
-        [np.asarray(results[n].dataset["evaluations"].values) if "evaluations" in results[n].dataset else np.zeros(res.shape[1]) for n in names]
+        [
+            np.asarray(results[n].dataset["evaluations"].values)
+            if "evaluations" in results[n].dataset
+            else np.zeros(res.shape[1])
+            for n in names
+        ]
     )
     loss = np.asarray(results[names[0]].loss.values, dtype=np.float64)
     change = abs(loss[-1] - loss[0]) if loss.size else float("nan")
@@ -487,8 +520,11 @@ def residual_table(results: Mapping[str, LCAResult]) -> xr.Dataset:
     )
 
 
-def rule_accuracy(model, data, trajectory, *, methods: Sequence[str] = RULES, return_results: bool = False, **analyze_kwargs):
-    """Run ``analyze`` once per quadrature rule on the same trajectory and compare their residuals (see :func:`residual_table`).
+def rule_accuracy(
+    model, data, trajectory, *, methods: Sequence[str] = RULES, return_results: bool = False, **analyze_kwargs
+):
+    """Run ``analyze`` once per quadrature rule on the same trajectory and compare their residuals (see
+    :func:`residual_table`).
 
     ``analyze_kwargs`` (``tol``, ``max_splits``, ``loss_fn``, ``batch_size``, ...) go to every call.
     With ``return_results=True`` returns ``(table, {method: LCAResult})``. The trajectory must be
@@ -528,7 +564,8 @@ class Findings(list):
         import html
 
         rows = "".join(
-            f"<tr><td><b>{html.escape(f.name)}</b></td><td>{html.escape(f.paper)}</td><td>{html.escape(f.this_run)}</td></tr>" for f in self
+            f"<tr><td><b>{html.escape(f.name)}</b></td><td>{html.escape(f.paper)}</td><td>{html.escape(f.this_run)}</td></tr>"
+            for f in self
         )
         return (
             "<table><thead><tr><th style='text-align:left'>finding</th><th style='text-align:left'>the paper</th>"
@@ -565,12 +602,15 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
     )
     lt = layer_totals(result)
     hurting = hurting_layers(result)
-    shares = ", ".join(f"{name} {100 * float(s):+.0f}%" for name, s in zip(lt["layer"].values, lt["share"].values))
+    shares = ", ".join(
+        f"{name} {100 * float(s):+.0f}%" for name, s in zip(lt["layer"].values, lt["share"].values, strict=False)
+    )
     out.append(
         Finding(
             "layers that hurt",
             "some entire layers hurt overall (ResNet on CIFAR-10: the first and last layers)",
-            (f"{', '.join(hurting)} hurt overall" if hurting else "no layer hurt overall") + f"; shares of the loss change: {shares}",
+            (f"{', '.join(hurting)} hurt overall" if hurting else "no layer hurt overall")
+            + f"; shares of the loss change: {shares}",
         )
     )
     if len(result.layers) >= 2 and result.n_iterations >= 3:
@@ -594,12 +634,23 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
         Finding(
             "concentration",
             "(not a headline of the paper) how unevenly learning is spread over parameters",
-            f"Gini {float(c['gini']):.2f} of per-parameter learning; {100 * float(c['fraction']):.1f}% of parameters carry 90% of it",
+            f"Gini {float(c['gini']):.2f} of per-parameter learning; {100 * float(c['fraction']):.1f}% of parameters "
+            "carry 90% of it",
         )
     )
     if rules is not None:
         mx = rules["max_abs_residual"]
         drift = rules["relative_drift"]
-        parts = [f"{m}: max |residual| {float(mx.sel(rule=m)):.1e}, drift {100 * float(drift.sel(rule=m)):.1f}% of the loss change" for m in rules["rule"].values]
-        out.append(Finding("accuracy of the rules", "first-order LCA drifts far from the true loss; Runge-Kutta (Simpson) stays within tolerance", "; ".join(parts)))
+        parts = [
+            f"{m}: max |residual| {float(mx.sel(rule=m)):.1e}, drift {100 * float(drift.sel(rule=m)):.1f}% of the loss "
+            "change"
+            for m in rules["rule"].values
+        ]
+        out.append(
+            Finding(
+                "accuracy of the rules",
+                "first-order LCA drifts far from the true loss; Runge-Kutta (Simpson) stays within tolerance",
+                "; ".join(parts),
+            )
+        )
     return out

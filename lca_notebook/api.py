@@ -17,7 +17,7 @@ from . import data as data_mod
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, run, warn_if_stuck
 from .layout import build_spec
 from .result import LCAResult
-from .sinks import MemorySink
+from .sinks import MemorySink, Sink
 from .sources import as_trajectory
 from .storage.results import StoreSink
 
@@ -119,6 +119,7 @@ def analyze(
             client, model, batches, traj, spec, options, store=store, loss_fn=loss_fn, device=device,
             progress=progress, data_fingerprint=data_mod.fingerprint(batches),
         )  # fmt: skip
+    sink: Sink
     if store is not None:
         sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_mod.fingerprint(batches), options=options)
     else:

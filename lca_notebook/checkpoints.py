@@ -6,6 +6,7 @@ unpickles tensors and plain containers and refuses anything that could run code.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import re
@@ -45,7 +46,8 @@ def check_given_order(paths):
         raise ValueError(
             f"the checkpoint files are not in the order of the numbers in their names ({shown}), so they are probably "
             "not in training order. Pass them sorted: sorted(files, key=lca_notebook.checkpoints.natural_key), "
-            "or the directory itself; to keep this order, pass lca_notebook.checkpoints.CheckpointFiles(files, sort=False)."
+            "or the directory itself; to keep this order, pass lca_notebook.checkpoints.CheckpointFiles(files, "
+            "sort=False)."
         )
 
 
@@ -75,8 +77,9 @@ class CheckpointFiles(Trajectory):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"checkpoint file {p!r} does not exist")
         steps = [_step_of(p) for p in self.paths]
-        ok = all(s is not None for s in steps) and all(a < b for a, b in zip(steps, steps[1:]))
-        self.steps = steps if ok else None
+        numbered = [s for s in steps if s is not None]
+        ok = len(numbered) == len(steps) and all(a < b for a, b in itertools.pairwise(numbered))
+        self.steps = numbered if ok else None
 
     def __len__(self):
         return len(self.paths)
@@ -96,20 +99,26 @@ def load_checkpoint(path) -> dict:
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
             raise ValueError(
-                f"checkpoint file {path!r} was refused: it holds Python objects beyond tensors and plain containers, and "
+                f"checkpoint file {path!r} was refused: it holds Python objects beyond tensors and plain containers, "
+                "and "
                 "unpickling them could run code. Nothing from it was executed. If you trust the file, re-save only the "
                 "tensors: torch.save(model.state_dict(), path)."
             ) from exc
         raise ValueError(f"{path!r} is not a PyTorch checkpoint ({exc})") from exc
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
-        raise ValueError(f"{path!r} is not a PyTorch checkpoint: torch.load failed ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path!r} is not a PyTorch checkpoint: torch.load failed ({type(exc).__name__}: {exc})"
+        ) from exc
     return state_dict_of(obj, path)
 
 
 def state_dict_of(obj, path="checkpoint") -> dict:
     """Find the ``state_dict`` inside a loaded checkpoint object."""
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state_dict; save model.state_dict() (or a dict with it under 'model')")
+        raise ValueError(
+            f"{path!r} holds a {type(obj).__name__}, not a state_dict; save model.state_dict() (or a dict with it "
+            "under 'model')"
+        )
     for key in STATE_KEYS:
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):

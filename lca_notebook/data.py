@@ -27,8 +27,8 @@ class Batch:
     target: Any
     size: int
 
-    def to(self, device) -> "Batch":
-        move = lambda x: _map_tensors(x, lambda t: t.to(device, non_blocking=True))  # noqa: E731
+    def to(self, device) -> Batch:
+        move = lambda x: _map_tensors(x, lambda t: t.to(device, non_blocking=True))
         return Batch(move(self.args), move(self.kwargs), move(self.target), self.size)
 
 
@@ -62,6 +62,8 @@ def _as_batch(item, where: str) -> Batch:
             "inputs may be a tensor, a tuple of tensors (positional arguments) or a dict (keyword arguments)."
         )
     inputs, target = item
+    args: tuple
+    kwargs: dict
     if isinstance(inputs, torch.Tensor):
         args, kwargs = (inputs,), {}
     elif isinstance(inputs, (tuple, list)):
@@ -69,7 +71,9 @@ def _as_batch(item, where: str) -> Batch:
     elif isinstance(inputs, dict):
         args, kwargs = (), dict(inputs)
     else:
-        raise TypeError(f"{where}: inputs are a {type(inputs).__name__}; expected a tensor, a tuple or a dict of tensors")
+        raise TypeError(
+            f"{where}: inputs are a {type(inputs).__name__}; expected a tensor, a tuple or a dict of tensors"
+        )
     first = next(_tensors((args, kwargs)), None)
     if first is None or first.dim() == 0:
         raise TypeError(f"{where}: the inputs hold no batched tensor, so the batch size is unknown")
@@ -79,7 +83,7 @@ def _as_batch(item, where: str) -> Batch:
 def _split(x, size: int):
     n = next(_tensors(x)).shape[0]
     for start in range(0, n, size):
-        yield _map_tensors(x, lambda t: t[start : start + size])
+        yield _map_tensors(x, lambda t, start=start: t[start : start + size])
 
 
 def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
@@ -99,10 +103,16 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     if _is_whole_pair(data):
         rows = [t.shape[0] for t in _tensors(data[0])], [t.shape[0] for t in _tensors(data[1])]
         if len(set(rows[0] + rows[1])) > 1:
-            raise ValueError(f"data: inputs have {rows[0][0]} rows but targets have {rows[1][0]}" if rows[0][0] != rows[1][0] else
-                             f"data: the input tensors have different numbers of rows: {rows[0]}")
+            raise ValueError(
+                f"data: inputs have {rows[0][0]} rows but targets have {rows[1][0]}"
+                if rows[0][0] != rows[1][0]
+                else f"data: the input tensors have different numbers of rows: {rows[0]}"
+            )
         size = batch_size or DEFAULT_BATCH_SIZE
-        out = [_as_batch(pair, f"data rows {i * size}..") for i, pair in enumerate(zip(_split(data[0], size), _split(data[1], size)))]
+        out = [
+            _as_batch(pair, f"data rows {i * size}..")
+            for i, pair in enumerate(zip(_split(data[0], size), _split(data[1], size), strict=False))
+        ]
     else:
         if isinstance(data, DataLoader):
             data = _whole_loader(data)
@@ -118,7 +128,10 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
             # Re-batch to the requested size (useful to bound memory with a loader of large batches).
             flat_in = _concat([b.args if not b.kwargs else b.kwargs for b in out])
             flat_target = _concat([b.target for b in out])
-            out = [_as_batch((i, t), "data") for i, t in zip(_split(flat_in, batch_size), _split(flat_target, batch_size))]
+            out = [
+                _as_batch((i, t), "data")
+                for i, t in zip(_split(flat_in, batch_size), _split(flat_target, batch_size), strict=False)
+            ]
     out = [b for b in out if b.size > 0]
     if not out:
         raise ValueError("data is empty: LCA needs at least one sample to measure the loss on")
@@ -136,14 +149,18 @@ def _is_whole_pair(data) -> bool:
 
     def tensors_only(x, containers):
         return isinstance(x, torch.Tensor) or (
-            isinstance(x, containers) and len(x) > 0 and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in (x.values() if isinstance(x, dict) else x))
+            isinstance(x, containers)
+            and len(x) > 0
+            and all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in (x.values() if isinstance(x, dict) else x))
         )
 
     if any(isinstance(v, dict) and {"inputs", "targets"} <= v.keys() for v in data):
         return False  # two batches given as {"inputs": ..., "targets": ...}
     if isinstance(inputs, torch.Tensor):  # a batch is never a bare tensor, so tuple targets are unambiguous here
         return inputs.dim() > 0 and tensors_only(target, (tuple, list, dict))
-    return (isinstance(target, torch.Tensor) or tensors_only(target, dict)) and tensors_only(inputs, (tuple, list, dict))
+    return (isinstance(target, torch.Tensor) or tensors_only(target, dict)) and tensors_only(
+        inputs, (tuple, list, dict)
+    )
 
 
 def _whole_loader(loader: DataLoader) -> DataLoader:
@@ -155,8 +172,13 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
         if not loader.drop_last or loader.batch_size is None:
             return loader
         return DataLoader(
-            loader.dataset, batch_size=loader.batch_size, drop_last=False, collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+            loader.dataset,
+            batch_size=loader.batch_size,
+            drop_last=False,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            worker_init_fn=loader.worker_init_fn,
         )
     if loader.batch_size is None:
         return loader  # the user's own batching (a batch_sampler)
@@ -164,8 +186,11 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
         return loader
     indices = sorted(loader.sampler)  # any finite sampler: the same samples, sorted (a shuffle reads the same)
     return DataLoader(
-        loader.dataset, batch_sampler=BatchSampler(indices, loader.batch_size, drop_last=False), collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        loader.dataset,
+        batch_sampler=BatchSampler(indices, loader.batch_size, drop_last=False),
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
     )
 
 

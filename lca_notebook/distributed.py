@@ -48,6 +48,8 @@ except ImportError as exc:  # pragma: no cover - distributed is an optional depe
         f"sharding LCA over Dask needs dask.distributed ({exc}); install it with: pip install distributed"
     ) from exc
 
+import contextlib
+
 from .checkpoints import CheckpointFiles
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from .layout import Groups, PathSpec
@@ -79,7 +81,9 @@ class Sharding:
     tune_malloc: bool = True
 
 
-def plan_shards(n_iterations: int, chunk: int, shard_iterations: int | None = None, n_threads: int = 1) -> list[tuple[int, int]]:
+def plan_shards(
+    n_iterations: int, chunk: int, shard_iterations: int | None = None, n_threads: int = 1
+) -> list[tuple[int, int]]:
     """Contiguous ``[a, b)`` ranges covering ``range(n_iterations)``, each a whole number of ``chunk`` s.
 
     >>> plan_shards(10, 4)
@@ -111,7 +115,9 @@ class _Window(Trajectory):
         try:
             return self.snapshots[k]
         except KeyError:
-            raise IndexError(f"snapshot {k} was not sent with this shard (it has {min(self.snapshots)}..{max(self.snapshots)})") from None
+            raise IndexError(
+                f"snapshot {k} was not sent with this shard (it has {min(self.snapshots)}..{max(self.snapshots)})"
+            ) from None
 
     def describe(self, k):
         return self.names.get(k, f"snapshot {k}")
@@ -203,7 +209,9 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     if job.tune_malloc:
         _tune_malloc()
     t0 = time.perf_counter()
-    model = copy.deepcopy(job.model)  # functional_call swaps a module's tensors: one copy per task, threads never share it
+    model = copy.deepcopy(
+        job.model
+    )  # functional_call swaps a module's tensors: one copy per task, threads never share it
     device = torch.device(job.device)
     ct = job.chunk
     arrays = Arrays(job.path, (*ITERATION_VARS, "loss"))
@@ -214,8 +222,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
         with fixed_function(model, job.options.batchnorm):
             evaluate = Evaluator(model, job.on_device(), job.loss_fn, job.spec, device, job.options.batchnorm)
             read = SnapshotReader(job.traj(window), job.spec, device)
-            steps = iterate(evaluate, read, a, b, job.options)
-            loss[0] = next(steps)
+            loss[0], steps = iterate(evaluate, read, a, b, job.options)
             c0 = a
             for row in steps:
                 i = row.t - c0
@@ -241,8 +248,11 @@ def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
     """
     arrays = Arrays(job.path, ("lca", *PREFIX_VARS.values()))
     try:
-        # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task before.
-        start = None if a == 0 else {by: np.asarray(arrays[name][a], dtype=np.float64) for by, name in PREFIX_VARS.items()}
+        # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task
+        # before.
+        start = (
+            None if a == 0 else {by: np.asarray(arrays[name][a], dtype=np.float64) for by, name in PREFIX_VARS.items()}
+        )
         for c0 in range(a, b, job.chunk):
             c1 = min(c0 + job.chunk, b)
             block = PrefixBlock(job.groups(), c1 - c0)
@@ -264,7 +274,9 @@ def _picklable(what: str, obj, hint: str):
     try:
         return cloudpickle.dumps(obj)
     except Exception as exc:
-        raise TypeError(f"{what} cannot be sent to the Dask workers: pickling it failed ({type(exc).__name__}: {exc}). {hint}") from exc
+        raise TypeError(
+            f"{what} cannot be sent to the Dask workers: pickling it failed ({type(exc).__name__}: {exc}). {hint}"
+        ) from exc
 
 
 def _ship_trajectory(traj):
@@ -279,7 +291,8 @@ def _ship_trajectory(traj):
     if isinstance(traj, (SnapshotList, CheckpointFiles)):
         return None if isinstance(traj, SnapshotList) else traj
     _picklable(
-        f"the trajectory ({type(traj).__name__})", traj,
+        f"the trajectory ({type(traj).__name__})",
+        traj,
         "Give a list of state_dicts, checkpoint files, or a recorder store path (lca.record(..., path=...)).",
     )
     return traj
@@ -299,23 +312,36 @@ def _progress_attrs(computed: set, chained: int, n_iterations: int) -> dict:
     return {"completed_iterations": chained, "completed_checkpoints": chained + 1 if whole else chained}
 
 
-def run_sharded(client, model, batches, traj, spec, options: Options, *, store, loss_fn, device, progress, data_fingerprint):
+def run_sharded(
+    client, model, batches, traj, spec, options: Options, *, store, loss_fn, device, progress, data_fingerprint
+):
     """The ``client=`` path of :func:`lca_notebook.analyze`, after its checks: shard, submit, record, finish."""
     from tqdm.auto import tqdm
 
     sharding = client if isinstance(client, Sharding) else Sharding(client)
     client = sharding.client
     if not isinstance(client, Client):
-        raise TypeError(f"client must be a dask.distributed.Client (or a lca_notebook.distributed.Sharding), got {type(client).__name__}")
+        raise TypeError(
+            "client must be a dask.distributed.Client (or a lca_notebook.distributed.Sharding), got "
+            f"{type(client).__name__}"
+        )
     if store is None:
         raise ValueError(
-            "analyze(..., client=...) needs store=PATH: the workers write their shards there, so it must be a path every "
+            "analyze(..., client=...) needs store=PATH: the workers write their shards there, so it must be a path "
+            "every "
             "worker can reach (a shared filesystem)"
         )
     # Refuse what cannot travel before anything is created or computed.
-    _picklable(f"the model ({type(model).__name__})", model, "Define its class in an importable module or in the notebook itself.")
-    _picklable(f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})", loss_fn,
-               "Use a module-level function, or one that captures no open files, locks or GPU handles.")
+    _picklable(
+        f"the model ({type(model).__name__})",
+        model,
+        "Define its class in an importable module or in the notebook itself.",
+    )
+    _picklable(
+        f"loss_fn ({getattr(loss_fn, '__qualname__', type(loss_fn).__name__)})",
+        loss_fn,
+        "Use a module-level function, or one that captures no open files, locks or GPU handles.",
+    )
     shipped = _ship_trajectory(traj)
     t_start = time.perf_counter()
     sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options)
@@ -336,33 +362,69 @@ def run_sharded(client, model, batches, traj, spec, options: Options, *, store, 
     update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
 
     job = _Job(
-        model=model, batches=[b.to("cpu") for b in batches], loss_fn=loss_fn, spec=spec, coords=sink.coords, path=path,
-        n_iterations=T, chunk=ct, options=options, device=str(device), torch_threads=sharding.torch_threads,
-        tune_malloc=sharding.tune_malloc, trajectory=shipped,
+        model=model,
+        batches=[b.to("cpu") for b in batches],
+        loss_fn=loss_fn,
+        spec=spec,
+        coords=sink.coords,
+        path=path,
+        n_iterations=T,
+        chunk=ct,
+        options=options,
+        device=str(device),
+        torch_threads=sharding.torch_threads,
+        tune_malloc=sharding.tune_malloc,
+        trajectory=shipped,
     )
     payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
     tag = uuid.uuid4().hex[:8]
     compute_f: dict[int, Future] = {}
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ll]arge.*graph.*")  # the job and snapshot windows travel with their tasks
+        warnings.filterwarnings(
+            "ignore", message=".*[Ll]arge.*graph.*"
+        )  # the job and snapshot windows travel with their tasks
         # The job is a task's result, not scattered data: if every worker holding it dies, Dask computes it again.
         job_f = client.submit(_load_job, payload, key=f"lca-job-{tag}", pure=False)
         for a, b in plan:
             if a not in computed:
                 window = _window(traj, a, b) if shipped is None else None
-                compute_f[a] = client.submit(_compute_shard, job_f, a, b, window, key=f"lca-shard-{a}-{b}-{tag}", retries=sharding.retries, pure=False)
+                compute_f[a] = client.submit(
+                    _compute_shard,
+                    job_f,
+                    a,
+                    b,
+                    window,
+                    key=f"lca-shard-{a}-{b}-{tag}",
+                    retries=sharding.retries,
+                    pure=False,
+                )
     chain_f: dict[int, Future] = {}
     previous = None
     for a, b in plan:
         if b <= chained:
             continue
         previous = chain_f[a] = client.submit(
-            _prefix_shard, job_f, a, b, compute_f.get(a), previous, key=f"lca-prefix-{a}-{b}-{tag}", retries=sharding.retries,
-            priority=10, pure=False,
+            _prefix_shard,
+            job_f,
+            a,
+            b,
+            compute_f.get(a),
+            previous,
+            key=f"lca-prefix-{a}-{b}-{tag}",
+            retries=sharding.retries,
+            priority=10,
+            pure=False,
         )
     owner = {f.key: ("compute", a) for a, f in compute_f.items()} | {f.key: ("prefix", a) for a, f in chain_f.items()}
     bounds = dict(plan)
-    bar = tqdm(total=T, initial=sum(b - a for a, b in plan if a in computed), desc="LCA shards", unit="it", disable=not progress, leave=False)
+    bar = tqdm(
+        total=T,
+        initial=sum(b - a for a, b in plan if a in computed),
+        desc="LCA shards",
+        unit="it",
+        disable=not progress,
+        leave=False,
+    )
     first_error = None
     try:
         for fut in as_completed([*compute_f.values(), *chain_f.values()]):
@@ -375,7 +437,10 @@ def run_sharded(client, model, batches, traj, spec, options: Options, *, store, 
                 continue
             if kind == "compute":
                 computed.add(a)
-                record["computed"][str(a)] = {"evaluations": int(value["evaluations"]), "seconds": round(value["seconds"], 3)}
+                record["computed"][str(a)] = {
+                    "evaluations": int(value["evaluations"]),
+                    "seconds": round(value["seconds"], 3),
+                }
                 bar.update(bounds[a] - a)
             else:
                 chained = max(chained, value)
@@ -397,8 +462,13 @@ def run_sharded(client, model, batches, traj, spec, options: Options, *, store, 
         ev = open_array(path, "evaluations")
         evaluations += sum(int(np.asarray(ev[a:b]).sum()) + 1 for a, b in plain)
     update_attrs(
-        path, shards=record, completed_iterations=T, completed_checkpoints=T + 1, complete=True,
-        seconds=float(attrs.get("seconds", 0.0)) + time.perf_counter() - t_start, gradient_evaluations=evaluations,
+        path,
+        shards=record,
+        completed_iterations=T,
+        completed_checkpoints=T + 1,
+        complete=True,
+        seconds=float(attrs.get("seconds", 0.0)) + time.perf_counter() - t_start,
+        gradient_evaluations=evaluations,
     )
     result = open_store(path)
     warn_if_stuck(result.residual.values, result.splits.values, options, stacklevel=4)
@@ -408,8 +478,10 @@ def run_sharded(client, model, batches, traj, spec, options: Options, *, store, 
 def _explain(exc: BaseException, kind: str, a: int, b: int) -> BaseException:
     if isinstance(exc, KilledWorker):
         err = RuntimeError(
-            f"the Dask task for iterations {a}..{b - 1} ({kind}) was running on every worker that died while it ran ({exc}). "
-            "If the workers ran out of memory, give analyze a smaller batch_size, fewer threads per worker, or a smaller "
+            f"the Dask task for iterations {a}..{b - 1} ({kind}) was running on every worker that died while it ran "
+            f"({exc}). "
+            "If the workers ran out of memory, give analyze a smaller batch_size, fewer threads per worker, or a "
+            "smaller "
             "shard (lca_notebook.distributed.Sharding(client, shard_iterations=...))."
         )
         err.__cause__ = exc
@@ -422,10 +494,12 @@ def _note_kept(exc: BaseException, path: str, chained: int, computed: set, plan)
         return
     others = sorted(a for a in computed if a >= chained)
     extra = f"; shards starting at iterations {others} are computed too" if others else ""
-    kept = f"iterations 0..{chained - 1} are complete in the store {path!r}" if chained else f"no iteration is complete yet in {path!r}"
+    kept = (
+        f"iterations 0..{chained - 1} are complete in the store {path!r}"
+        if chained
+        else f"no iteration is complete yet in {path!r}"
+    )
     exc.add_note(f"lca_notebook: {kept}{extra}. Run the same call again to compute only the missing shards.")
     if chained:
-        try:
-            exc.partial_result = open_store(path)
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            exc.partial_result = open_store(path)  # type: ignore[attr-defined]

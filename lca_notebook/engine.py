@@ -15,8 +15,8 @@ Every path (in memory, a store, a Dask shard) runs this loop.
 >>> spec = layout.build_spec(model, a)
 >>> batches = data.batches((torch.randn(8, 2), torch.randint(0, 2, (8,))))
 >>> evaluate = Evaluator(model, batches, torch.nn.functional.cross_entropy, spec, "cpu")
->>> steps = iterate(evaluate, SnapshotReader([a, b], spec, "cpu"), 0, 1, Options(method="simpson"))
->>> loss0, row = next(steps), next(steps)
+>>> loss0, rows = iterate(evaluate, SnapshotReader([a, b], spec, "cpu"), 0, 1, Options(method="simpson"))
+>>> row = next(rows)
 >>> row.t, row.lca.shape, row.evaluations, bool(abs(row.residual) < 1e-6)
 (0, torch.Size([6]), 2, True)
 """
@@ -226,9 +226,12 @@ class Evaluator:
                     ]
                     total += loss.detach().double() * w
         self.evaluations += 1
+        assert grads is not None and total is not None  # batch_weights never makes every weight zero
         value = float(total)
         if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
+            raise FloatingPointError(
+                f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
+            )
         it = iter(grads)
         parts = []
         for (_, _, _, grad), n in zip(self._layout, self._numels, strict=True):
@@ -259,6 +262,7 @@ class Evaluator:
                     grads.add_(g, alpha=w)
                     total += loss.double() * w
         self.evaluations += len(thetas)
+        assert grads is not None and total is not None  # batch_weights never makes every weight zero
         values = total.tolist()
         for k, value in enumerate(values):
             if not math.isfinite(value):
@@ -321,16 +325,21 @@ def _same(x: dict, y: dict) -> bool:
 
 def iterate(
     evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options
-) -> Iterator[float | IterationResult]:
-    """Yield the loss at snapshot ``start``, then one :class:`IterationResult` per iteration in ``[start, stop)``.
+) -> tuple[float, Iterator[IterationResult]]:
+    """The loss at snapshot ``start`` (evaluated now), and an iterator of one :class:`IterationResult` per
+    iteration in ``[start, stop)`` (each computed when asked for).
 
     With ``options.batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are
     evaluated in one vmapped call when the two snapshots share their non-floating tensors."""
-    method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
-    p_sel = evaluate.spec.n_selected
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
-    yield loss_a
+    return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a))
+
+
+def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first):
+    method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
+    p_sel = evaluate.spec.n_selected
+    a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
     fixed_rule = None if simpson_like else list(zip(*rule(method), strict=True))  # (s, w) at s = 0 or 1
 
@@ -355,10 +364,9 @@ def iterate(
         change = loss_b - loss_a
         pieces = 1
         if fixed_rule is not None:
-            avg = None
+            avg = torch.zeros_like(g_a)
             for s, w in fixed_rule:
-                g = g_a if s == 0.0 else g_b
-                avg = torch.mul(g, float(w)) if avg is None else avg.add_(g, alpha=float(w))
+                avg.add_(g_a if s == 0.0 else g_b, alpha=float(w))
             lca_all = avg.mul_(d)
         else:
             # Composite Simpson kept as running sums: ends E, current midpoints A, older interior points B.
@@ -410,18 +418,20 @@ def run(evaluate, read, sink, options: Options, *, progress=True, start=None, st
     bar = tqdm(total=stop - start, desc="LCA", unit="it", disable=not progress, leave=False)
     done = start
     try:
-        steps = iterate(evaluate, read, start, stop, options)
-        sink.write_loss(start, next(steps))
-        for row in steps:
+        loss, rows = iterate(evaluate, read, start, stop, options)
+        sink.write_loss(start, loss)
+        for row in rows:
             sink.write(row)
             done = row.t + 1
             bar.update(1)
     except BaseException as exc:
         sink.interrupted(done)
         if getattr(sink, "partial", None) is not None:
-            exc.partial_result = sink.partial
+            exc.partial_result = sink.partial  # type: ignore[attr-defined]
         if done > start and hasattr(exc, "add_note"):
-            exc.add_note(f"lca_notebook: iterations {start}..{done - 1} were computed before this error; {sink.where_kept()}")
+            exc.add_note(
+                f"lca_notebook: iterations {start}..{done - 1} were computed before this error; {sink.where_kept()}"
+            )
         raise
     finally:
         bar.close()

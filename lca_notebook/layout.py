@@ -96,7 +96,8 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def canonical(snapshot: Mapping, aliases: Mapping[str, str], where: str, expected=()) -> dict[str, torch.Tensor]:
     """The snapshot keyed by primary names (tied weights under one name), checked against the model."""
-    out, unknown = {}, []
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
     for key, value in snapshot.items():
         name = aliases.get(key)
         if name is None:
@@ -276,7 +277,7 @@ class Groups:
     @cached_property
     def _table(self):
         c, p = self.coords, self.n_parameters
-        table = {
+        table: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {
             "parameter": (np.arange(p), np.arange(p), {}),
             "total": (np.zeros(p, dtype=np.int64), np.array(["total"]), {}),
         }
@@ -298,7 +299,7 @@ class Groups:
         change = np.ones(p, dtype=bool)
         change[1:] = (c["tensor"][1:] != c["tensor"][:-1]) | (c["unit"][1:] != c["unit"][:-1])
         starts = np.flatnonzero(change)
-        reducers = {}
+        reducers: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         for by in COARSE:
             run_ids = self.ids(by)[starts]
             if np.array_equal(run_ids, np.arange(len(self.labels(by)))):

@@ -11,7 +11,7 @@ from __future__ import annotations
 try:
     from lightning.pytorch import Callback
 except ImportError:  # the older package name
-    from pytorch_lightning import Callback
+    from pytorch_lightning import Callback  # type: ignore[assignment]
 
 from .record import Recorder
 
@@ -24,7 +24,9 @@ class LCARecorder(Callback):
     ``trainer.fit`` the callback is itself a trajectory source: ``lca.analyze(module, data, callback)``.
     """
 
-    def __init__(self, path=None, every: int = 1, parameters=None, *, overwrite: bool = False, optimizer_index: int = 0):
+    def __init__(
+        self, path=None, every: int = 1, parameters=None, *, overwrite: bool = False, optimizer_index: int = 0
+    ):
         super().__init__()
         self.path, self.every, self.parameters, self.overwrite = path, every, parameters, overwrite
         self.optimizer_index = optimizer_index
@@ -33,10 +35,17 @@ class LCARecorder(Callback):
     def on_train_start(self, trainer, pl_module):
         optimizers = trainer.optimizers
         if len(optimizers) <= self.optimizer_index:
-            raise ValueError(f"LCARecorder: the trainer has {len(optimizers)} optimizer(s); optimizer_index={self.optimizer_index} is out of range")
+            raise ValueError(
+                f"LCARecorder: the trainer has {len(optimizers)} optimizer(s); optimizer_index={self.optimizer_index} "
+                "is out of range"
+            )
         self.recorder = Recorder(
-            pl_module, optimizers[self.optimizer_index], path=self.path, every=self.every,
-            parameters=self.parameters, overwrite=self.overwrite,
+            pl_module,
+            optimizers[self.optimizer_index],
+            path=self.path,
+            every=self.every,
+            parameters=self.parameters,
+            overwrite=self.overwrite,
         ).start()
 
     def on_train_end(self, trainer, pl_module):

@@ -20,6 +20,8 @@ loop keeps what it recorded. ``%unload_ext lca_notebook`` undoes all three. In a
 
 from __future__ import annotations
 
+import contextlib
+
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -43,13 +45,16 @@ class LCAMagics(Magics):
         if not args.name.isidentifier():
             raise ValueError(f"--name {args.name!r} is not a Python variable name; use e.g. --name trajectory")
         shell = self.shell
+        assert shell is not None  # a cell magic always runs in a shell
         values = {}
         for role, expr in (("model", args.model), ("optimizer", args.optimizer)):
             try:
                 values[role] = shell.ev(expr)
             except NameError as exc:
-                raise NameError(f"%%lca_record: the {role} {expr!r} is not defined in this notebook ({exc}); "
-                                f"create it in an earlier cell") from None
+                raise NameError(
+                    f"%%lca_record: the {role} {expr!r} is not defined in this notebook ({exc}); "
+                    f"create it in an earlier cell"
+                ) from None
         code = shell.transform_cell(cell)
         filename = shell.compile.cache(code)  # tracebacks show the cell's lines
         compiled = shell.compile(code, filename, "exec")
@@ -72,6 +77,7 @@ def _display_result(result, include=None, exclude=None):
 def load_ipython_extension(ipython):
     """Called by ``%load_ext lca_notebook``; loading twice changes nothing."""
     import lca_notebook
+
     from .result import LCAResult
 
     ipython.push({_NAMESPACE_NAME: lca_notebook})
@@ -82,6 +88,7 @@ def load_ipython_extension(ipython):
 def unload_ipython_extension(ipython):
     """Called by ``%unload_ext lca_notebook``: removes ``lca``, the magic and the explorer display."""
     import lca_notebook
+
     from .result import LCAResult
 
     if ipython.user_ns.get(_NAMESPACE_NAME) is lca_notebook:
@@ -89,7 +96,5 @@ def unload_ipython_extension(ipython):
     ipython.magics_manager.magics["cell"].pop("lca_record", None)
     ipython.magics_manager.registry.pop("LCAMagics", None)
     formatter = ipython.display_formatter.mimebundle_formatter
-    try:
+    with contextlib.suppress(KeyError):
         formatter.pop(LCAResult)
-    except KeyError:
-        pass

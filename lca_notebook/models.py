@@ -12,6 +12,7 @@ downloads). The demo, the example notebooks and the tests share these so a run t
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -49,7 +50,7 @@ def digits_data(split: str | None = None, *, image: bool = False, seed: int = 0,
         test = np.zeros(len(y), dtype=bool)
         for c in np.unique(y):  # stratified: every class is in both parts
             idx = rng.permutation(np.flatnonzero(y == c))
-            test[idx[: int(round(test_fraction * len(idx)))]] = True
+            test[idx[: round(test_fraction * len(idx))]] = True
         keep = test if split == "test" else ~test
         x, y = x[keep], y[keep]
     x_t = torch.from_numpy(x)
@@ -67,7 +68,7 @@ def mlp(seed: int = 0, hidden: tuple[int, ...] = (128, 64)) -> nn.Module:
     torch.manual_seed(seed)
     sizes = (64, *hidden, 10)
     layers: dict[str, nn.Module] = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes), start=1):
         layers[f"fc{i}"] = nn.Linear(a, b)
         if i < len(sizes) - 1:
             layers[f"relu{i}"] = nn.ReLU()

@@ -41,7 +41,16 @@ class Recorder(Trajectory):
     (4, 15)
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, every: int = 1, parameters=None, *, overwrite: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        path=None,
+        every: int = 1,
+        parameters=None,
+        *,
+        overwrite: bool = False,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not hasattr(optimizer, "register_step_post_hook"):
@@ -50,23 +59,27 @@ class Recorder(Trajectory):
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.model, self.optimizer, self.every = model, optimizer, every
         self.path = os.path.abspath(os.fspath(path)) if path is not None else None
-        self.patterns = [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
+        self.patterns = (
+            [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
+        )
         self.overwrite = overwrite
-        if self.path is not None:  # fail now, not at the first snapshot, if the path is taken
-            if refuse_foreign(self.path, "trajectory") is not None and not overwrite:
-                raise ValueError(f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path")
+        # Fail now, not at the first snapshot, if the path is taken.
+        if self.path is not None and refuse_foreign(self.path, "trajectory") is not None and not overwrite:
+            raise ValueError(
+                f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path"
+            )
         self._snapshots: list[dict] = []
         self._unrecorded: dict = {}  # with parameters=: the other floating tensors at the start
         self._steps: list[int] = []
         self._step = 0  # optimizer steps seen
-        self._handles = []
-        self._writer = None
-        self._reader = None
-        self._layout = None
+        self._handles: list = []
+        self._writer: _Writer | None = None
+        self._reader: RecordedTrajectory | None = None
+        self._layout: list[dict] = []
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "Recorder":
+    def start(self) -> Recorder:
         """Hook the optimizer (``with`` does it for you)."""
         if self._handles:
             return self
@@ -75,8 +88,11 @@ class Recorder(Trajectory):
             self._snapshot(0)
             if self.subset:  # what is not recorded must stay fixed: keep it to check on close
                 recorded = set(self._state())
-                self._unrecorded = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
-                                    if k not in recorded and isinstance(v, torch.Tensor) and v.is_floating_point()}
+                self._unrecorded = {
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in self.model.state_dict().items()
+                    if k not in recorded and isinstance(v, torch.Tensor) and v.is_floating_point()
+                }
         self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
         return self
 
@@ -95,13 +111,15 @@ class Recorder(Trajectory):
         moved = [k for k, v in self._unrecorded.items() if k in now and not torch.equal(now[k].detach().cpu(), v)]
         if moved:
             warnings.warn(
-                f"{moved[0]!r}{f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''} changed during training but was not "
-                f"recorded (parameters={self.patterns!r}): analyze takes its final value at every snapshot, so its share of "
+                f"{moved[0]!r}{f' (and {len(moved) - 1} more)' if len(moved) > 1 else ''} changed during training but "
+                "was not "
+                f"recorded (parameters={self.patterns!r}): analyze takes its final value at every snapshot, so its "
+                "share of "
                 "the loss change ends up in the residual. Record it too, or freeze it.",
                 stacklevel=3,
             )
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> Recorder:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb):
@@ -125,7 +143,10 @@ class Recorder(Trajectory):
         if self.patterns is not None:
             state = {k: v for k, v in state.items() if any(fnmatch.fnmatchcase(k, p) for p in self.patterns)}
             if not state:
-                raise ValueError(f"parameters={self.patterns!r} match none of the model's tensors: {', '.join(self.model.state_dict())}")
+                raise ValueError(
+                    f"parameters={self.patterns!r} match none of the model's tensors: "
+                    f"{', '.join(self.model.state_dict())}"
+                )
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
     @torch.no_grad()
@@ -147,11 +168,17 @@ class Recorder(Trajectory):
     def _check_layout(self, state):
         names = [e["name"] for e in self._layout]
         if list(state) != names:
-            raise RecordingError(f"the model's tensors changed during recording (now {list(state)[:5]}, first {names[:5]}); record one model")
+            raise RecordingError(
+                f"the model's tensors changed during recording (now {list(state)[:5]}, first {names[:5]}); record one "
+                "model"
+            )
         for e in self._layout:
             t = state[e["name"]]
             if list(t.shape) != e["shape"] or str(t.dtype).removeprefix("torch.") != e["dtype"]:
-                raise RecordingError(f"tensor {e['name']!r} changed from {e['dtype']}{e['shape']} to {t.dtype}{list(t.shape)} during recording")
+                raise RecordingError(
+                    f"tensor {e['name']!r} changed from {e['dtype']}{e['shape']} to {t.dtype}{list(t.shape)} during "
+                    "recording"
+                )
 
     def _stop_writer(self):
         if self._writer is not None:
@@ -164,12 +191,12 @@ class Recorder(Trajectory):
 
     # -- the Trajectory protocol ----------------------------------------------------------------
     @property
-    def subset(self) -> bool:
+    def subset(self) -> bool:  # type: ignore[override]
         """Recorded with ``parameters=``: the other tensors stayed fixed and are taken from the model."""
         return self.patterns is not None
 
     @property
-    def steps(self) -> list[int]:
+    def steps(self) -> list[int]:  # type: ignore[override]
         """The optimizer step after which each snapshot was taken (0: before the first step)."""
         return list(self._steps)
 
@@ -190,7 +217,8 @@ class Recorder(Trajectory):
 
     def __repr__(self):
         where = f"to {self.path!r}" if self.path else "in memory"
-        return f"<Recorder {where}: {len(self)} snapshots, every {self.every} step(s), {'recording' if self._handles else 'stopped'}>"
+        state = "recording" if self._handles else "stopped"
+        return f"<Recorder {where}: {len(self)} snapshots, every {self.every} step(s), {state}>"
 
 
 class _Writer:
@@ -201,7 +229,7 @@ class _Writer:
         nbytes = sum(getattr(torch, e["dtype"]).itemsize * _numel(e["shape"]) for e in layout)
         self.queue: queue.Queue = queue.Queue(maxsize=max(2, min(16, _QUEUE_BYTES // max(nbytes, 1))))
         self.error: BaseException | None = None
-        self.failed_at = None
+        self.failed_at: tuple[int, int] = (-1, -1)
         self.thread = threading.Thread(target=self._run, name="lca-record-writer", daemon=True)
         self.thread.start()
 
@@ -215,7 +243,7 @@ class _Writer:
                     index, step, packed = item
                     try:
                         self.writer.append(step, packed)
-                    except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                    except BaseException as exc:
                         self.error, self.failed_at = exc, (index, step)
             finally:
                 self.queue.task_done()
@@ -224,7 +252,8 @@ class _Writer:
         if self.error is not None:
             index, step = self.failed_at
             raise RecordingError(
-                f"recording to {self.writer.path!r} failed at snapshot {index} (step {step}): {type(self.error).__name__}: {self.error}. "
+                f"recording to {self.writer.path!r} failed at snapshot {index} (step {step}): "
+                f"{type(self.error).__name__}: {self.error}. "
                 f"Snapshots 0..{self.writer.n - 1} are saved there; free disk space or record to another path."
             ) from self.error
 
@@ -237,7 +266,7 @@ class _Writer:
             except queue.Full:
                 self._raise()
                 if not self.thread.is_alive():
-                    raise RecordingError(f"the writer of {self.writer.path!r} stopped unexpectedly")
+                    raise RecordingError(f"the writer of {self.writer.path!r} stopped unexpectedly") from None
 
     def drain(self):
         if self.thread.is_alive():
@@ -259,7 +288,15 @@ def _numel(shape):
     return n
 
 
-def record(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path=None, every: int = 1, parameters=None, *, overwrite: bool = False) -> Recorder:
+def record(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path=None,
+    every: int = 1,
+    parameters=None,
+    *,
+    overwrite: bool = False,
+) -> Recorder:
     """Record the trajectory of ``model`` as ``optimizer`` trains it; use it as a context manager.
 
     Snapshots (the ``state_dict``: parameters and buffers) are taken on entering (before the

@@ -103,7 +103,8 @@ class LCAResult:
         a = self.attrs
         res = np.abs(np.asarray(self.residual.values)) if self.n_iterations else np.zeros(1)
         return (
-            f"<LCAResult: {self.n_iterations} iterations x {self.n_parameters} parameters in {len(self.layers)} layers, "
+            f"<LCAResult: {self.n_iterations} iterations x {self.n_parameters} parameters in {len(self.layers)} "
+            "layers, "
             f"method={a.get('method')}, loss {float(self.loss[0]):.4g} -> {float(self.loss[-1]):.4g}, "
             f"max |residual| {res.max():.2e}>"
         )
@@ -170,7 +171,11 @@ class LCAResult:
             if name in self.dataset:  # a stored result keeps them (rows are read on demand)
                 self._prefix_cache[by] = self.dataset[name].data
             else:
-                bys = ("parameter",) if by == "parameter" else tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
+                bys = (
+                    ("parameter",)
+                    if by == "parameter"
+                    else tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
+                )
                 arrays = {b: np.zeros((self.n_iterations + 1, len(self.groups.labels(b)))) for b in bys}
                 for t0, block in self._blocks():
                     for b, sums in self.groups.sums(block, bys).items():
@@ -231,7 +236,12 @@ class LCAResult:
         It differs from ``loss`` by the cumulative residual."""
         per_it = np.diff(np.asarray(self.prefix("total"))[:, 0]) + np.asarray(self.lca_rest.values, dtype=np.float64)
         values = float(self.loss[0]) + np.concatenate([[0.0], np.cumsum(per_it)])
-        return xr.DataArray(values, dims=["checkpoint"], coords={"checkpoint": self.loss["checkpoint"].values}, name="reconstructed_loss")
+        return xr.DataArray(
+            values,
+            dims=["checkpoint"],
+            coords={"checkpoint": self.loss["checkpoint"].values},
+            name="reconstructed_loss",
+        )
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path) -> str:
@@ -254,7 +264,7 @@ class LCAResult:
         return path
 
     @staticmethod
-    def example() -> "LCAResult":
+    def example() -> LCAResult:
         """A tiny hand-made result (3 iterations, 2 layers) for docs and experiments."""
         lca = np.array(
             [[-0.2, -0.1, 0.0, 0.1, -0.05, 0.05], [-0.1, -0.1, 0.0, 0.05, 0.0, 0.0], [0.0, -0.1, 0.0, 0.0, 0.0, 0.05]],
@@ -270,7 +280,9 @@ class LCAResult:
         return from_arrays(lca, loss, coords, attrs={"method": "example"})
 
 
-def from_arrays(lca, loss, coords, *, residual=None, lca_rest=None, splits=None, evaluations=None, steps=None, attrs=None) -> LCAResult:
+def from_arrays(
+    lca, loss, coords, *, residual=None, lca_rest=None, splits=None, evaluations=None, steps=None, attrs=None
+) -> LCAResult:
     """Build an :class:`LCAResult` from plain arrays (``coords``: tensor, layer, unit, index per parameter)."""
     lca = np.asarray(lca)
     loss = np.asarray(loss, dtype=np.float64)
@@ -287,13 +299,19 @@ def from_arrays(lca, loss, coords, *, residual=None, lca_rest=None, splits=None,
             "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
             "lca_rest": (("iteration",), rest),
             "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
-            "evaluations": (("iteration",), np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32)),
+            "evaluations": (
+                ("iteration",),
+                np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
+            ),
         },
         coords={
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
             "parameter": np.arange(p),
-            **{k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64)) for k in ("tensor", "layer", "unit", "index")},
+            **{
+                k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
+                for k in ("tensor", "layer", "unit", "index")
+            },
         },
         attrs=dict(attrs or {}),
     )

@@ -60,13 +60,19 @@ def open_path(path) -> Trajectory:
             if kind == "result":
                 raise ValueError(f"{path!r} is an LCA result store, not a trajectory: lca.open(path) opens it")
             return RecordedTrajectory(path)
-        files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(SUFFIXES) and os.path.isfile(os.path.join(path, f))]
+        files = [
+            os.path.join(path, f)
+            for f in os.listdir(path)
+            if f.endswith(SUFFIXES) and os.path.isfile(os.path.join(path, f))
+        ]
         # Lightning's last.ckpt copies the newest checkpoint: read beside it, it would add an iteration of length 0.
         copies = [f for f in files if re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(f))]
         if copies and len(copies) < len(files):
             files = [f for f in files if f not in copies]
         if not files:
             listing = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
-            raise ValueError(f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}); it has: {listing}")
+            raise ValueError(
+                f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}); it has: {listing}"
+            )
         return CheckpointFiles(files)
     return CheckpointFiles([path])

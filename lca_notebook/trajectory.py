@@ -8,8 +8,7 @@ that read files build on it (:mod:`lca_notebook.sources` turns anything a user p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -53,11 +52,11 @@ class Trajectory(Sequence):
         return snap
 
     @staticmethod
-    def from_list(snapshots: Sequence[Mapping[str, torch.Tensor]], steps: Sequence[int] | None = None) -> "Trajectory":
+    def from_list(snapshots: Sequence[Mapping[str, torch.Tensor]], steps: Sequence[int] | None = None) -> Trajectory:
         return SnapshotList(snapshots, steps)
 
     @staticmethod
-    def from_callable(load: Callable[[int], Mapping[str, torch.Tensor]], length: int, steps=None) -> "Trajectory":
+    def from_callable(load: Callable[[int], Mapping[str, torch.Tensor]], length: int, steps=None) -> Trajectory:
         """Snapshots made on demand: ``load(k)`` returns snapshot k, for k in ``range(length)``."""
         return CallableTrajectory(load, length, steps)
 

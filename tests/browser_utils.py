@@ -18,8 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "example_notebooks"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -31,9 +37,15 @@ def python3_kernel() -> str:
     needs_install = "python3" not in ksm.find_kernel_specs()
     if not needs_install:
         argv0 = ksm.get_kernel_spec("python3").argv[0]
-        needs_install = argv0 not in ("python", "python3", "{python}") and os.path.realpath(argv0) != os.path.realpath(sys.executable)
+        needs_install = argv0 not in ("python", "python3", "{python}") and os.path.realpath(argv0) != os.path.realpath(
+            sys.executable
+        )
     if needs_install:
-        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+            check=True,
+            capture_output=True,
+        )
     return "python3"
 
 
@@ -63,19 +75,30 @@ class JupyterLab:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "JupyterLab":
+    def __enter__(self) -> JupyterLab:
         python3_kernel()
         self._log = open(self.log_path, "w")
         cmd = [
-            sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", f"--port={self.port}", "--ip=127.0.0.1",
-            f"--ServerApp.token={self.token}", f"--ServerApp.root_dir={self.root}", "--ServerApp.open_browser=False",
-            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--allow-root",
+            "--no-browser",
+            f"--port={self.port}",
+            "--ip=127.0.0.1",
+            f"--ServerApp.token={self.token}",
+            f"--ServerApp.root_dir={self.root}",
+            "--ServerApp.open_browser=False",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=kernel_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with {self.proc.returncode}; its log:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"JupyterLab exited with {self.proc.returncode}; its log:\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/api/status?token={self.token}", timeout=2) as resp:
                     if resp.status == 200:

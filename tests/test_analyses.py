@@ -14,7 +14,7 @@ from lca_notebook.result import from_arrays
 def make(lca_rows, layers, *, loss=None, units=None):
     """A result with one tensor per layer (``<layer>.weight``) from an (iteration, parameter) array."""
     lca_rows = np.asarray(lca_rows, dtype=np.float64)
-    t, p = lca_rows.shape
+    _t, p = lca_rows.shape
     if loss is None:  # exact: the loss changes by the sum of LCA, residual 0
         loss = 1.0 + np.concatenate([[0.0], np.cumsum(lca_rows.sum(axis=1))])
     index = np.zeros(p, dtype=int)
@@ -188,7 +188,12 @@ def _oscillating_run(t=7):
     r = from_arrays(
         rows,
         1.0 + np.concatenate([[0.0], np.cumsum(rows.sum(axis=1))]),
-        {"tensor": ["osc.w", "steady.w", "steady.w"], "layer": ["osc", "steady", "steady"], "unit": [0, 0, 1], "index": [0, 0, 1]},
+        {
+            "tensor": ["osc.w", "steady.w", "steady.w"],
+            "layer": ["osc", "steady", "steady"],
+            "unit": [0, 0, 1],
+            "index": [0, 0, 1],
+        },
     )
     snaps = [{"osc.w": torch.tensor(th[:1]), "steady.w": torch.tensor(th[1:])} for th in theta]
     return r, snaps
@@ -211,7 +216,7 @@ def test_a_parameter_that_alternates_every_step_oscillates_fully():
 
 def test_oscillation_counts_across_block_boundaries(monkeypatch):
     monkeypatch.setattr(analyses, "_ROWS", 2)  # blocks of 2 iterations: every other flip crosses a boundary
-    r, snaps = _oscillating_run(t=9)
+    r, _snaps = _oscillating_run(t=9)
     assert analyses.oscillation(r)["lca_flip_rate"].sel(layer="osc").item() == 1.0
 
 
@@ -219,7 +224,9 @@ def test_oscillation_reads_parameters_by_name_and_index():
     # Reversed index order: the result's parameter 0 is the tensor's element 1.
     rows = np.array([[0.1, -0.1], [-0.1, -0.1], [0.1, -0.1]])
     theta = [np.array([0.0, 0.0]), np.array([1.0, 1.0]), np.array([2.0, 0.0]), np.array([3.0, 1.0])]
-    r = from_arrays(rows, [1, 1, 0.8, 0.8], {"tensor": ["w", "w"], "layer": ["p", "q"], "unit": [1, 0], "index": [1, 0]})
+    r = from_arrays(
+        rows, [1, 1, 0.8, 0.8], {"tensor": ["w", "w"], "layer": ["p", "q"], "unit": [1, 0], "index": [1, 0]}
+    )
     snaps = [{"w": torch.tensor(th)} for th in theta]
     o = analyses.oscillation(r, snaps)
     assert o["reversal_rate"].values.tolist() == [1.0, 0.0]  # element 1 zigzags, element 0 climbs
@@ -336,5 +343,12 @@ def test_analyses_agree_on_a_stored_result_opened_lazily(tmp_path):
         (analyses.synchrony(memory, n_permutations=50), analyses.synchrony(stored, n_permutations=50)),
     ]:
         for name in a.data_vars:
-            np.testing.assert_allclose(np.asarray(a[name].values, float), np.asarray(b[name].values, float), rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(analyses.per_window(memory, windows=4).values, analyses.per_window(stored, windows=4).values, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(
+                np.asarray(a[name].values, float), np.asarray(b[name].values, float), rtol=1e-5, atol=1e-7, err_msg=name
+            )
+    np.testing.assert_allclose(
+        analyses.per_window(memory, windows=4).values,
+        analyses.per_window(stored, windows=4).values,
+        rtol=1e-5,
+        atol=1e-7,
+    )

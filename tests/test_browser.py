@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
@@ -27,7 +26,9 @@ SUMMARY = re.compile(r"iterations \[(\d+), (\d+)\)")
 def lab_page(tmp_path_factory):
     """(JupyterLab server, Playwright page) with the quickstart notebook in the server's root."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run the browser test")
+        pytest.skip(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium) to run the browser test"
+        )
     sync_api = pytest.importorskip("playwright.sync_api")
     root = tmp_path_factory.mktemp("lab")
     copy_notebook("01_quickstart.ipynb", root)
@@ -88,7 +89,11 @@ def _open_and_run_all(lab, page):
     # JupyterLab renders off-screen outputs lazily: wait for attachment, then scroll into view
     page.wait_for_selector("div.bqplot.figure", state="attached", timeout=300_000)
     page.locator(".lca-explorer").first.scroll_into_view_if_needed()
-    _wait_for(page, lambda: page.locator("div.bqplot.figure").count() == 6 and _loss_points(page) > 1, "six figures and a drawn loss line")
+    _wait_for(
+        page,
+        lambda: page.locator("div.bqplot.figure").count() == 6 and _loss_points(page) > 1,
+        "six figures and a drawn loss line",
+    )
 
 
 def test_run_all_then_move_the_iteration_slider(lab_page):
@@ -122,7 +127,9 @@ def test_run_all_then_move_the_iteration_slider(lab_page):
     start, stop = _wait_for(page, lambda: _stable_summary(page), "the explorer to settle after the drag")
     assert start == 10
     assert _readout(page) == f"{start} – {stop}"
-    _wait_for(page, lambda: _loss_points(page) == stop - start + 1, f"{stop - start + 1} checkpoints drawn after the drag")
+    _wait_for(
+        page, lambda: _loss_points(page) == stop - start + 1, f"{stop - start + 1} checkpoints drawn after the drag"
+    )
     page.locator(".lca-explorer").first.screenshot(path=str(ARTIFACTS / "explorer.png"))
 
 
@@ -143,7 +150,11 @@ def test_export_figures_from_the_browser(lab_page):
         field.press("Enter")
         page.locator(".lca-explorer button", has_text="Export").first.click()
         names = [f"figures_{n}{ext}" for n in ("loss", "fractions", "cumulative", "layers", "heatmap", "histogram")]
-        _wait_for(page, lambda: all((root / n).exists() and (root / n).stat().st_size > 0 for n in names), f"the six {ext} files in {root}")
+        _wait_for(
+            page,
+            lambda names=names: all((root / n).exists() and (root / n).stat().st_size > 0 for n in names),
+            f"the six {ext} files in {root}",
+        )
         for n in names:
             assert (root / n).read_bytes().lstrip()[:8].startswith(magic) or magic in (root / n).read_bytes()[:200], n
         shutil.copy(root / names[0], ARTIFACTS / names[0])
@@ -161,16 +172,27 @@ def test_hover_a_bar_for_its_value_then_click_it_to_choose_the_layer(lab_page):
     bar.hover()
     # bqplot puts tooltips in a layer of its own, shown (opacity > 0) while the pointer is on the mark
     tooltips = page.locator(".bqplot_mark_tooltip", has_text="LCA helped")
-    text = _wait_for(page, lambda: next((t for t in tooltips.all_inner_texts() if "fc2" in t), None), "a tooltip naming fc2 and its LCA")
+    text = _wait_for(
+        page,
+        lambda: next((t for t in tooltips.all_inner_texts() if "fc2" in t), None),
+        "a tooltip naming fc2 and its LCA",
+    )
     value = float(re.search(r"(-?\d+(\.\d+)?(e-?\d+)?)", text.split("fc2", 1)[1]).group(1))
     assert value < 0  # the helped bar: summed negative LCA
     bar.click()
-    _wait_for(page, lambda: "fc2, by parameter" in page.locator(".lca-summary").first.inner_text(), "the summary to name fc2 after the click")
+    _wait_for(
+        page,
+        lambda: "fc2, by parameter" in page.locator(".lca-summary").first.inner_text(),
+        "the summary to name fc2 after the click",
+    )
     assert page.locator(".lca-explorer select").first.input_value() == "fc2"
     assert page.locator(".lca-figure-heatmap .mainheading").first.text_content().startswith("fc2:")
     assert _summary(page) == (start, stop)  # choosing a layer keeps the range
     # the tooltip's exact number is the sum over fc2's parameters that helped: show only those
     page.locator(".lca-explorer .widget-toggle-button", has_text=re.compile(r"^helped$")).first.click()
-    summary = _wait_for(page, lambda: (t := page.locator(".lca-summary").first.inner_text()) and "fc2, by parameter, helped" in t and t,
-                        "the summary of fc2's helping parameters")
+    summary = _wait_for(
+        page,
+        lambda: (t := page.locator(".lca-summary").first.inner_text()) and "fc2, by parameter, helped" in t and t,
+        "the summary of fc2's helping parameters",
+    )
     assert float(re.search(r"sum ([-+]?\d+\.\d+(e-?\d+)?)\s*$", summary).group(1)) == pytest.approx(value, rel=1e-5)

@@ -73,7 +73,7 @@ def test_a_list_of_files_keeps_its_order_and_a_shuffled_numbered_list_is_refused
     d = tmp_path / "named"
     d.mkdir()
     names = ["init.pt", "middle.pt", "final.pt"]  # training order, not alphabetical
-    for name, k in zip(names, (0, 3, 20)):
+    for name, k in zip(names, (0, 3, 20), strict=False):
         torch.save(snaps[k], d / name)
     got = lca.analyze(model, (x, y), [d / n for n in names], method="simpson", progress=False)
     ref = lca.analyze(model, (x, y), [snaps[0], snaps[3], snaps[20]], method="simpson", progress=False)
@@ -154,7 +154,9 @@ def test_lightnings_last_ckpt_is_not_read_twice(run, tmp_path):
     d.mkdir()
     for k, step in enumerate(STEPS):
         torch.save({"state_dict": snaps[step], "epoch": k}, d / f"epoch={k}-step={step}.ckpt")
-    torch.save({"state_dict": snaps[STEPS[-1]], "epoch": len(STEPS) - 1}, d / "last.ckpt")  # Lightning's copy of the newest
+    torch.save(
+        {"state_dict": snaps[STEPS[-1]], "epoch": len(STEPS) - 1}, d / "last.ckpt"
+    )  # Lightning's copy of the newest
     traj = open_path(d)
     assert traj.steps == STEPS
     result = lca.analyze(model, (x, y), d, method="simpson", progress=False)

@@ -36,7 +36,9 @@ def run(request):
     model = getattr(models, request.param)(seed=0)
     # lr 0.05 for the MLP, 0.02 for the CNN: at 0.05 the CNN's loss spikes once (0.57 -> 0.74 in one step), a
     # jump plain Simpson misses by 3e-3; adaptive handles it (test below), the fixed-rule test wants smooth steps.
-    snaps = models.train(model, (x, y), steps=300 if not image else 200, lr=0.02 if image else 0.05, momentum=0.9, seed=0)
+    snaps = models.train(
+        model, (x, y), steps=300 if not image else 200, lr=0.02 if image else 0.05, momentum=0.9, seed=0
+    )
     return request.param, model, x, y, snaps
 
 
@@ -56,7 +58,9 @@ def test_simpson_residuals_are_small_and_far_below_first_order(run):
     # The loss really went down, and the rebuilt curve follows it to the cumulative residual.
     assert simpson.loss.values[-1] < 0.5 * simpson.loss.values[0]
     rebuilt = simpson.reconstructed_loss().values
-    np.testing.assert_allclose(rebuilt - simpson.loss.values, np.concatenate([[0], np.cumsum(simpson.residual.values)]), atol=1e-4)
+    np.testing.assert_allclose(
+        rebuilt - simpson.loss.values, np.concatenate([[0], np.cumsum(simpson.residual.values)]), atol=1e-4
+    )
 
 
 def test_per_parameter_lca_equals_plain_autograd(run):
@@ -68,11 +72,14 @@ def test_per_parameter_lca_equals_plain_autograd(run):
         got = result.lca.values[t]
         scale = np.abs(expected).max()
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * scale, err_msg=f"{name} iteration {t}")
-        assert np.sign(got[np.abs(expected) > 0.05 * scale]).tolist() == np.sign(expected[np.abs(expected) > 0.05 * scale]).tolist()
+        assert (
+            np.sign(got[np.abs(expected) > 0.05 * scale]).tolist()
+            == np.sign(expected[np.abs(expected) > 0.05 * scale]).tolist()
+        )
 
 
 def test_adaptive_reaches_tol_or_says_it_hit_max_splits(run):
-    name, model, x, y, snaps = run
+    _name, model, x, y, snaps = run
     tol = 2e-5  # tighter than plain Simpson reaches on every iteration, so some iterations split
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

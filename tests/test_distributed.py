@@ -15,9 +15,9 @@ from torch import nn
 
 import lca_notebook as lca
 from lca_notebook import models
+from lca_notebook.distributed import Sharding, plan_shards
 from lca_notebook.storage import results as store_mod
 from lca_notebook.storage.files import read_attrs
-from lca_notebook.distributed import Sharding, plan_shards
 from lca_notebook.trajectory import Trajectory
 
 distributed = pytest.importorskip("dask.distributed")
@@ -25,8 +25,17 @@ distributed = pytest.importorskip("dask.distributed")
 T = 48
 CHUNK = 8  # iterations per store chunk here: 6 shards of one chunk each
 VARIABLES = (
-    "lca", "loss", "residual", "lca_rest", "splits", "evaluations",
-    "prefix_parameter", "prefix_unit", "prefix_tensor", "prefix_layer", "prefix_total",
+    "lca",
+    "loss",
+    "residual",
+    "lca_rest",
+    "splits",
+    "evaluations",
+    "prefix_parameter",
+    "prefix_unit",
+    "prefix_tensor",
+    "prefix_layer",
+    "prefix_total",
 )
 
 # The trajectories and models defined below travel to the workers by value (the workers cannot import tests/).
@@ -77,7 +86,14 @@ def _n_shards(path):
 
 
 def test_plan_covers_every_iteration_once_in_whole_chunks():
-    for t, chunk, size, threads in [(48, 8, None, 2), (50, 8, None, 2), (200, 64, None, 2), (1000, 16, None, 2), (50, 8, 20, 1), (7, 8, None, 4)]:
+    for t, chunk, size, threads in [
+        (48, 8, None, 2),
+        (50, 8, None, 2),
+        (200, 64, None, 2),
+        (1000, 16, None, 2),
+        (50, 8, 20, 1),
+        (7, 8, None, 4),
+    ]:
         plan = plan_shards(t, chunk, size, threads)
         assert [a for a, _ in plan] == [0] + [b for _, b in plan[:-1]] and plan[-1][1] == t
         assert all(a % chunk == 0 for a, _ in plan)
@@ -126,10 +142,20 @@ def test_checkpoint_files_batchnorm_and_parameter_subset(client, run, tmp_path):
         torch.save({"model": s}, files[-1])
     options = dict(method="simpson", parameters=["fc1.*", "bn.*"], batch_size=500)
     lca.analyze(BNNet(), (x, y), files, store=tmp_path / "single", progress=False, **options)
-    lca.analyze(BNNet(), (x, y), files, client=Sharding(client, shard_iterations=16), store=tmp_path / "sharded", progress=False, **options)
+    lca.analyze(
+        BNNet(),
+        (x, y),
+        files,
+        client=Sharding(client, shard_iterations=16),
+        store=tmp_path / "sharded",
+        progress=False,
+        **options,
+    )
     for name in VARIABLES:
         a = zarr.open_array(str(tmp_path / "sharded"), path=name, mode="r")[:]
-        np.testing.assert_array_equal(a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name)
+        np.testing.assert_array_equal(
+            a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name
+        )
     attrs = read_attrs(str(tmp_path / "sharded"))
     assert attrs["shards"]["bounds"] == [[0, 16], [16, 21]]
     assert attrs["gradient_evaluations"] == 2 * 21 + 2  # Simpson: 2T, plus each shard's first snapshot
@@ -144,11 +170,17 @@ def test_recorder_store_travels_as_a_path(client, run, tmp_path):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[i * 50 : i * 50 + 200]), y[i * 50 : i * 50 + 200]).backward()
             opt.step()
-    lca.analyze(models.mlp(), (x, y), tmp_path / "run.zarr", store=tmp_path / "single", method="trapezoid", progress=False)
-    got = lca.analyze(models.mlp(), (x, y), rec, store=tmp_path / "sharded", method="trapezoid", client=client, progress=False)
+    lca.analyze(
+        models.mlp(), (x, y), tmp_path / "run.zarr", store=tmp_path / "single", method="trapezoid", progress=False
+    )
+    got = lca.analyze(
+        models.mlp(), (x, y), rec, store=tmp_path / "sharded", method="trapezoid", client=client, progress=False
+    )
     for name in VARIABLES:
         a = zarr.open_array(str(tmp_path / "sharded"), path=name, mode="r")[:]
-        np.testing.assert_array_equal(a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name)
+        np.testing.assert_array_equal(
+            a, zarr.open_array(str(tmp_path / "single"), path=name, mode="r")[:], err_msg=name
+        )
     assert got.attrs["gradient_evaluations"] == 19 + 3  # trapezoid: T, plus each shard's first snapshot
     assert list(got.dataset["step"].values) == list(range(20))
 
@@ -208,7 +240,14 @@ def test_a_worker_killed_mid_shard_gives_the_same_store(client, run, tmp_path):
     pids = set(client.run(os.getpid).values())
     marker = tmp_path / "killed"
     # Snapshot 21 is read in the middle of shard [16, 24): rows 16..20 were computed when the worker died.
-    lca.analyze(models.mlp(), (x, y), KillOnce(snaps, 21, marker), client=Sharding(client, retries=0), store=tmp_path / "sharded", progress=False)
+    lca.analyze(
+        models.mlp(),
+        (x, y),
+        KillOnce(snaps, 21, marker),
+        client=Sharding(client, retries=0),
+        store=tmp_path / "sharded",
+        progress=False,
+    )
     killed = int(marker.read_text())
     assert killed in pids  # a worker of this cluster really died ...
     client.wait_for_workers(2, timeout=60)
@@ -256,7 +295,15 @@ def test_a_run_without_client_finishes_a_half_sharded_store(client, run, tmp_pat
     marker.write_text("")
     path = tmp_path / "sharded"
     with pytest.raises(OSError):
-        lca.analyze(models.mlp(), (x, y), FailWhile(snaps, 35, marker), client=Sharding(client, retries=0), store=path, method="simpson", progress=False)
+        lca.analyze(
+            models.mlp(),
+            (x, y),
+            FailWhile(snaps, 35, marker),
+            client=Sharding(client, retries=0),
+            store=path,
+            method="simpson",
+            progress=False,
+        )
     assert read_attrs(str(path))["completed_iterations"] == 32
     lca.analyze(models.mlp(), (x, y), snaps, store=path, method="simpson", progress=False)  # plain StoreSink resume
     _assert_same_store(path, want)
@@ -273,7 +320,9 @@ def test_refusals_name_the_culprit_and_create_nothing(client, run, tmp_path):
             return nn.functional.cross_entropy(out, target)
 
     with pytest.raises(TypeError, match="loss_fn .*locked_loss.* cannot be sent to the Dask workers"):
-        lca.analyze(models.mlp(), (x, y), snaps, client=client, store=tmp_path / "s", loss_fn=locked_loss, progress=False)
+        lca.analyze(
+            models.mlp(), (x, y), snaps, client=client, store=tmp_path / "s", loss_fn=locked_loss, progress=False
+        )
     assert not (tmp_path / "s").exists()
     with pytest.raises(TypeError, match="client must be a dask.distributed.Client"):
         lca.analyze(models.mlp(), (x, y), snaps, client="tcp://127.0.0.1:8786", store=tmp_path / "s", progress=False)
@@ -287,7 +336,9 @@ def test_a_shard_that_kills_every_worker_is_named_and_the_rest_is_kept(client, r
     call = dict(client=Sharding(client, retries=0), store=path, method="simpson", progress=False)
     with pytest.raises(OSError):  # every shard but [32, 40) computed first, so only that one is on the dying workers
         lca.analyze(models.mlp(), (x, y), FailWhile(snaps, 35, marker), **call)
-    with pytest.raises(RuntimeError, match=r"iterations 32\.\.39 \(compute\) was running on every worker that died") as info:
+    with pytest.raises(
+        RuntimeError, match=r"iterations 32\.\.39 \(compute\) was running on every worker that died"
+    ) as info:
         lca.analyze(models.mlp(), (x, y), KillAlways(snaps, 35, None), **call)
     assert isinstance(info.value.__cause__, distributed.KilledWorker)
     attrs = read_attrs(str(path))
@@ -299,5 +350,15 @@ def test_a_shard_that_kills_every_worker_is_named_and_the_rest_is_kept(client, r
 def test_adaptive_stuck_at_max_splits_warns_at_the_callers_line(client, run, tmp_path):
     x, y, snaps = run
     with pytest.warns(UserWarning, match=r"hit max_splits=1 with \|residual\| > tol=1e-12") as caught:
-        lca.analyze(models.mlp(), (x, y), snaps[:9], method="adaptive", tol=1e-12, max_splits=1, client=client, store=tmp_path / "s", progress=False)
+        lca.analyze(
+            models.mlp(),
+            (x, y),
+            snaps[:9],
+            method="adaptive",
+            tol=1e-12,
+            max_splits=1,
+            client=client,
+            store=tmp_path / "s",
+            progress=False,
+        )
     assert [w.filename for w in caught if "max_splits" in str(w.message)] == [__file__]

@@ -1,5 +1,7 @@
 """LCA against closed forms: on a quadratic loss the trapezoid and Simpson rules are exact."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,7 @@ def _closed_form(x, y, snaps):
         return np.concatenate([th[:5].T.reshape(-1), th[5]])
 
     rows, losses = [], [loss(theta(snaps[0]))]
-    for a, b in zip(snaps[:-1], snaps[1:]):
+    for a, b in itertools.pairwise(snaps):
         ta, tb = theta(a), theta(b)
         rows.append(flat(tb - ta) * flat((grad(ta) + grad(tb)) / 2))
         losses.append(loss(tb))
@@ -53,7 +55,9 @@ def _closed_form(x, y, snaps):
 @pytest.mark.parametrize("method", ["trapezoid", "simpson", "adaptive"])
 def test_quadratic_loss_is_allocated_exactly(method):
     model, x, y, snaps = _quadratic_problem()
-    result = lca.analyze(model, (x, y), snaps, loss_fn=torch.nn.functional.mse_loss, method=method, tol=1e-12, progress=False)
+    result = lca.analyze(
+        model, (x, y), snaps, loss_fn=torch.nn.functional.mse_loss, method=method, tol=1e-12, progress=False
+    )
     expected, losses = _closed_form(x, y, snaps)
     assert result.lca.dtype == np.float64
     np.testing.assert_allclose(result.loss.values, losses, rtol=0, atol=1e-12)
@@ -66,7 +70,9 @@ def test_quadratic_loss_is_allocated_exactly(method):
 
 def test_first_order_is_not_exact_on_a_quadratic():
     model, x, y, snaps = _quadratic_problem()
-    result = lca.analyze(model, (x, y), snaps, loss_fn=torch.nn.functional.mse_loss, method="first_order", progress=False)
+    result = lca.analyze(
+        model, (x, y), snaps, loss_fn=torch.nn.functional.mse_loss, method="first_order", progress=False
+    )
     assert np.abs(result.residual.values).max() > 1e-6
 
 
@@ -80,9 +86,11 @@ def test_adaptive_weights_match_composite_simpson():
     y = torch.randint(0, 2, (40,))
     model = torch.nn.Linear(3, 2).double()
     snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
-    for step in range(3):  # large, jagged steps make Simpson's residual large
+    for _step in range(3):  # large, jagged steps make Simpson's residual large
         snaps.append({k: v + torch.randn_like(v) * 3 for k, v in snaps[-1].items()})
-    with pytest.warns(UserWarning, match=r"hit max_splits=8 with \|residual\| > tol=1e-09 on \d of 3 iterations") as caught:
+    with pytest.warns(
+        UserWarning, match=r"hit max_splits=8 with \|residual\| > tol=1e-09 on \d of 3 iterations"
+    ) as caught:
         result = lca.analyze(model, (x, y), snaps, method="adaptive", tol=1e-9, max_splits=8, progress=False)
     assert [w.filename for w in caught if "max_splits" in str(w.message)] == [__file__]  # points at the caller
     assert result.splits.values.max() > 1
@@ -92,7 +100,7 @@ def test_adaptive_weights_match_composite_simpson():
         a = torch.cat([snaps[t][k].reshape(-1) for k in ("weight", "bias")])
         d = torch.cat([snaps[t + 1][k].reshape(-1) for k in ("weight", "bias")]) - a
         avg = torch.zeros_like(a)
-        for sj, wj in zip(s, w):
+        for sj, wj in zip(s, w, strict=False):
             p = (a + float(sj) * d).requires_grad_()
             out = x @ p[:6].view(2, 3).T + p[6:]
             (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), p)

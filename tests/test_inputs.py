@@ -46,13 +46,12 @@ def test_data_forms_give_the_same_lca(small):
     assert as_loader.attrs["n_samples"] == 101
 
 
-
 class _Stream(torch.utils.data.IterableDataset):
     def __init__(self, x, y):
         self.x, self.y = x, y
 
     def __iter__(self):
-        return iter(zip(self.x, self.y))
+        return iter(zip(self.x, self.y, strict=False))
 
 
 def test_more_data_forms_give_the_same_lca(small):
@@ -68,7 +67,11 @@ def test_more_data_forms_give_the_same_lca(small):
     np.testing.assert_allclose(as_dicts.lca.values, ref_even.lca.values, rtol=2e-4, atol=1e-7)
     # Whole data with a tuple of targets (two heads' labels), the loss using both.
     two_heads = lca.analyze(
-        model, (x, (y, y)), snaps, method="simpson", progress=False,
+        model,
+        (x, (y, y)),
+        snaps,
+        method="simpson",
+        progress=False,
         loss_fn=lambda out, t: nn.functional.cross_entropy(out, t[0]) + nn.functional.cross_entropy(out, t[1]),
     )
     as_stream = lca.analyze(model, stream, snaps, method="simpson", progress=False)
@@ -178,7 +181,7 @@ def test_bad_snapshots_name_the_culprit(small):
     renamed = [dict(s) for s in snaps]
     renamed[3] = {("0.W" if k == "0.weight" else k): v for k, v in renamed[3].items()}
     _raises(r"snapshot 3 has no tensor '0.weight'", model, (x, y), renamed)
-    _raises(r"holds tensors the model does not have: 0.W", model, (x, y), [renamed[3]] + renamed[:3])
+    _raises(r"holds tensors the model does not have: 0.W", model, (x, y), [renamed[3], *renamed[:3]])
     reshaped = [dict(s) for s in snaps]
     reshaped[2]["2.bias"] = torch.zeros(4)
     _raises(r"snapshot 2: tensor '2.bias' has shape \(4,\), expected \(3,\)", model, (x, y), reshaped)
@@ -199,7 +202,13 @@ def test_bad_data_and_options_are_refused(small):
     _raises(r"data is empty", model, [], snaps)
     _raises(r"inputs have 101 rows but targets have 100", model, (x, y[:100]), snaps)
     _raises(r"data batch 1 is a int", model, [(x, y), 3], snaps)
-    _raises(r"loss_fn must return a scalar.*\(101,\)", model, (x, y), snaps, loss_fn=lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"))
+    _raises(
+        r"loss_fn must return a scalar.*\(101,\)",
+        model,
+        (x, y),
+        snaps,
+        loss_fn=lambda o, t: nn.functional.cross_entropy(o, t, reduction="none"),
+    )
     _raises(r"unknown method 'euler'", model, (x, y), snaps, method="euler")
     _raises(r"batchnorm must be one of", model, (x, y), snaps, batchnorm="train")
     _raises(r"parameters=\['conv\*'\] match none", model, (x, y), snaps, parameters=["conv*"])

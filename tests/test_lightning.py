@@ -53,10 +53,21 @@ def test_callback_records_a_real_trainer(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=128)
     torch.manual_seed(0)
     module = Digits()
-    in_memory, on_disk, every2, hand = LCARecorder(), LCARecorder(path=tmp_path / "rec"), LCARecorder(every=2), HandCopies()
+    in_memory, on_disk, every2, hand = (
+        LCARecorder(),
+        LCARecorder(path=tmp_path / "rec"),
+        LCARecorder(every=2),
+        HandCopies(),
+    )
     trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-        enable_checkpointing=False, enable_model_summary=False, callbacks=[in_memory, on_disk, every2, hand],
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[in_memory, on_disk, every2, hand],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about num_workers

@@ -8,11 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from browser_utils import kernel_env, python3_kernel
 
 import lca_notebook
 from lca_notebook.record import Recorder
-
-from browser_utils import kernel_env, python3_kernel
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -99,7 +98,9 @@ def test_lca_record_default_name_and_store_path(shell, tmp_path):
     rec = shell.user_ns["trajectory"]
     assert rec.steps == [0, 1, 2, 3, 4, 5]
     assert store.exists()
-    from_disk = lca_notebook.analyze(shell.user_ns["model"], (shell.user_ns["x"], shell.user_ns["y"]), str(store), progress=False)
+    from_disk = lca_notebook.analyze(
+        shell.user_ns["model"], (shell.user_ns["x"], shell.user_ns["y"]), str(store), progress=False
+    )
     in_mem = lca_notebook.analyze(shell.user_ns["model"], (shell.user_ns["x"], shell.user_ns["y"]), rec, progress=False)
     np.testing.assert_allclose(from_disk.lca.values, in_mem.lca.values)
 
@@ -150,7 +151,9 @@ def test_the_cards_flow_in_a_real_kernel_ends_with_the_explorer():
     from nbformat.v4 import new_code_cell, new_notebook
 
     nb = new_notebook(cells=[new_code_cell(src) for src in CARD])
-    client = nbclient.NotebookClient(nb, kernel_name=python3_kernel(), timeout=240, resources={"metadata": {"path": os.getcwd()}})
+    client = nbclient.NotebookClient(
+        nb, kernel_name=python3_kernel(), timeout=240, resources={"metadata": {"path": os.getcwd()}}
+    )
     with client.setup_kernel(env=kernel_env()):
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)

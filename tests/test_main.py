@@ -19,9 +19,14 @@ def test_the_main_job_prints_a_summary_and_serves_the_explorer(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lca_notebook", "--steps", "30", "--out", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
     )
     lines: queue.Queue = queue.Queue()
+
     def read():
         for line in proc.stdout:
             lines.put(line)

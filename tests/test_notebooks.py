@@ -34,8 +34,14 @@ def test_the_example_notebooks_are_all_there_and_stripped():
     assert not missing, f"missing example notebooks: {missing}"
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-        with_output = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))]
-        assert not with_output, f"{name}: cells {with_output} were committed with outputs; clear them (Edit > Clear Outputs of All Cells)"
+        with_output = [
+            i
+            for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and (c.get("outputs") or c.get("execution_count"))
+        ]
+        assert not with_output, (
+            f"{name}: cells {with_output} were committed with outputs; clear them (Edit > Clear Outputs of All Cells)"
+        )
 
 
 @pytest.mark.timeout(PER_NOTEBOOK_TIMEOUT + 60)
@@ -53,5 +59,7 @@ def test_notebook_runs(name, kernel_name):
     started = time.perf_counter()
     client.execute(env=kernel_env())
     print(f"{name}: {time.perf_counter() - started:.1f} s")
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
     assert not errors, f"{name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"

@@ -11,8 +11,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.sources import open_path
 from lca_notebook import RecordingError
+from lca_notebook.sources import open_path
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,9 @@ def test_a_subset_recording_of_what_trains_is_analysed(digits, tmp_path, where):
     assert set(rec[0]) == {"3.weight", "3.bias"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: what was not recorded did not move
-        got = lca.analyze(model, (x, y), rec if where == "memory" else tmp_path / "t.zarr", method="simpson", progress=False)
+        got = lca.analyze(
+            model, (x, y), rec if where == "memory" else tmp_path / "t.zarr", method="simpson", progress=False
+        )
     full = lca.analyze(model, (x, y), by_hand, method="simpson", progress=False, parameters="3.*")
     assert list(dict.fromkeys(got.dataset["tensor"].values)) == ["3.weight", "3.bias"]
     np.testing.assert_allclose(got.loss.values, full.loss.values, rtol=1e-6)

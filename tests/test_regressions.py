@@ -1,6 +1,7 @@
 """One test per bug found in review: models, data and optimizers the first tests did not try."""
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from lca_notebook import models
 def _snaps(model, x, y, steps=6, lr=0.1, opt=None, loss_fn=nn.functional.cross_entropy):
     opt = opt or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
     out = [copy.deepcopy(model.state_dict())]
-    for i in range(steps):
+    for _i in range(steps):
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
@@ -70,8 +71,15 @@ def test_whole_data_with_tuple_or_dict_inputs_and_dict_targets():
         opt.step()
         snaps.append(copy.deepcopy(model.state_dict()))
     as_tuple = lca.analyze(model, ((x1, x2), y), snaps, method="simpson", progress=False)
-    as_dict = lca.analyze(model, ({"u": x1, "v": x2}, {"y": y}), snaps, method="simpson", batch_size=7,
-                          loss_fn=lambda out, t: nn.functional.cross_entropy(out, t["y"]), progress=False)
+    as_dict = lca.analyze(
+        model,
+        ({"u": x1, "v": x2}, {"y": y}),
+        snaps,
+        method="simpson",
+        batch_size=7,
+        loss_fn=lambda out, t: nn.functional.cross_entropy(out, t["y"]),
+        progress=False,
+    )
     np.testing.assert_allclose(as_dict.lca.values, as_tuple.lca.values, rtol=1e-4, atol=1e-8)
     assert np.abs(as_tuple.residual.values).max() < 1e-4
 
@@ -90,7 +98,9 @@ def test_half_precision_models_accumulate_in_float32(dtype):
     # The advice works: a float32 copy on the same half-precision snapshots adds up to its own loss change.
     exact = lca.analyze(copy.deepcopy(half).float(), (x, y), snaps, method="simpson", batch_size=16, progress=False)
     np.testing.assert_allclose(exact.lca.values.sum(1), np.diff(exact.loss.values), atol=1e-5)
-    moved = np.stack([np.concatenate([(b[k] - a[k]).float().reshape(-1).numpy() for k in a]) for a, b in zip(snaps[:-1], snaps[1:])])
+    moved = np.stack(
+        [np.concatenate([(b[k] - a[k]).float().reshape(-1).numpy() for k in a]) for a, b in itertools.pairwise(snaps)]
+    )
     # Every parameter that moved has a non-zero share (fp16 accumulation used to round many to exactly 0).
     assert (result.lca.values[moved != 0] != 0).mean() > 0.99
 
@@ -116,7 +126,13 @@ def test_sparse_embeddings_and_instance_norm_with_running_stats():
     assert np.abs(result.residual.values).max() < 1e-4
 
     x = torch.randn(24, 2, 6, 6)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.InstanceNorm2d(3, affine=True, track_running_stats=True), nn.ReLU(), nn.Flatten(), nn.Linear(48, 3))
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 3),
+    )
     snaps = _snaps(net, x, y[:24])
     result = lca.analyze(net, (x, y[:24]), snaps, method="simpson", progress=False)
     assert np.abs(result.residual.values).max() < 1e-3
@@ -142,7 +158,10 @@ def test_parameter_only_snapshots_of_a_batchnorm_model_warn():
     torch.manual_seed(0)
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
-    snaps = [{k: v for k, v in s.items() if "running" not in k and "num_batches" not in k} for s in _snaps(net, x, y, steps=3)]
+    snaps = [
+        {k: v for k, v in s.items() if "running" not in k and "num_batches" not in k}
+        for s in _snaps(net, x, y, steps=3)
+    ]
     with pytest.warns(UserWarning, match=r"has no '1.running_mean'.*current values are used at every snapshot"):
         lca.analyze(net, (x, y), snaps, method="simpson", progress=False)
 
@@ -154,8 +173,11 @@ def test_adam_on_the_digits_cnn_adds_up():
     snaps = models.train(net, (x, y), steps=15, optimizer=torch.optim.Adam(net.parameters(), lr=1e-3))
     result = lca.analyze(net, (x, y), snaps, progress=False)
     assert np.abs(result.residual.values).max() <= 1e-3
-    np.testing.assert_allclose(result.lca.values.sum(1, dtype=np.float64) + result.lca_rest.values - result.residual.values,
-                               np.diff(result.loss.values), atol=1e-9)
+    np.testing.assert_allclose(
+        result.lca.values.sum(1, dtype=np.float64) + result.lca_rest.values - result.residual.values,
+        np.diff(result.loss.values),
+        atol=1e-9,
+    )
 
 
 def test_grouped_conv_transpose_units_are_the_groups_output_channels():

@@ -24,7 +24,9 @@ def result():
     values = rng.normal(size=(T, len(tensor))).astype(np.float32) * 1e-3
     values[:, ::7] = 0.0  # parameters that did not move
     loss = 2.0 + np.concatenate([[0], np.cumsum(values.sum(1, dtype=np.float64))]) + rng.normal(size=T + 1) * 1e-6
-    return from_arrays(values, loss, {"tensor": tensor, "layer": layer, "unit": unit, "index": index}, attrs={"method": "simpson"})
+    return from_arrays(
+        values, loss, {"tensor": tensor, "layer": layer, "unit": unit, "index": index}, attrs={"method": "simpson"}
+    )
 
 
 def test_sel_gives_a_layer_block(result):
@@ -42,7 +44,9 @@ def test_range_sums_at_every_granularity(result, start, stop):
     coords = {k: result.dataset[k].values for k in ("tensor", "layer", "unit")}
     np.testing.assert_allclose(result.total("parameter", start, stop).values, raw, atol=1e-9)
     for name in ("conv.weight", "fc.bias"):
-        assert result.total("tensor", start, stop).sel(tensor=name).item() == pytest.approx(raw[coords["tensor"] == name].sum(), abs=1e-9)
+        assert result.total("tensor", start, stop).sel(tensor=name).item() == pytest.approx(
+            raw[coords["tensor"] == name].sum(), abs=1e-9
+        )
     by_layer = result.total("layer", start, stop)
     assert by_layer["layer"].values.tolist() == ["conv", "fc"]
     assert by_layer.sel(layer="fc").item() == pytest.approx(raw[coords["layer"] == "fc"].sum(), abs=1e-9)
@@ -60,7 +64,9 @@ def test_per_iteration_cumulative_and_fractions(result):
     fc = result.dataset["layer"].values == "fc"
     per_it = result.per_iteration("layer", 100, 300)
     np.testing.assert_allclose(per_it.sel(layer="fc").values, values[100:300, fc].sum(1), atol=1e-10)
-    np.testing.assert_allclose(result.cumulative("layer").sel(layer="fc").values, np.cumsum(values[:, fc].sum(1)), atol=1e-9)
+    np.testing.assert_allclose(
+        result.cumulative("layer").sel(layer="fc").values, np.cumsum(values[:, fc].sum(1)), atol=1e-9
+    )
     f = result.fractions()
     np.testing.assert_allclose(f.helped.values, (values < 0).mean(1))
     np.testing.assert_allclose(f.hurt.values, (values > 0).mean(1))
@@ -71,7 +77,9 @@ def test_per_iteration_cumulative_and_fractions(result):
 
 def test_reconstructed_loss_differs_by_the_cumulative_residual(result):
     rebuilt = result.reconstructed_loss().values
-    np.testing.assert_allclose(rebuilt - result.loss.values, np.concatenate([[0], np.cumsum(result.residual.values)]), atol=1e-9)
+    np.testing.assert_allclose(
+        rebuilt - result.loss.values, np.concatenate([[0], np.cumsum(result.residual.values)]), atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".zarr"])

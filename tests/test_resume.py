@@ -15,8 +15,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.storage import results as store_mod
 from lca_notebook.result import GRANULARITIES
+from lca_notebook.storage import results as store_mod
 
 T = 24
 CHUNK = 4
@@ -85,7 +85,9 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
     out = tmp_path / "lca.zarr"
     script = tmp_path / "compute.py"
     script.write_text(SCRIPT.format(chunk=CHUNK))
-    proc = subprocess.Popen([sys.executable, str(script), str(traj), str(out), "0.03"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(traj), str(out), "0.03"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 120
         while _completed(out) < 2 * CHUNK:
@@ -112,8 +114,18 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
     assert resumed_calls < len(calls)  # only the iterations after the kill were computed
 
     assert resumed.n_iterations == whole.n_iterations == T
-    for name in ("lca", "loss", "residual", "lca_rest", "splits", "evaluations", *(f"prefix_{by}" for by in GRANULARITIES)):
-        np.testing.assert_allclose(resumed.dataset[name].values, whole.dataset[name].values, rtol=1e-6, atol=1e-9, err_msg=name)
+    for name in (
+        "lca",
+        "loss",
+        "residual",
+        "lca_rest",
+        "splits",
+        "evaluations",
+        *(f"prefix_{by}" for by in GRANULARITIES),
+    ):
+        np.testing.assert_allclose(
+            resumed.dataset[name].values, whole.dataset[name].values, rtol=1e-6, atol=1e-9, err_msg=name
+        )
     np.testing.assert_array_equal(resumed.dataset["step"].values, np.arange(T + 1))
     for by in GRANULARITIES:
         np.testing.assert_allclose(resumed.total(by, 3, 21).values, whole.total(by, 3, 21).values, rtol=1e-6, atol=1e-9)
@@ -137,7 +149,9 @@ def test_resume_with_a_different_loss_under_the_same_name_is_refused(digits_run,
     monkeypatch.setattr(store_mod, "CHUNK_ITERATIONS", CHUNK)
     out = tmp_path / "lca.zarr"
     with pytest.raises(KeyboardInterrupt):  # simpson: 1 + 2 evaluations per iteration, so 11 iterations done
-        lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(1.0, fail_after=23), method="simpson", store=out, progress=False)
+        lca.analyze(
+            model, (x, y), traj, loss_fn=_scaled_loss(1.0, fail_after=23), method="simpson", store=out, progress=False
+        )
     done = _completed(out)
     assert 0 < done < T
     before = lca.open(out).dataset.load()
@@ -152,4 +166,6 @@ def test_resume_with_a_different_loss_under_the_same_name_is_refused(digits_run,
     whole = lca.analyze(model, (x, y), traj, loss_fn=_scaled_loss(1.0), method="simpson", progress=False)
     np.testing.assert_allclose(resumed.lca.values, whole.lca.values, rtol=1e-6, atol=1e-9)
     # The independent check of what was resumed: Simpson's parts add up to the real loss change.
-    np.testing.assert_allclose(resumed.lca.values.sum(1) + resumed.dataset["lca_rest"].values, np.diff(whole.loss.values), atol=1e-3)
+    np.testing.assert_allclose(
+        resumed.lca.values.sum(1) + resumed.dataset["lca_rest"].values, np.diff(whole.loss.values), atol=1e-3
+    )

@@ -11,9 +11,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook.storage import results as store_mod
-from lca_notebook.result import GRANULARITIES
 from lca_notebook import StoreWriteError
+from lca_notebook.result import GRANULARITIES
+from lca_notebook.storage import results as store_mod
 
 T = 11  # with 4 iterations per chunk: two full chunks and a partial one
 
@@ -47,7 +47,9 @@ def _assert_results_equal(got, ref, n=None):
     np.testing.assert_array_equal(got.lca.values, ref.lca.values[:n])
     for name in ("loss", "residual", "lca_rest", "splits", "evaluations"):
         want = ref.dataset[name].values
-        np.testing.assert_array_equal(got.dataset[name].values, want[: n + 1] if name == "loss" else want[:n], err_msg=name)
+        np.testing.assert_array_equal(
+            got.dataset[name].values, want[: n + 1] if name == "loss" else want[:n], err_msg=name
+        )
 
 
 def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
@@ -63,7 +65,9 @@ def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
             a, b = stored.total(by, start, stop), memory.total(by, start, stop)
             np.testing.assert_array_equal(a[by].values, b[by].values)  # same labels
             np.testing.assert_allclose(a.values, b.values, rtol=1e-9, atol=1e-12, err_msg=f"{by} [{start}, {stop})")
-        np.testing.assert_allclose(stored.per_iteration(by).values, memory.per_iteration(by).values, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            stored.per_iteration(by).values, memory.per_iteration(by).values, rtol=1e-9, atol=1e-12
+        )
         np.testing.assert_allclose(stored.cumulative(by).values, memory.cumulative(by).values, rtol=1e-9, atol=1e-12)
     for by in ("total", "layer", "unit"):
         for var in ("helped", "hurt", "zero"):
@@ -71,7 +75,9 @@ def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
     np.testing.assert_allclose(stored.reconstructed_loss().values, memory.reconstructed_loss().values, rtol=1e-12)
     # The stored prefix sums are the sums of the stored float32 rows (computed independently here).
     lca32 = memory.lca.values.astype(np.float64)
-    np.testing.assert_allclose(np.asarray(stored.dataset["prefix_parameter"].values)[1:], np.cumsum(lca32, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(stored.dataset["prefix_parameter"].values)[1:], np.cumsum(lca32, axis=0), rtol=1e-12
+    )
     np.testing.assert_allclose(stored.dataset["prefix_total"].values[1:, 0], np.cumsum(lca32.sum(1)), rtol=1e-10)
     # lca.open sees the same thing, and a result computed into a store needs no recomputation next time.
     _assert_results_equal(lca.open(tmp_path / "s"), memory)
@@ -115,7 +121,9 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(run, tmp_pat
     assert len(calls) - before < before  # only the rest was computed
     _assert_results_equal(resumed, memory)
     for by in GRANULARITIES:
-        np.testing.assert_allclose(resumed.total(by, 2, 10).values, memory.total(by, 2, 10).values, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            resumed.total(by, 2, 10).values, memory.total(by, 2, 10).values, rtol=1e-9, atol=1e-12
+        )
 
 
 def test_resuming_with_other_inputs_is_refused_naming_what_differs(run, tmp_path):
@@ -125,7 +133,7 @@ def test_resuming_with_other_inputs_is_refused_naming_what_differs(run, tmp_path
         (dict(method="trapezoid"), "method"),
         (dict(method="simpson", data=(x[:200], y[:200])), "the number of samples"),
         (dict(method="simpson", data=(x.flip(0), y.flip(0))), "the data"),
-        (dict(method="simpson", traj=snaps[:3] + [snaps[5]]), "the trajectory"),
+        (dict(method="simpson", traj=[*snaps[:3], snaps[5]]), "the trajectory"),
         (dict(method="simpson", traj=snaps[:5]), "the number of snapshots"),
         (dict(method="simpson", parameters="0.*"), "the selected parameters"),
         (dict(method="simpson", loss_fn=nn.functional.nll_loss), "the loss function"),

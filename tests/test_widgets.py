@@ -2,6 +2,8 @@
 here directly with numpy from ``result.lca.values`` (loops over labels, no prefix sums, no shared code).
 """
 
+import itertools
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -58,7 +60,7 @@ class Truth:
         if by == "parameter":
             return np.array([str(i) for i in range(self.L.shape[1])])
         if by == "unit":
-            return np.array([f"{a}[{b}]" for a, b in zip(self.layer, self.unit)])
+            return np.array([f"{a}[{b}]" for a, b in zip(self.layer, self.unit, strict=False)])
         return {"tensor": self.tensor, "layer": self.layer}[by]
 
     def elements(self, by):
@@ -90,7 +92,7 @@ def edges_from_centres(start, centres):
     """Bins are contiguous [e0, e1): centre = (e0 + e1 - 1) / 2 gives e1 back from e0."""
     edges = [start]
     for c in centres:
-        edges.append(int(round(2 * c + 1 - edges[-1])))
+        edges.append(round(2 * c + 1 - edges[-1]))
     return np.array(edges)
 
 
@@ -120,7 +122,7 @@ def check_all(ex: Explorer, truth: Truth):
     np.testing.assert_array_equal(m["reconstructed"].x, m["loss"].x)
     res_edges = edges_from_centres(start, m["residual"].x)
     np.testing.assert_array_equal(res_edges, edges)
-    want = [truth.residual[a:b].sum() for a, b in zip(edges[:-1], edges[1:])]
+    want = [truth.residual[a:b].sum() for a, b in itertools.pairwise(edges)]
     np.testing.assert_allclose(m["residual"].y, want, rtol=1e-5, atol=1e-12)
 
     # fractions: smoothed per iteration (trailing window), averaged over each plotted bin
@@ -128,7 +130,7 @@ def check_all(ex: Explorer, truth: Truth):
     for key in ("helped", "hurt", "zero"):
         fedges = edges_from_centres(start, m[key].x)
         np.testing.assert_array_equal(fedges, edges)
-        want = [series[key][a:b].mean() for a, b in zip(fedges[:-1], fedges[1:])]
+        want = [series[key][a:b].mean() for a, b in itertools.pairwise(fedges)]
         np.testing.assert_allclose(m[key].y, want, atol=1e-6)
         assert m[key].visible == (sign in ("both", key))
         np.testing.assert_array_equal(m[f"{key}_points"].y, m[key].y)
@@ -160,7 +162,7 @@ def check_all(ex: Explorer, truth: Truth):
     selected = totals[keep]
     sel = ex.selection()
     np.testing.assert_allclose(sel["lca"].values, selected, rtol=1e-6, atol=1e-9)
-    assert list(sel["element"].values) == [e[0] if by != "parameter" else e[0] for e, k in zip(elements, keep) if k]
+    assert list(sel["element"].values) == [e[0] for e, k in zip(elements, keep, strict=True) if k]
     if len(selected):
         counts, hedges = np.histogram(selected, bins=ex.histogram_bins)
         np.testing.assert_array_equal(m["histogram"].y, counts)
@@ -183,7 +185,7 @@ def check_all(ex: Explorer, truth: Truth):
         rows = [m_ for _, lay, m_ in truth.elements("unit") if lay == layer]
     assert heat_color.shape == (len(rows), len(cedges) - 1)
     for r, cols in enumerate(rows):
-        want = np.array([truth.L[a:b][:, cols].sum() for a, b in zip(cedges[:-1], cedges[1:])])
+        want = np.array([truth.L[a:b][:, cols].sum() for a, b in itertools.pairwise(cedges)])
         want = {"both": want, "helped": np.minimum(want, 0), "hurt": np.maximum(want, 0)}[sign]
         np.testing.assert_allclose(heat_color[r], want, rtol=1e-5, atol=1e-7)
     limit = np.abs(heat.color).max()
@@ -280,7 +282,7 @@ def test_clicking_a_bar_chooses_its_layer(result, truth):
 def test_export_csv_and_netcdf(result, truth, tmp_path):
     ex = Explorer(result, granularity="unit", layer="conv", sign="helped")
     ex.range.value = (4, 30)
-    totals = dict(zip([e[0] for e in truth.elements("unit")], truth.totals("unit", 4, 30)))
+    totals = dict(zip([e[0] for e in truth.elements("unit")], truth.totals("unit", 4, 30), strict=False))
     csv = tmp_path / "sel.csv"
     assert ex.export(csv) == [str(csv)]
     lines = csv.read_text().splitlines()
@@ -327,6 +329,7 @@ def test_image_export_asks_the_front_end_for_every_figure(result, tmp_path):
 
 def test_explorer_on_a_real_run():
     import torch
+
     from lca_notebook import models
 
     torch.manual_seed(0)
@@ -343,7 +346,11 @@ def test_explorer_on_a_real_run():
 
 
 def test_a_result_without_iterations_is_refused_with_a_reason():
-    r = from_arrays(np.zeros((0, 2), np.float32), np.array([1.0]), {"tensor": ["w", "w"], "layer": ["l", "l"], "unit": [0, 1], "index": [0, 1]})
+    r = from_arrays(
+        np.zeros((0, 2), np.float32),
+        np.array([1.0]),
+        {"tensor": ["w", "w"], "layer": ["l", "l"], "unit": [0, 1], "index": [0, 1]},
+    )
     with pytest.raises(ValueError, match="at least one"):
         Explorer(r)
 

@@ -81,7 +81,7 @@ def _array_meta(path: str, name: str) -> dict:
     try:
         with open(meta_file, encoding="utf-8") as f:
             meta = json.load(f)
-        meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]  # noqa: B018 - must be there
+        meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
         return meta
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

@@ -354,7 +354,7 @@ def open_store(path) -> LCAResult:
         raise ValueError(f"{path!r} is not an LCA result: {exc}") from exc
 
 
-def open(path) -> LCAResult:  # noqa: A001 - the public name is lca_notebook.open
+def open(path) -> LCAResult:
     """Open a result saved with :meth:`LCAResult.save` (netCDF or zarr) or computed into a store
     (``analyze(store=...)``). Nothing is read into memory until used."""
     path = os.fspath(path)

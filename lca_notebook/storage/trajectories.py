@@ -16,7 +16,17 @@ import torch
 import zarr
 
 from ..trajectory import Trajectory
-from .files import FORMAT, KIND, check_rows, create_atomically, open_array, read_attrs, refuse_foreign, sync_rows, update_attrs
+from .files import (
+    FORMAT,
+    KIND,
+    check_rows,
+    create_atomically,
+    open_array,
+    read_attrs,
+    refuse_foreign,
+    sync_rows,
+    update_attrs,
+)
 
 
 def _storage(dtype: torch.dtype):
@@ -25,7 +35,9 @@ def _storage(dtype: torch.dtype):
     try:
         return key, torch.empty(0, dtype=dtype).numpy().dtype
     except TypeError:  # bfloat16, float8: store the raw bits
-        return key, np.dtype({1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[torch.empty(0, dtype=dtype).element_size()])
+        return key, np.dtype(
+            {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[torch.empty(0, dtype=dtype).element_size()]
+        )
 
 
 def pack(snapshot: dict, layout: list) -> dict:
@@ -54,7 +66,8 @@ def _by_key(layout):
 
 def make_layout(snapshot: dict) -> list:
     """Names, shapes, dtypes and offsets of a snapshot's tensors in their flat per-dtype rows."""
-    layout, offsets = [], {}
+    layout: list[dict] = []
+    offsets: dict[str, int] = {}
     for name, t in snapshot.items():
         key, _ = _storage(t.dtype)
         n = t.numel()
@@ -79,7 +92,10 @@ class TrajectoryWriter:
         attrs = refuse_foreign(self.path, "trajectory")
         if attrs is not None:
             if not overwrite:
-                raise ValueError(f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another path")
+                raise ValueError(
+                    f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another "
+                    "path"
+                )
             shutil.rmtree(self.path)
         self.widths = _widths(layout)
         self.capacity = 64
@@ -88,10 +104,20 @@ class TrajectoryWriter:
             root = zarr.open_group(tmp, mode="w-", zarr_format=3)
             for key, width in self.widths.items():
                 chunk = max(1, min(width, 1 << 22))
-                root.create_array(f"snapshots_{key}", shape=(self.capacity, width), chunks=(1, chunk), dtype=_storage(getattr(torch, key))[1],
-                                  compressors=None, fill_value=0)
-            root.create_array("steps", shape=(self.capacity,), chunks=(1024,), dtype=np.int64, compressors=None, fill_value=-1)
-            update_attrs(tmp, **{KIND: "trajectory", "format": FORMAT, "tensors": layout, "n_snapshots": 0, "subset": subset})
+                root.create_array(
+                    f"snapshots_{key}",
+                    shape=(self.capacity, width),
+                    chunks=(1, chunk),
+                    dtype=_storage(getattr(torch, key))[1],
+                    compressors=None,
+                    fill_value=0,
+                )
+            root.create_array(
+                "steps", shape=(self.capacity,), chunks=(1024,), dtype=np.int64, compressors=None, fill_value=-1
+            )
+            update_attrs(
+                tmp, **{KIND: "trajectory", "format": FORMAT, "tensors": layout, "n_snapshots": 0, "subset": subset}
+            )
 
         create_atomically(self.path, create)
         self.arrays = {key: open_array(self.path, f"snapshots_{key}") for key in self.widths}
@@ -135,7 +161,9 @@ class RecordedTrajectory(Trajectory):
         self.path = os.path.abspath(os.fspath(path))
         attrs = read_attrs(self.path)
         if attrs.get(KIND) != "trajectory":
-            raise ValueError(f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})")
+            raise ValueError(
+                f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})"
+            )
         self.layout = attrs["tensors"]
         self.n = int(attrs["n_snapshots"])
         self.subset = bool(attrs.get("subset", False))
@@ -153,7 +181,7 @@ class RecordedTrajectory(Trajectory):
         return self.n
 
     def describe(self, k):
-        return f"recorded snapshot {k} (step {self.steps[k]}) in {self.path}"
+        return f"recorded snapshot {k} (step {self.steps[k] if self.steps else '?'}) in {self.path}"
 
     def load(self, k):
         rows = {}
@@ -161,9 +189,12 @@ class RecordedTrajectory(Trajectory):
             try:
                 row = torch.from_numpy(np.asarray(arr[k]))
             except Exception as exc:
-                raise ValueError(f"{self.describe(k)} cannot be read ({type(exc).__name__}: {exc}); the store is damaged") from exc
+                raise ValueError(
+                    f"{self.describe(k)} cannot be read ({type(exc).__name__}: {exc}); the store is damaged"
+                ) from exc
             target = getattr(torch, key)
             rows[key] = row if row.dtype == target else row.view(target)
-        return {e["name"]: rows[e["key"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"]) for e in self.layout}
-
-
+        return {
+            e["name"]: rows[e["key"]][e["offset"] : e["offset"] + math.prod(e["shape"])].view(e["shape"])
+            for e in self.layout
+        }

@@ -28,10 +28,24 @@ import numpy as np
 import xarray as xr
 
 from . import figures
-from .reduce import ParameterRanges, bin_centres, bin_edges, binned_mean, binned_sum, group_rows, trailing_mean, with_prefix
+from .reduce import (
+    ParameterRanges,
+    bin_centres,
+    bin_edges,
+    binned_mean,
+    binned_sum,
+    group_rows,
+    trailing_mean,
+    with_prefix,
+)
 
 #: Granularities the explorer offers, as (button label, ``by=`` value).
-GRANULARITIES = (("parameter", "parameter"), ("unit (neuron / channel)", "unit"), ("tensor", "tensor"), ("layer", "layer"))
+GRANULARITIES = (
+    ("parameter", "parameter"),
+    ("unit (neuron / channel)", "unit"),
+    ("tensor", "tensor"),
+    ("layer", "layer"),
+)
 SIGNS = ("both", "helped", "hurt")
 ALL_LAYERS = "(all layers)"
 
@@ -50,15 +64,29 @@ class Explorer(widgets.VBox):
     [-0.3, -0.15]
     """
 
-    def __init__(self, result, *, granularity: str = "parameter", layer: str | None = None, sign: str = "both",
-                 smoothing: int = 1, width: int = 440, height: int = 270, max_points: int | None = None,
-                 heatmap_columns: int | None = None, heatmap_rows: int = 128, histogram_bins: int = 40,
-                 parameter_budget_bytes: int = 256 << 20):
+    def __init__(
+        self,
+        result,
+        *,
+        granularity: str = "parameter",
+        layer: str | None = None,
+        sign: str = "both",
+        smoothing: int = 1,
+        width: int = 440,
+        height: int = 270,
+        max_points: int | None = None,
+        heatmap_columns: int | None = None,
+        heatmap_rows: int = 128,
+        histogram_bins: int = 40,
+        parameter_budget_bytes: int = 256 << 20,
+    ):
         self.result = result
         r = result
         t = r.n_iterations
         if t < 1:
-            raise ValueError(f"the result has {t} iterations; the explorer needs at least one (analyze at least 2 snapshots)")
+            raise ValueError(
+                f"the result has {t} iterations; the explorer needs at least one (analyze at least 2 snapshots)"
+            )
         self.n_iterations = t
         self.max_points = int(max_points or width)  # about one point per pixel of plot width
         self.heatmap_columns = int(heatmap_columns or max(2, width // 2))
@@ -67,18 +95,42 @@ class Explorer(widgets.VBox):
 
         # -- controls ---------------------------------------------------------------------------
         self.range = widgets.IntRangeSlider(
-            value=(0, t), min=0, max=t, step=1, description="iterations", continuous_update=True,
-            layout=widgets.Layout(width=f"{max(400, width)}px"), style={"description_width": "80px"},
+            value=(0, t),
+            min=0,
+            max=t,
+            step=1,
+            description="iterations",
+            continuous_update=True,
+            layout=widgets.Layout(width=f"{max(400, width)}px"),
+            style={"description_width": "80px"},
         )
-        self.granularity = widgets.ToggleButtons(options=list(GRANULARITIES), value=granularity, description="sum by",
-                                                 style={"button_width": "150px", "description_width": "80px"})
+        self.granularity = widgets.ToggleButtons(
+            options=list(GRANULARITIES),
+            value=granularity,
+            description="sum by",
+            style={"button_width": "150px", "description_width": "80px"},
+        )
         # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
-        self.layer = widgets.Dropdown(options=[ALL_LAYERS] + self.layers, value=layer or ALL_LAYERS,
-                                      description="layer", style={"description_width": "80px"})
-        self.sign = widgets.ToggleButtons(options=list(SIGNS), value=sign, description="show",
-                                          style={"button_width": "70px", "description_width": "50px"})
-        self.smoothing = widgets.IntSlider(value=smoothing, min=1, max=max(1, min(500, t)), description="smoothing",
-                                           continuous_update=True, style={"description_width": "80px"})
+        self.layer = widgets.Dropdown(
+            options=[ALL_LAYERS, *self.layers],
+            value=layer or ALL_LAYERS,
+            description="layer",
+            style={"description_width": "80px"},
+        )
+        self.sign = widgets.ToggleButtons(
+            options=list(SIGNS),
+            value=sign,
+            description="show",
+            style={"button_width": "70px", "description_width": "50px"},
+        )
+        self.smoothing = widgets.IntSlider(
+            value=smoothing,
+            min=1,
+            max=max(1, min(500, t)),
+            description="smoothing",
+            continuous_update=True,
+            style={"description_width": "80px"},
+        )
         self.summary = widgets.HTML()
         self.summary.add_class("lca-summary")
 
@@ -98,10 +150,16 @@ class Explorer(widgets.VBox):
             fig.add_class(f"lca-figure-{name}")
 
         # -- export -----------------------------------------------------------------------------
-        self.export_path = widgets.Text(value="lca_selection.csv", description="export to",
-                                        placeholder="file.csv, .nc, .png or .svg", style={"description_width": "80px"},
-                                        layout=widgets.Layout(width="380px"))
-        self.export_button = widgets.Button(description="Export", icon="download", tooltip="Write the selection (.csv, .nc) or the figures (.png, .svg)")
+        self.export_path = widgets.Text(
+            value="lca_selection.csv",
+            description="export to",
+            placeholder="file.csv, .nc, .png or .svg",
+            style={"description_width": "80px"},
+            layout=widgets.Layout(width="380px"),
+        )
+        self.export_button = widgets.Button(
+            description="Export", icon="download", tooltip="Write the selection (.csv, .nc) or the figures (.png, .svg)"
+        )
         self.export_status = widgets.HTML()
         self.export_status.add_class("lca-export-status")
         self.export_button.on_click(lambda _: self._export_clicked())
@@ -110,14 +168,16 @@ class Explorer(widgets.VBox):
             list(self.figures.values()),
             layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {fw}px)", grid_gap="4px"),
         )
-        super().__init__([
-            widgets.HBox([self.range, self.smoothing]),
-            widgets.HBox([self.granularity]),
-            widgets.HBox([self.layer, self.sign]),
-            self.summary,
-            grid,
-            widgets.HBox([self.export_path, self.export_button, self.export_status]),
-        ])
+        super().__init__(
+            [
+                widgets.HBox([self.range, self.smoothing]),
+                widgets.HBox([self.granularity]),
+                widgets.HBox([self.layer, self.sign]),
+                self.summary,
+                grid,
+                widgets.HBox([self.export_path, self.export_button, self.export_status]),
+            ]
+        )
         self.add_class("lca-explorer")
 
         self._syncing = False
@@ -145,7 +205,9 @@ class Explorer(widgets.VBox):
                 self._prefix[by] = np.asarray(r.prefix(by), dtype=np.float64)
             self._labels[by], self._elem_layer[by] = np.asarray(groups.labels(by)), groups.layer_of(by)
         self._units_of_layer = groups.unit_coords()["unit_index"]
-        self._n_elements = {by: np.bincount(o, minlength=n_layers).astype(np.float64) for by, o in self._elem_layer.items()}
+        self._n_elements = {
+            by: np.bincount(o, minlength=n_layers).astype(np.float64) for by, o in self._elem_layer.items()
+        }
         # each layer's parameter columns: a slice where contiguous (cheap to read), else an index array
         self._columns = []
         for i in range(n_layers):
@@ -183,7 +245,8 @@ class Explorer(widgets.VBox):
     def element_totals(self, by: str | None = None, start: int | None = None, stop: int | None = None) -> np.ndarray:
         """LCA summed over iterations ``[start, stop)`` of every element at a granularity (all layers)."""
         by = by or self.granularity.value
-        start, stop = self.range.value if start is None else (start, stop)
+        if start is None or stop is None:
+            start, stop = self.range.value
         if by == "parameter":
             return self._parameters.total(start, stop)
         p = self._prefix[by]
@@ -234,10 +297,12 @@ class Explorer(widgets.VBox):
         totals = self.element_totals(by, start, stop)
         n_layers = len(self.layers)
         neg, pos = np.minimum(totals, 0.0), np.maximum(totals, 0.0)
-        bars = np.stack([
-            np.bincount(self._elem_layer[by], weights=neg, minlength=n_layers),
-            np.bincount(self._elem_layer[by], weights=pos, minlength=n_layers),
-        ])
+        bars = np.stack(
+            [
+                np.bincount(self._elem_layer[by], weights=neg, minlength=n_layers),
+                np.bincount(self._elem_layer[by], weights=pos, minlength=n_layers),
+            ]
+        )
         if self.sign.value == "helped":
             bars[1] = 0.0
         elif self.sign.value == "hurt":
@@ -275,7 +340,7 @@ class Explorer(widgets.VBox):
         """Recompute from the controls and update every mark in place (one message per mark)."""
         s = self.compute()
         m = self.marks
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
         sign = self.sign.value
         with ExitStack() as stack:
             for mark in m.values():
@@ -318,7 +383,7 @@ class Explorer(widgets.VBox):
     def _summary_html(self, s) -> str:
         start, stop = s["start"], s["stop"]
         loss0, loss1 = self._loss[start], self._loss[stop]
-        labels, _, values = s["elements"]
+        _labels, _, values = s["elements"]
         total = float(self.element_totals("layer", start, stop).sum())
         residual = float(self._residual_prefix[stop] - self._residual_prefix[start])
         by = self.granularity.value
@@ -380,8 +445,14 @@ class Explorer(widgets.VBox):
                 "bin": s["residual"][0],
                 "histogram_bin": s["histogram"][0],
             },
-            attrs={"start": s["start"], "stop": s["stop"], "granularity": by, "layer": "" if self.selected_layer is None else self.layer.value,
-                   "sign": self.sign.value, "smoothing": self.smoothing.value},
+            attrs={
+                "start": s["start"],
+                "stop": s["stop"],
+                "granularity": by,
+                "layer": "" if self.selected_layer is None else self.layer.value,
+                "sign": self.sign.value,
+                "smoothing": self.smoothing.value,
+            },
         )
         return ds
 
@@ -399,7 +470,7 @@ class Explorer(widgets.VBox):
             ds = self.selection()
             lines = ["element,layer,lca,start,stop"]
             start, stop = ds.attrs["start"], ds.attrs["stop"]
-            for e, lay, v in zip(ds["element"].values, ds["element_layer"].values, ds["lca"].values):
+            for e, lay, v in zip(ds["element"].values, ds["element_layer"].values, ds["lca"].values, strict=False):
                 lines.append(f"{_csv(e)},{_csv(lay)},{float(v)!r},{start},{stop}")
             with open(path, "w") as fh:
                 fh.write("\n".join(lines) + "\n")

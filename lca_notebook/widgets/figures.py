@@ -14,15 +14,31 @@ import numpy as np
 from bqplot import Axis, Bars, ColorScale, Figure, HeatMap, LinearScale, Lines, OrdinalScale, Scatter, Tooltip
 
 HELPED, HURT, ZERO = "#1a9850", "#d73027", "#9e9e9e"
-LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#2ca02c", "#d62728"]
+LAYER_COLOURS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+    "#2ca02c",
+    "#d62728",
+]
 _EMPTY = np.zeros(0, dtype=np.float32)
 _MARGIN = {"top": 36, "bottom": 44, "left": 62, "right": 20}
 
 
 def _figure(title, marks, axes, width, height, margin=None) -> Figure:
     fig = Figure(
-        marks=marks, axes=axes, title=title, fig_margin=dict(_MARGIN, **(margin or {})), animation_duration=0,
-        legend_location="top-right", title_style={"font-size": "13px"},
+        marks=marks,
+        axes=axes,
+        title=title,
+        fig_margin=dict(_MARGIN, **(margin or {})),
+        animation_duration=0,
+        legend_location="top-right",
+        title_style={"font-size": "13px"},
     )
     fig.layout.width, fig.layout.height = f"{width}px", f"{height}px"
     return fig
@@ -32,8 +48,15 @@ def _hover_points(x_scale, y_scale, colour, name, x_label, y_format=".6g"):
     """Invisible markers on a line's points whose tooltip gives the exact value under the pointer
     (bqplot lines only report their name on hover)."""
     return Scatter(
-        x=_EMPTY, y=_EMPTY, scales={"x": x_scale, "y": y_scale}, colors=[colour], default_size=24,
-        opacities=[0.0], stroke=None, display_legend=False, labels=[name],
+        x=_EMPTY,
+        y=_EMPTY,
+        scales={"x": x_scale, "y": y_scale},
+        colors=[colour],
+        default_size=24,
+        opacities=[0.0],
+        stroke=None,
+        display_legend=False,
+        labels=[name],
         tooltip=Tooltip(fields=["x", "y"], formats=[".0f", y_format], labels=[x_label, name]),
     )
 
@@ -41,12 +64,34 @@ def _hover_points(x_scale, y_scale, colour, name, x_label, y_format=".6g"):
 def loss_figure(width, height):
     """True loss, the loss rebuilt from cumulative LCA, and the residual per plotted bin (right axis)."""
     xs, ys, rs = LinearScale(), LinearScale(), LinearScale()
-    loss = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=["black"], labels=["true loss"], display_legend=True, stroke_width=2)
-    recon = Lines(
-        x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=["#1f77b4"], labels=["rebuilt from LCA"], display_legend=True,
-        line_style="dashed", stroke_width=2,
+    loss = Lines(
+        x=_EMPTY,
+        y=_EMPTY,
+        scales={"x": xs, "y": ys},
+        colors=["black"],
+        labels=["true loss"],
+        display_legend=True,
+        stroke_width=2,
     )
-    residual = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": rs}, colors=["#ff7f0e"], labels=["residual (per bin)"], display_legend=True, opacities=[0.8])
+    recon = Lines(
+        x=_EMPTY,
+        y=_EMPTY,
+        scales={"x": xs, "y": ys},
+        colors=["#1f77b4"],
+        labels=["rebuilt from LCA"],
+        display_legend=True,
+        line_style="dashed",
+        stroke_width=2,
+    )
+    residual = Lines(
+        x=_EMPTY,
+        y=_EMPTY,
+        scales={"x": xs, "y": rs},
+        colors=["#ff7f0e"],
+        labels=["residual (per bin)"],
+        display_legend=True,
+        opacities=[0.8],
+    )
     points = _hover_points(xs, ys, "black", "loss", "checkpoint")
     axes = [
         Axis(scale=xs, label="checkpoint (iteration)"),
@@ -62,7 +107,15 @@ def fractions_figure(width, height):
     xs, ys = LinearScale(), LinearScale(min=0.0, max=1.0)
     marks = {}
     for key, colour in (("helped", HELPED), ("hurt", HURT), ("zero", ZERO)):
-        marks[key] = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=[colour], labels=[key], display_legend=True, stroke_width=2)
+        marks[key] = Lines(
+            x=_EMPTY,
+            y=_EMPTY,
+            scales={"x": xs, "y": ys},
+            colors=[colour],
+            labels=[key],
+            display_legend=True,
+            stroke_width=2,
+        )
         marks[f"{key}_points"] = _hover_points(xs, ys, colour, key, "iteration", ".4f")
     axes = [Axis(scale=xs, label="iteration"), Axis(scale=ys, side="left", label="fraction", tick_format=".0%")]
     fig = _figure("Helping / hurting fractions", list(marks.values()), axes, width, height)
@@ -74,8 +127,14 @@ def cumulative_figure(width, height, layers):
     xs, ys = LinearScale(), LinearScale()
     colours = [LAYER_COLOURS[i % len(LAYER_COLOURS)] for i in range(len(layers))]
     lines = Lines(
-        x=_EMPTY, y=np.zeros((len(layers), 0), np.float32), scales={"x": xs, "y": ys}, colors=colours, labels=list(layers),
-        display_legend=True, stroke_width=2, tooltip=Tooltip(fields=["name"], labels=["layer"]),
+        x=_EMPTY,
+        y=np.zeros((len(layers), 0), np.float32),
+        scales={"x": xs, "y": ys},
+        colors=colours,
+        labels=list(layers),
+        display_legend=True,
+        stroke_width=2,
+        tooltip=Tooltip(fields=["name"], labels=["layer"]),
     )
     axes = [Axis(scale=xs, label="iteration"), Axis(scale=ys, side="left", label="cumulative LCA", tick_format=".3g")]
     return _figure("Cumulative LCA per layer", [lines], axes, width, height), {"cumulative": lines}
@@ -90,12 +149,23 @@ def layer_bars_figure(width, height, layers):
     marks = {}
     for key, colour in (("helped", HELPED), ("hurt", HURT)):
         marks[f"{key}_bars"] = Bars(
-            x=list(layers), y=np.zeros(len(layers), np.float32), scales={"x": xs, "y": ys}, colors=[colour], labels=[key],
-            display_legend=False, base=0.0, padding=0.3, interactions={"click": "select", "hover": "tooltip"},
-            selected_style={"stroke": "black", "stroke-width": "2"}, unselected_style={"opacity": "0.55"},
+            x=list(layers),
+            y=np.zeros(len(layers), np.float32),
+            scales={"x": xs, "y": ys},
+            colors=[colour],
+            labels=[key],
+            display_legend=False,
+            base=0.0,
+            padding=0.3,
+            interactions={"click": "select", "hover": "tooltip"},
+            selected_style={"stroke": "black", "stroke-width": "2"},
+            unselected_style={"opacity": "0.55"},
             tooltip=Tooltip(fields=["x", "y"], formats=["", ".6g"], labels=["layer", f"LCA {key}"]),
         )
-    axes = [Axis(scale=xs, label="layer (click a bar to choose it)"), Axis(scale=ys, side="left", label="LCA in range", tick_format=".3g")]
+    axes = [
+        Axis(scale=xs, label="layer (click a bar to choose it)"),
+        Axis(scale=ys, side="left", label="LCA in range", tick_format=".3g"),
+    ]
     title = "LCA per layer in the range (green helped, red hurt)"  # one legend per mark would overlap
     return _figure(title, list(marks.values()), axes, width, height), marks
 
@@ -104,7 +174,13 @@ def heatmap_figure(width, height):
     """Units (neurons or channels) x iterations of the chosen layer, drawn on a canvas (``HeatMap``)."""
     xs, ys = LinearScale(), LinearScale(reverse=True)
     cs = ColorScale(colors=[HELPED, "#ffffff", HURT], mid=0.0, min=-1.0, max=1.0)  # its range goes in the title
-    heat = HeatMap(x=np.arange(2, dtype=np.float32), y=np.arange(2, dtype=np.float32), color=np.zeros((2, 2), np.float32), scales={"x": xs, "y": ys, "color": cs}, null_color="#ffffff")
+    heat = HeatMap(
+        x=np.arange(2, dtype=np.float32),
+        y=np.arange(2, dtype=np.float32),
+        color=np.zeros((2, 2), np.float32),
+        scales={"x": xs, "y": ys, "color": cs},
+        null_color="#ffffff",
+    )
     axes = [
         Axis(scale=xs, label="iteration"),
         Axis(scale=ys, side="left", label="unit", tick_format="d"),
@@ -117,8 +193,15 @@ def histogram_figure(width, height):
     """Histogram (computed in Python) of the LCA of the selection's elements over the range."""
     xs, ys = LinearScale(), LinearScale(min=0.0)
     bars = Bars(
-        x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=["#4c72b0"], padding=0.05,
+        x=_EMPTY,
+        y=_EMPTY,
+        scales={"x": xs, "y": ys},
+        colors=["#4c72b0"],
+        padding=0.05,
         tooltip=Tooltip(fields=["x", "y"], formats=[".4g", ".0f"], labels=["LCA (bin centre)", "count"]),
     )
-    axes = [Axis(scale=xs, label="LCA in range", tick_format=".2g", num_ticks=5), Axis(scale=ys, side="left", label="count", tick_format="d")]
+    axes = [
+        Axis(scale=xs, label="LCA in range", tick_format=".2g", num_ticks=5),
+        Axis(scale=ys, side="left", label="count", tick_format="d"),
+    ]
     return _figure("Distribution of LCA", [bars], axes, width, height), {"histogram": bars}

@@ -54,7 +54,7 @@ def binned_mean(prefix: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def with_prefix(series: np.ndarray) -> np.ndarray:
     """Prefix sums ``(T+1, ...)`` of a per-iteration series ``(T, ...)``, float64, starting at 0."""
     series = np.asarray(series, dtype=np.float64)
-    out = np.zeros((series.shape[0] + 1,) + series.shape[1:])
+    out = np.zeros((series.shape[0] + 1, *series.shape[1:]))
     np.cumsum(series, axis=0, out=out[1:])
     return out
 
