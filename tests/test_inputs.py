@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import train
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -12,15 +13,7 @@ import lca_notebook as lca
 
 
 def _train(model, x, y, steps=6, lr=0.1):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    snaps = [copy.deepcopy(model.state_dict())]
-    for i in range(steps):
-        idx = torch.arange(i * 7, i * 7 + 32) % len(x)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        snaps.append(copy.deepcopy(model.state_dict()))
-    return snaps
+    return train(model, x, y, steps, lr=lr, batch_size=32)
 
 
 @pytest.fixture

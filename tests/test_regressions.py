@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import train
 from torch import nn
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
@@ -16,14 +17,7 @@ from lca_notebook import models
 
 
 def _snaps(model, x, y, steps=6, lr=0.1, opt=None, loss_fn=nn.functional.cross_entropy):
-    opt = opt or torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    out = [copy.deepcopy(model.state_dict())]
-    for _i in range(steps):
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-        out.append(copy.deepcopy(model.state_dict()))
-    return out
+    return train(model, x, y, steps, lr=lr, optimizer=opt, loss_fn=loss_fn)
 
 
 def test_a_loaders_sampler_chooses_the_samples_even_with_drop_last():

@@ -1,13 +1,12 @@
 """analyze(store=...): equals the in-memory result, opens lazily, resumes, refuses, survives write errors and damage."""
 
-import copy
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from helpers import assert_results_equal, digits, train
 from torch import nn
 
 import lca_notebook as lca
@@ -25,31 +24,12 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run():
-    d = load_digits()
-    x = torch.tensor(d.data[:300] / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target[:300])
+    x, y = digits(300)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-    snaps = [copy.deepcopy(model.state_dict())]
-    for i in range(T):
-        idx = torch.arange(i * 50, i * 50 + 100) % len(x)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        snaps.append(copy.deepcopy(model.state_dict()))
+    snaps = train(model, x, y, steps=T, lr=0.3, batch_size=100)
     memory = lca.analyze(model, (x, y), snaps, progress=False)
     return model, x, y, snaps, memory
-
-
-def _assert_results_equal(got, ref, n=None):
-    n = ref.n_iterations if n is None else n
-    np.testing.assert_array_equal(got.lca.values, ref.lca.values[:n])
-    for name in ("loss", "residual", "lca_rest", "splits", "evaluations"):
-        want = ref.dataset[name].values
-        np.testing.assert_array_equal(
-            got.dataset[name].values, want[: n + 1] if name == "loss" else want[:n], err_msg=name
-        )
 
 
 def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
@@ -57,7 +37,7 @@ def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
     stored = lca.analyze(model, (x, y), snaps, store=tmp_path / "s", progress=False)
     assert stored.lca.chunks is not None  # opened lazily (dask), nothing loaded yet
     assert {f"prefix_{by}" for by in GRANULARITIES} <= set(stored.dataset.data_vars)
-    _assert_results_equal(stored, memory)
+    assert_results_equal(stored, memory)
     for name in ("tensor", "layer", "unit", "index"):
         np.testing.assert_array_equal(stored.dataset[name].values, memory.dataset[name].values)
     for by in GRANULARITIES:
@@ -80,7 +60,7 @@ def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
     )
     np.testing.assert_allclose(stored.dataset["prefix_total"].values[1:, 0], np.cumsum(lca32.sum(1)), rtol=1e-10)
     # lca.open sees the same thing, and a result computed into a store needs no recomputation next time.
-    _assert_results_equal(lca.open(tmp_path / "s"), memory)
+    assert_results_equal(lca.open(tmp_path / "s"), memory)
 
 
 def test_a_finished_store_is_returned_without_computing(run, tmp_path):
@@ -95,7 +75,7 @@ def test_a_finished_store_is_returned_without_computing(run, tmp_path):
     first = len(calls)
     again = lca.analyze(model, (x, y), snaps, loss_fn=loss_fn, store=tmp_path / "s", progress=False)
     assert first > 0 and len(calls) == first
-    _assert_results_equal(again, memory)
+    assert_results_equal(again, memory)
 
 
 def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(run, tmp_path):
@@ -114,12 +94,12 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(run, tmp_pat
     partial = err.value.partial_result
     done = partial.n_iterations
     assert 0 < done < T
-    _assert_results_equal(partial, memory, n=done)
+    assert_results_equal(partial, memory, n=done)
     assert "run the same call again" in "\n".join(getattr(err.value, "__notes__", []))
     stop_after[0], before = None, len(calls)
     resumed = lca.analyze(model, (x, y), snaps, loss_fn=loss_fn, store=tmp_path / "s", progress=False)
     assert len(calls) - before < before  # only the rest was computed
-    _assert_results_equal(resumed, memory)
+    assert_results_equal(resumed, memory)
     for by in GRANULARITIES:
         np.testing.assert_allclose(
             resumed.total(by, 2, 10).values, memory.total(by, 2, 10).values, rtol=1e-9, atol=1e-12
@@ -172,7 +152,7 @@ def test_a_write_error_is_clear_and_completed_iterations_stay_readable(run, tmp_
     assert str(path) in message and "iterations 8..10" in message and "Iterations 0..7 are saved" in message
     kept = lca.open(path)
     assert kept.n_iterations == 8
-    _assert_results_equal(kept, memory, n=8)
+    assert_results_equal(kept, memory, n=8)
     # A location that cannot hold a store at all (also for root): a clear error before any work.
     with pytest.raises(StoreWriteError, match="cannot create the store '/proc/"):
         lca.analyze(model, (x, y), snaps[:3], store="/proc/lca_store", progress=False)

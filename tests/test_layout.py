@@ -1,0 +1,92 @@
+"""layout: the flat path vector and the groups every sum uses, checked against loops written here."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lca_notebook.layout import GRANULARITIES, Groups, build_spec, parameter_coords
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.up = nn.ConvTranspose2d(4, 6, 2, groups=2)
+        self.head = nn.Linear(5, 4, bias=False)
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+def _naive(model):
+    """(tensor, layer, unit) of every scalar parameter, element by element in flatten() order."""
+    out = []
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        for flat in range(p.numel()):
+            ix = np.unravel_index(flat, tuple(p.shape)) if p.dim() else ()
+            unit = ix[0] if ix else 0
+            if name == "up.weight":  # (in, out // groups, kh, kw): the output channel
+                unit = ix[0] // (4 // 2) * 3 + ix[1]
+            out.append((name, layer, int(unit)))
+    return out
+
+
+def test_coords_and_groups_match_an_element_by_element_walk():
+    model = Net()
+    spec = build_spec(model, model.state_dict())
+    coords = parameter_coords(spec)
+    naive = _naive(model)
+    assert list(zip(coords["tensor"], coords["layer"], coords["unit"].tolist(), strict=True)) == naive
+    groups = Groups(coords)
+    block = np.random.default_rng(0).normal(size=(3, len(naive))).astype(np.float32)
+    keys = {
+        "parameter": list(range(len(naive))),
+        "unit": [f"{layer}[{unit}]" for _, layer, unit in naive],
+        "tensor": [t for t, _, _ in naive],
+        "layer": [layer for _, layer, _ in naive],
+        "total": ["total"] * len(naive),
+    }
+    sums = groups.sums(block, GRANULARITIES)
+    for by in GRANULARITIES:
+        labels = list(dict.fromkeys(keys[by]))  # first-appearance (model) order
+        assert [str(v) if by != "parameter" else int(v) for v in groups.labels(by)] == labels, by
+        want = np.zeros((3, len(labels)))
+        for j, key in enumerate(keys[by]):
+            want[:, labels.index(key)] += block[:, j]
+        np.testing.assert_allclose(sums[by], want, rtol=1e-12, atol=1e-12, err_msg=by)
+        assert groups.sizes(by).tolist() == [keys[by].count(k) for k in labels]
+    layer_labels = list(groups.labels("layer"))
+    for by in ("unit", "tensor"):
+        owners = [layer_labels[i] for i in groups.layer_of(by)]
+        firsts = [keys["layer"][keys[by].index(k)] for k in dict.fromkeys(keys[by])]
+        assert owners == firsts
+
+
+def test_spec_puts_selected_parameters_first_and_shares_tied_weights():
+    emb = nn.Embedding(7, 4)
+    model = nn.Sequential(emb, nn.Linear(4, 7))
+    model[1].weight = emb.weight  # tied
+    spec = build_spec(model, model.state_dict(), parameters="1.*")
+    assert spec.names[: spec.n_selected_tensors] == ["1.bias"]
+    assert spec.aliases["1.weight"] == "0.weight"
+    assert "1.weight" not in spec.names and "0.weight" in spec.names
+
+
+def test_spec_names_the_tensor_whose_shape_differs():
+    model = nn.Linear(3, 2)
+    bad = dict(model.state_dict(), weight=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="'weight' has shape \\(3, 3\\)"):
+        build_spec(model, bad)
+
+
+def test_a_frozen_tensor_that_moves_gets_a_gradient_one_that_does_not_stays_fixed():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    last = dict(first, **{"0.weight": first["0.weight"] + 1})
+    spec = build_spec(model, first, last=last)
+    grad = dict(zip(spec.names, spec.with_grad, strict=True))
+    assert grad["0.weight"] and not grad["0.bias"]
+    assert spec.names[: spec.n_selected_tensors] == ["1.weight", "1.bias"]
