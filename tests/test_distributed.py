@@ -24,19 +24,7 @@ distributed = pytest.importorskip("dask.distributed")
 
 T = 48
 CHUNK = 8  # iterations per store chunk here: 6 shards of one chunk each
-VARIABLES = (
-    "lca",
-    "loss",
-    "residual",
-    "lca_rest",
-    "splits",
-    "evaluations",
-    "prefix_parameter",
-    "prefix_unit",
-    "prefix_tensor",
-    "prefix_layer",
-    "prefix_total",
-)
+VARIABLES = (*store_mod.ITERATION_VARS, *store_mod.CHECKPOINT_VARS)  # every array a result store has
 
 # The trajectories and models defined below travel to the workers by value (the workers cannot import tests/).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

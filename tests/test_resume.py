@@ -114,15 +114,7 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
     assert resumed_calls < len(calls)  # only the iterations after the kill were computed
 
     assert resumed.n_iterations == whole.n_iterations == T
-    for name in (
-        "lca",
-        "loss",
-        "residual",
-        "lca_rest",
-        "splits",
-        "evaluations",
-        *(f"prefix_{by}" for by in GRANULARITIES),
-    ):
+    for name in (*store_mod.ITERATION_VARS, *store_mod.CHECKPOINT_VARS):
         np.testing.assert_allclose(
             resumed.dataset[name].values, whole.dataset[name].values, rtol=1e-6, atol=1e-9, err_msg=name
         )
