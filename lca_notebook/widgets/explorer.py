@@ -51,12 +51,14 @@ ALL_LAYERS = "(all layers)"
 
 
 class Explorer(widgets.VBox):
-    """Interactive view of an ``LCAResult``: controls on top, six linked figures, export at the bottom.
+    """Interactive view of an ``LCAResult``: controls on top, linked figures, export at the bottom.
 
-    The controls are ``range`` (iterations ``[start, stop)``), ``granularity``, ``layer`` (``None`` for
-    all layers), ``sign`` and ``smoothing``; set their ``.value`` from Python or drag them. ``marks``
-    maps names to the bqplot marks, ``figures`` names to figures, :meth:`selection` gives what is on
-    screen as an ``xarray.Dataset`` and :meth:`export` writes it (CSV, netCDF) or the figures (PNG, SVG).
+    The controls are ``range`` (iterations ``[start, stop)``; a drag on the fractions chart sets it too),
+    ``granularity``, ``layer`` (``None`` for all layers), ``sign``, ``smoothing`` (trailing mean of the
+    fractions and the residual) and ``log_count`` (the histogram's count axis); set their ``.value`` from
+    Python or use them in the page. ``marks`` maps names to the bqplot marks, ``figures`` names to figures,
+    :meth:`selection` gives what is on screen as an ``xarray.Dataset`` and :meth:`export` writes it (CSV,
+    netCDF) or the figures (PNG, SVG).
 
     >>> import lca_notebook as lca
     >>> ex = lca.explore(lca.LCAResult.example(), granularity="unit")
@@ -72,7 +74,8 @@ class Explorer(widgets.VBox):
         layer: str | None = None,
         sign: str = "both",
         smoothing: int = 1,
-        width: int = 440,
+        log_count: bool = False,
+        width: int = 560,
         height: int = 270,
         max_points: int | None = None,
         heatmap_columns: int | None = None,
@@ -87,13 +90,20 @@ class Explorer(widgets.VBox):
             raise ValueError(
                 f"the result has {t} iterations; the explorer needs at least one (analyze at least 2 snapshots)"
             )
+        if r.n_parameters < 1:
+            raise ValueError(
+                "the result has no parameters (its `lca` has 0 columns), so there is nothing to explore: analyze a "
+                "model with at least one trainable tensor (or pass parameters= naming one)"
+            )
         self.n_iterations = t
         self.max_points = int(max_points or width)  # about one point per pixel of plot width
         self.heatmap_columns = int(heatmap_columns or max(2, width // 2))
         self.heatmap_rows, self.histogram_bins = int(heatmap_rows), int(histogram_bins)
+        self.notes: list[str] = []  # what the summary must always say (non-finite values left out, ...)
         self._precompute(parameter_budget_bytes)
 
         # -- controls ---------------------------------------------------------------------------
+        label_style = {"description_width": "72px"}
         self.range = widgets.IntRangeSlider(
             value=(0, t),
             min=0,
@@ -101,60 +111,78 @@ class Explorer(widgets.VBox):
             step=1,
             description="iterations",
             continuous_update=True,
-            layout=widgets.Layout(width=f"{max(400, width)}px"),
-            style={"description_width": "80px"},
-        )
-        self.granularity = widgets.ToggleButtons(
-            options=list(GRANULARITIES),
-            value=granularity,
-            description="sum by",
-            style={"button_width": "150px", "description_width": "80px"},
-        )
-        # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
-        self.layer = widgets.Dropdown(
-            options=[ALL_LAYERS, *self.layers],
-            value=layer or ALL_LAYERS,
-            description="layer",
-            style={"description_width": "80px"},
-        )
-        self.sign = widgets.ToggleButtons(
-            options=list(SIGNS),
-            value=sign,
-            description="show",
-            style={"button_width": "70px", "description_width": "50px"},
+            layout=widgets.Layout(flex="3 1 380px", min_width="300px"),
+            style=label_style,
         )
         self.smoothing = widgets.IntSlider(
             value=smoothing,
             min=1,
             max=max(1, min(500, t)),
             description="smoothing",
+            tooltip="trailing mean over this many iterations of the fractions and the residual",
             continuous_update=True,
-            style={"description_width": "80px"},
+            layout=widgets.Layout(flex="1 1 260px", min_width="240px"),
+            style=label_style,
         )
-        self.summary = widgets.HTML()
-        self.summary.add_class("lca-summary")
+        self.granularity = widgets.ToggleButtons(
+            options=list(GRANULARITIES),
+            value=granularity,
+            description="sum by",
+            style={"button_width": "auto", **label_style},
+            layout=widgets.Layout(width="auto"),
+        )
+        # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
+        self.layer = widgets.Dropdown(
+            options=[ALL_LAYERS, *self.layers],
+            value=layer or ALL_LAYERS,
+            description="layer",
+            style=label_style,
+            layout=widgets.Layout(width="280px"),
+        )
+        self.sign = widgets.ToggleButtons(
+            options=list(SIGNS),
+            value=sign,
+            description="show",
+            style={"button_width": "76px", "description_width": "44px"},
+            layout=widgets.Layout(width="auto", flex="0 0 auto"),
+        )
+        self.log_count = widgets.Checkbox(
+            value=bool(log_count), description="log count (histogram)", indent=False, layout={"width": "auto"}
+        )
+        self.summary = widgets.HTML(layout=widgets.Layout(height="64px", overflow="hidden", width="100%"))
+        self.summary.add_class("lca-summary-box")
 
         # -- figures ----------------------------------------------------------------------------
-        fw, fh = width, height
+        h = int(height)
+        loss_fig, loss_marks = figures.loss_figure(h - 84)
+        residual_fig, residual_marks = figures.residual_figure(84, loss_marks["loss"].scales["x"])
         built = {
-            "loss": figures.loss_figure(fw, fh),
-            "fractions": figures.fractions_figure(fw, fh),
-            "cumulative": figures.cumulative_figure(fw, fh, self.layers),
-            "layers": figures.layer_bars_figure(fw, fh, self.layers),
-            "heatmap": figures.heatmap_figure(fw, fh),
-            "histogram": figures.histogram_figure(fw, fh),
+            "loss": (loss_fig, loss_marks),
+            "residual": (residual_fig, residual_marks),
+            "fractions": figures.fractions_figure(h),
+            "cumulative": figures.cumulative_figure(h, self.layers),
+            "layers": figures.layer_bars_figure(h, self.layers),
+            "heatmap": figures.heatmap_figure(h),
+            "histogram": figures.histogram_figure(h),
         }
         self.figures = {k: f for k, (f, _) in built.items()}
-        self.marks = {name: m for _, ms in built.values() for name, m in ms.items()}
+        self.marks = {name: m for _, ms in built.values() for name, m in ms.items() if not name.startswith("_")}
+        self._linear_count, self._log_count_scale = (
+            self.marks["histogram_helped"].scales["y"],
+            built["histogram"][1]["_log_scale"],
+        )
+        self.brush = self.marks.pop("brush")
         for name, fig in self.figures.items():
             fig.add_class(f"lca-figure-{name}")
+        loss_panel = widgets.VBox([loss_fig, residual_fig], layout=widgets.Layout(width="100%"))
+        loss_panel.add_class("lca-loss-panel")
 
         # -- export -----------------------------------------------------------------------------
         self.export_path = widgets.Text(
             value="lca_selection.csv",
             description="export to",
             placeholder="file.csv, .nc, .png or .svg",
-            style={"description_width": "80px"},
+            style=label_style,
             layout=widgets.Layout(width="380px"),
         )
         self.export_button = widgets.Button(
@@ -164,27 +192,44 @@ class Explorer(widgets.VBox):
         self.export_status.add_class("lca-export-status")
         self.export_button.on_click(lambda _: self._export_clicked())
 
+        cells = [loss_panel] + [self.figures[k] for k in ("fractions", "cumulative", "layers", "heatmap", "histogram")]
         grid = widgets.GridBox(
-            list(self.figures.values()),
-            layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {fw}px)", grid_gap="4px"),
+            cells,
+            layout=widgets.Layout(
+                grid_template_columns="repeat(auto-fill, minmax(440px, 1fr))", grid_gap="6px 10px", width="100%"
+            ),
         )
+        row = {"flex_flow": "row wrap", "align_items": "center", "width": "100%"}
         super().__init__(
             [
-                widgets.HBox([self.range, self.smoothing]),
-                widgets.HBox([self.granularity]),
-                widgets.HBox([self.layer, self.sign]),
+                widgets.HBox([self.range, self.smoothing], layout=widgets.Layout(**row)),
+                widgets.HBox([self.granularity], layout=widgets.Layout(**row)),
+                widgets.HBox([self.layer, self.sign, self.log_count], layout=widgets.Layout(grid_gap="16px", **row)),
                 self.summary,
                 grid,
-                widgets.HBox([self.export_path, self.export_button, self.export_status]),
-            ]
+                widgets.HBox([self.export_path, self.export_button, self.export_status], layout=widgets.Layout(**row)),
+            ],
+            layout=widgets.Layout(width="100%"),
         )
         self.add_class("lca-explorer")
 
         self._syncing = False
-        for control in (self.range, self.granularity, self.layer, self.sign, self.smoothing):
+        self._from_brush = False
+        self._fraction_key = None
+        for control in (self.range, self.granularity, self.layer, self.sign, self.smoothing, self.log_count):
             control.observe(self._on_control, names="value")
         for key in ("helped_bars", "hurt_bars"):
             self.marks[key].observe(self._on_bar_selected, names="selected")
+            self.marks[key].on_hover(self._on_bar_hover)
+        self.brush.observe(self._on_brush, names=["selected", "brushing"])
+        self.marks["hover"].on_hover(self._on_loss_hover)
+        self.marks["cumulative_hover"].on_hover(self._on_cumulative_hover)
+        self.marks["heatmap_hover"].on_hover(self._on_heatmap_hover)
+        for key in ("histogram_helped", "histogram_hurt"):
+            self.marks[key].on_hover(self._on_histogram_hover)
+        self.figures["fractions"].axes[0].tick_values = figures.integer_ticks(0, t)
+        fx = self.figures["fractions"].marks[0].scales["x"]
+        fx.min, fx.max = 0.0, float(t)
         self.update()
 
     # -- precomputation (once) ------------------------------------------------------------------
@@ -195,14 +240,13 @@ class Explorer(widgets.VBox):
         self.layers = [str(x) for x in groups.labels("layer")]
         n_layers = len(self.layers)
         self._loss = np.asarray(r.loss.values, dtype=np.float64)
-        self._reconstructed = np.asarray(r.reconstructed_loss().values, dtype=np.float64)
-        self._residual_prefix = with_prefix(np.asarray(r.residual.values))
+        self._residual = np.asarray(r.residual.values, dtype=np.float64)
+        self._rest = np.asarray(r.lca_rest.values, dtype=np.float64)
+        self._tol = _tolerance(r.attrs)
 
         # element -> layer, labels and per-layer counts at each granularity
         self._labels, self._elem_layer, self._prefix = {}, {}, {}
         for by in ("parameter", "unit", "tensor", "layer"):
-            if by != "parameter":
-                self._prefix[by] = np.asarray(r.prefix(by), dtype=np.float64)
             self._labels[by], self._elem_layer[by] = np.asarray(groups.labels(by)), groups.layer_of(by)
         self._units_of_layer = groups.unit_coords()["unit_index"]
         self._n_elements = {
@@ -229,6 +273,32 @@ class Explorer(widgets.VBox):
 
         lca = r.lca.data if isinstance(r.lca.data, np.ndarray) else r.lca
         self._parameters = ParameterRanges(lca, budget_bytes=budget, on_block=count)
+        if np.isfinite(self._parameters.total(0, t)).all():  # a NaN or inf anywhere shows in its column's sum
+            for by in ("unit", "tensor", "layer"):
+                self._prefix[by] = np.asarray(r.prefix(by), dtype=np.float64)
+            rebuilt = np.asarray(r.reconstructed_loss().values, dtype=np.float64)
+        else:  # read again with them as 0 and say so: the rest of the run is still worth seeing
+            finite = _Finite(lca)
+            self._prefix = finite.group_prefixes(groups, ("unit", "tensor", "layer"))
+            self._parameters = ParameterRanges(finite, budget_bytes=budget, on_block=count)
+            tensor, index = np.asarray(r.lca["tensor"].values), np.asarray(r.lca["index"].values)
+            it, col = finite.first_bad
+            self.notes.append(
+                f"lca holds {finite.n_bad:,} NaN or infinite values (first: iteration {it}, "
+                f"{tensor[col]}[{index[col]}]); they are drawn as 0 and left out of every sum. "
+                "Look for the iteration where the loss or the parameters diverged."
+            )
+            rebuilt = self._loss[0] + np.concatenate([[0.0], np.cumsum(np.diff(self._prefix["layer"].sum(1)))])
+            rebuilt[1:] += np.cumsum(np.nan_to_num(self._rest, posinf=0.0, neginf=0.0))
+        self._reconstructed = rebuilt
+        for name, series in (("loss", self._loss), ("residual", self._residual)):
+            bad = ~np.isfinite(series)
+            if bad.any():
+                self.notes.append(
+                    f"{name} is NaN or infinite at {int(bad.sum())} of {len(series)} points (first at "
+                    f"{int(np.flatnonzero(bad)[0])}): gaps in its line."
+                )
+        self._residual_finite = np.where(np.isfinite(self._residual), self._residual, 0.0)
         for by in ("unit", "tensor", "layer"):
             per = np.diff(self._prefix[by], axis=0)
             onehot = np.zeros((per.shape[1], n_layers))
@@ -263,33 +333,45 @@ class Explorer(widgets.VBox):
             mask &= totals > 0
         return mask
 
-    def _fraction_series(self, by):
+    def fraction_series(self, by: str | None = None) -> dict:
         """Per-iteration fractions (helped, hurt, zero) overall or of the chosen layer, smoothed."""
+        by = by or self.granularity.value
         layer = self.selected_layer
         h, u, n = self._helped_counts[by], self._hurt_counts[by], self._n_elements[by]
         if layer is None:
             helped, hurt, count = h.sum(axis=1), u.sum(axis=1), n.sum()
         else:
             helped, hurt, count = h[:, layer], u[:, layer], n[layer]
+        count = max(float(count), 1.0)
         helped, hurt = helped / count, hurt / count
         out = {"helped": helped, "hurt": hurt, "zero": 1.0 - helped - hurt}
         return {k: trailing_mean(v, self.smoothing.value) for k, v in out.items()}
+
+    def residual_series(self) -> np.ndarray:
+        """The residual of each iteration, smoothed like the fractions (NaN where it was not finite)."""
+        smoothed = trailing_mean(self._residual_finite, self.smoothing.value)
+        return np.where(np.isfinite(self._residual), smoothed, np.nan)
 
     def compute(self) -> dict:
         """Everything the figures show for the current control values, as float64 arrays (not yet sent)."""
         start, stop = self.range.value
         by = self.granularity.value
         layer = self.selected_layer
+        sign = self.sign.value
         edges = bin_edges(start, stop, self.max_points)
-        centres = bin_centres(edges)
-        out = {"start": start, "stop": stop, "edges": edges}
-        # loss: the checkpoints at the bin edges (exact values there), residual summed per bin
+        out: dict = {"start": start, "stop": stop, "edges": edges}
+        # loss: the checkpoints at the bin edges (exact values there)
         out["loss"] = (edges.astype(np.float64), self._loss[edges])
         out["reconstructed"] = (edges.astype(np.float64), self._reconstructed[edges])
-        out["residual"] = (centres, binned_sum(self._residual_prefix, edges))
-        # fractions: smoothed per iteration, then averaged per bin
-        fr = self._fraction_series(by)
-        out["fractions"] = {k: (centres, binned_mean(with_prefix(v), edges)) for k, v in fr.items()}
+        # residual: per iteration (smoothed); per bin, the iteration of largest |value| (a tolerance check)
+        res = self.residual_series()
+        out["residual"] = _extreme_per_bin(res, edges)
+        # fractions over the whole run (the overview the brush selects on)
+        fedges = bin_edges(0, self.n_iterations, self.max_points)
+        fr = self.fraction_series(by)
+        fcentres = bin_centres(fedges)
+        out["fraction_edges"] = fedges
+        out["fractions"] = {k: (fcentres, binned_mean(with_prefix(v), fedges)) for k, v in fr.items()}
         # cumulative LCA per layer from the start of the range, at the bin edges
         p = self._prefix["layer"]
         out["cumulative"] = (edges.astype(np.float64), (p[edges] - p[start]).T)
@@ -297,104 +379,241 @@ class Explorer(widgets.VBox):
         totals = self.element_totals(by, start, stop)
         n_layers = len(self.layers)
         neg, pos = np.minimum(totals, 0.0), np.maximum(totals, 0.0)
+        owners = self._elem_layer[by]
         bars = np.stack(
-            [
-                np.bincount(self._elem_layer[by], weights=neg, minlength=n_layers),
-                np.bincount(self._elem_layer[by], weights=pos, minlength=n_layers),
-            ]
+            [np.bincount(owners, weights=neg, minlength=n_layers), np.bincount(owners, weights=pos, minlength=n_layers)]
         )
-        if self.sign.value == "helped":
+        out["bar_counts"] = np.stack(
+            [np.bincount(owners[totals < 0], minlength=n_layers), np.bincount(owners[totals > 0], minlength=n_layers)]
+        )
+        out["layer_net"] = bars.sum(axis=0)  # before the sign filter: the layer's share of the loss change
+        out["loss_change"] = float(self._loss[stop] - self._loss[start])
+        if sign == "helped":
             bars[1] = 0.0
-        elif self.sign.value == "hurt":
+        elif sign == "hurt":
             bars[0] = 0.0
         out["bars"] = bars
         mask = self._selected_elements(totals, by)
         values = totals[mask]
-        out["elements"] = (self._labels[by][mask], self._elem_layer[by][mask], values)
-        if len(values):
-            counts, hedges = np.histogram(values, bins=self.histogram_bins)
-            out["histogram"] = ((hedges[:-1] + hedges[1:]) / 2, counts.astype(np.float64))
-        else:
-            out["histogram"] = (np.zeros(0), np.zeros(0))
+        out["elements"] = (self._labels[by][mask], owners[mask], values)
+        out["histogram"] = histogram(values, self.histogram_bins)
         # heat map: units of the chosen layer (layers when none is chosen) x bins of iterations
         hedges_t = bin_edges(start, stop, self.heatmap_columns)
         if layer is None:
             prefix_rows, row_labels = p, np.arange(n_layers, dtype=np.float64)
+            row_names = list(self.layers)
         else:
             cols = np.flatnonzero(self._elem_layer["unit"] == layer)
             prefix_rows, row_labels = self._prefix["unit"][:, cols], self._units_of_layer[cols].astype(np.float64)
+            row_names = [f"unit {int(u)}" for u in row_labels]
         heat = binned_sum(prefix_rows, hedges_t).T  # (rows, columns)
         groups = group_rows(heat.shape[0], self.heatmap_rows)
         if len(groups) - 1 < heat.shape[0]:  # more units than pixel rows: sum neighbouring units
             heat = np.add.reduceat(heat, groups[:-1], axis=0)
-            row_labels = (row_labels[groups[:-1]] + row_labels[groups[1:] - 1]) / 2
-        if self.sign.value == "helped":
+            lo, hi = row_labels[groups[:-1]], row_labels[groups[1:] - 1]
+            row_names = [
+                f"units {int(a)}–{int(b)}" if a != b else f"unit {int(a)}" for a, b in zip(lo, hi, strict=True)
+            ]
+            row_labels = (lo + hi) / 2
+        if sign == "helped":
             heat = np.minimum(heat, 0.0)
-        elif self.sign.value == "hurt":
+        elif sign == "hurt":
             heat = np.maximum(heat, 0.0)
         out["heatmap"] = (bin_centres(hedges_t), row_labels, heat)
+        out["heatmap_edges"], out["heatmap_rows"] = hedges_t, row_names
+        out["heatmap_limit"] = colour_limit(heat)
         return out
 
     # -- drawing ----------------------------------------------------------------------------------
     def update(self):
         """Recompute from the controls and update every mark in place (one message per mark)."""
+        start, stop = self.range.value
+        if stop <= start:  # a zero-width range holds no iteration: say so, keep the last drawing
+            self.summary.value = self._summary_box(
+                f"<b>iterations [{start}, {stop}) hold no iteration</b>: drag the handles apart to include at "
+                "least one (the figures still show the last range)."
+            )
+            return
         s = self.compute()
         m = self.marks
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
+        f32 = _f32
         sign = self.sign.value
+        figs = self.figures
+        ticks = figures.integer_ticks(start, stop)
         with ExitStack() as stack:
             for mark in m.values():
                 stack.enter_context(mark.hold_sync())
-            for key in ("loss", "reconstructed", "residual"):
+            xs = m["loss"].scales["x"]
+            stack.enter_context(xs.hold_sync())
+            xs.min, xs.max = float(start), float(stop)
+            for key in ("loss", "reconstructed"):
                 m[key].x, m[key].y = f32(s[key][0]), f32(s[key][1])
-            m["loss_points"].x, m["loss_points"].y = f32(s["loss"][0]), f32(s["loss"][1])
-            for key, (x, y) in s["fractions"].items():
-                shown = sign == "both" or sign == key
-                m[key].x, m[key].y, m[key].visible = f32(x), f32(y), shown
-                pts = m[f"{key}_points"]
-                pts.x, pts.y, pts.visible = f32(x), f32(y), shown
+            for name in ("loss", "residual", "cumulative"):
+                figs[name].axes[0].tick_values = ticks
+            self._draw_residual(s)
+            self._draw_fractions(s, sign)
+            cx = m["cumulative"].scales["x"]
+            stack.enter_context(cx.hold_sync())
+            cx.min, cx.max = float(start), float(stop)
             m["cumulative"].x, m["cumulative"].y = f32(s["cumulative"][0]), f32(s["cumulative"][1])
-            self._syncing = True
-            try:
-                for row, key in enumerate(("helped_bars", "hurt_bars")):
-                    m[key].y = f32(s["bars"][row])
-                    m[key].selected = None if self.selected_layer is None else [self.selected_layer]
-            finally:
-                self._syncing = False
-            m["histogram"].x, m["histogram"].y = f32(s["histogram"][0]), f32(s["histogram"][1])
-            x, y, heat = _at_least_two(*s["heatmap"])
-            limit = float(np.abs(heat).max()) or 1.0
-            heatmap = m["heatmap"]
-            heatmap.x, heatmap.y, heatmap.color = f32(x), f32(y), f32(heat)
-            cs = heatmap.scales["color"]
-            with cs.hold_sync():
-                cs.min, cs.max = -limit, limit
+            self._draw_bars(s)
+            self._draw_histogram(s)
+            self._draw_heatmap(s, stack)
         self._state = s
+        if not self._from_brush:
+            with self.brush.hold_sync():
+                self._syncing = True
+                try:
+                    self.brush.selected = np.array([float(start), float(stop)])
+                finally:
+                    self._syncing = False
         self.summary.value = self._summary_html(s)
-        heat_fig = self.figures["heatmap"]
-        if self.selected_layer is None:
-            heat_fig.axes[1].label = "layer (0 = " + self.layers[0] + ")"
-            heat_fig.axes[1].tick_values = np.arange(len(self.layers)) if len(self.layers) <= 12 else None
-            heat_fig.title = f"LCA per layer and iteration (colour ±{limit:.2e})"
+
+    def _draw_residual(self, s):
+        m = self.marks
+        x, y = s["residual"]
+        m["residual"].x, m["residual"].y = _f32(x), _f32(y)
+        finite = y[np.isfinite(y)]
+        top = max(float(np.abs(finite).max()) if len(finite) else 0.0, self._tol or 0.0) * 1.15 or 1.0
+        rs = m["residual"].scales["y"]
+        with rs.hold_sync():
+            rs.min, rs.max = -top, top
+        if self._tol:
+            x0, x1 = float(s["start"]), float(s["stop"])
+            m["tolerance"].x = _f32([x0, x1])
+            m["tolerance"].y = _f32([[self._tol, self._tol], [-self._tol, -self._tol]])
+        axis = self.figures["residual"].axes[1]
+        axis.tick_values = np.array([-top / 1.15, 0.0, top / 1.15])
+        axis.label = "residual" if self._tol is None else "resid. (±tol)"
+
+    def _draw_fractions(self, s, sign):
+        m = self.marks
+        key = (self.granularity.value, self.selected_layer, self.smoothing.value)
+        for name in ("helped", "hurt", "zero"):
+            m[name].visible = sign == "both" or sign == name
+        if key == self._fraction_key:  # the overview does not depend on the range: not resent on a slider move
+            return
+        self._fraction_key = key
+        for name, (x, y) in s["fractions"].items():
+            m[name].x, m[name].y = _f32(x), _f32(y)
+
+    def _draw_bars(self, s):
+        m, figs = self.marks, self.figures
+        labels = [
+            f"{name} · {_share(net, s['loss_change'])}" for name, net in zip(self.layers, s["layer_net"], strict=True)
+        ]
+        xs = m["helped_bars"].scales["x"]
+        self._syncing = True
+        try:
+            xs.domain = labels
+            for row, key in enumerate(("helped_bars", "hurt_bars")):
+                m[key].x, m[key].y = labels, _f32(s["bars"][row])
+                m[key].selected = None if self.selected_layer is None else [self.selected_layer]
+        finally:
+            self._syncing = False
+        figs["layers"].axes[0].tick_rotate = -25 if len(labels) > 4 else 0
+        nothing = not np.any(s["bars"])
+        what = {"both": "moved", "helped": "helped", "hurt": "hurt"}[self.sign.value]
+        m["layers_empty"].text = [f"No layer {what} in iterations [{s['start']}, {s['stop']})"]
+        m["layers_empty"].visible = bool(nothing)
+
+    def _draw_histogram(self, s):
+        m, fig = self.marks, self.figures["histogram"]
+        centres, counts, _width, zeros = s["histogram"]
+        log = self.log_count.value
+        scale = self._log_count_scale if log else self._linear_count
+        shown = np.where(counts > 0, counts, 0.5) if log else counts
+        for key, part in (("histogram_helped", centres < 0), ("histogram_hurt", centres > 0)):
+            bars = m[key]
+            if bars.scales["y"] is not scale:
+                bars.scales = {"x": bars.scales["x"], "y": scale}
+            bars.base = 0.5 if log else 0.0
+            bars.x, bars.y = _f32(centres[part]), _f32(shown[part])
+        top = float(counts.max()) if len(counts) else 1.0
+        axis = fig.axes[1]
+        axis.scale = scale
+        if log:
+            axis.tick_values = 10.0 ** np.arange(0, int(np.ceil(np.log10(max(top, 1.0)))) + 1)
+            axis.label, axis.tick_format = "count (log)", "~s"
+            scale.max = float(max(top, 1.0) * 1.5)
         else:
-            heat_fig.axes[1].label, heat_fig.axes[1].tick_values = "unit", None
-            heat_fig.title = f"{self.layer.value}: LCA per unit and iteration (colour ±{limit:.2e})"
+            axis.tick_values = figures.integer_ticks(0, top, 5)
+            axis.label, axis.tick_format = "count", "d"
+            scale.max = float(max(top, 1.0))
+        n = int(counts.sum())
+        what = {"both": "element", "helped": "element that helped", "hurt": "element that hurt"}[self.sign.value]
+        empty = n == 0
+        m["histogram_empty"].visible = empty
+        for a in fig.axes:
+            a.visible = not empty
+        if empty:
+            where = "" if self.selected_layer is None else f" of {self.layer.value}"
+            verb = "moved" if self.sign.value == "both" else "in"
+            m["histogram_empty"].text = [f"No {what}{where} {verb} iterations [{s['start']}, {s['stop']})"]
+        fig.title = f"Distribution of LCA ({n:,} elements; {zeros:,} exactly 0, not drawn)"
+
+    def _draw_heatmap(self, s, stack):
+        m, fig = self.marks, self.figures["heatmap"]
+        x, y, heat = _at_least_two(*s["heatmap"])
+        limit = s["heatmap_limit"]
+        heatmap = m["heatmap"]
+        clipped = np.clip(heat, -limit, limit) if limit > 0 else heat
+        heatmap.x, heatmap.y, heatmap.color = _f32(x), _f32(y), _f32(clipped)
+        cs, xs, ys = heatmap.scales["color"], heatmap.scales["x"], heatmap.scales["y"]
+        for sc in (cs, xs, ys):
+            stack.enter_context(sc.hold_sync())
+        cs.min, cs.max = -(limit or 1.0), limit or 1.0
+        edges = s["heatmap_edges"]
+        xs.min, xs.max = float(edges[0]) - 0.5, float(edges[-1]) - 0.5
+        step = float(y[1] - y[0])
+        ys.min, ys.max = float(y[0]) - step / 2, float(y[-1]) + step / 2
+        n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
+        unit_axis, name_axis, colour_axis = fig.axes[1], fig.axes[2], fig.axes[3]
+        fig.axes[0].tick_values = figures.integer_ticks(s["start"], s["stop"])
+        colour_axis.label = f"LCA, ±{limit:.2g} = 99th pct of |LCA| (↓ green helped)"
+        colour_axis.tick_values = np.array([-limit, -limit / 2, 0.0, limit / 2, limit]) if limit else None
+        rows = s["heatmap_rows"]
+        if self.selected_layer is None:
+            names = m["heatmap_names"]
+            names.domain = list(reversed(rows)) if len(rows) >= 2 else [rows[0], " "][::-1]
+            name_axis.visible, unit_axis.visible = True, False
+            name_axis.tick_values = None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
+            fig.title = "LCA per layer and iteration"
+        else:
+            name_axis.visible, unit_axis.visible = False, True
+            unit_axis.tick_values = figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6)
+            grouped = len(rows) and rows[0].startswith("units")
+            unit_axis.label = "unit (rows sum neighbours)" if grouped else "unit"
+            fig.title = f"{self.layer.value}: LCA per unit and iteration"
+        nothing = not np.any(s["heatmap"][2])
+        what = {"both": "moved", "helped": "helped", "hurt": "hurt"}[self.sign.value]
+        m["heatmap_empty"].text = [f"Nothing {what} in iterations [{s['start']}, {s['stop']})"]
+        m["heatmap_empty"].visible = bool(nothing)
+        heatmap.visible = not nothing
+
+    def _summary_box(self, body: str) -> str:
+        notes = "".join(
+            f'<div class="lca-note" style="color:{figures.HURT}">{html.escape(n)}</div>' for n in self.notes
+        )
+        return f'<div style="line-height:1.35">{body}{notes}</div>'
 
     def _summary_html(self, s) -> str:
         start, stop = s["start"], s["stop"]
         loss0, loss1 = self._loss[start], self._loss[stop]
         _labels, _, values = s["elements"]
         total = float(self.element_totals("layer", start, stop).sum())
-        residual = float(self._residual_prefix[stop] - self._residual_prefix[start])
+        residual = float(np.sum(self._residual_finite[start:stop]))
         by = self.granularity.value
         where = "all layers" if self.selected_layer is None else self.layer.value
-        return (
+        zeros = s["histogram"][3]
+        body = (
             f'<div class="lca-summary" data-start="{start}" data-stop="{stop}" data-n="{len(values)}">'
             f"<b>iterations [{start}, {stop})</b> of {self.n_iterations} &middot; loss {loss0:.6g} &rarr; {loss1:.6g} "
-            f"(change {loss1 - loss0:+.6g}) &middot; LCA sum {total:+.6g}, residual {residual:+.3g} &middot; "
-            f"{html.escape(where)}, by {by}, {self.sign.value}: <b>{len(values)}</b> elements, "
-            f"sum {values.sum():+.6g}</div>"
+            f"(change {loss1 - loss0:+.6g}) &middot; LCA sum {total:+.6g}, residual {residual:+.3g}<br>"
+            f"{html.escape(where)}, by {by}, {self.sign.value}: <b>{len(values)}</b> elements "
+            f"({zeros:,} exactly 0), sum {values.sum():+.6g}</div>"
         )
+        return self._summary_box(body)
 
     # -- events -----------------------------------------------------------------------------------
     def _on_control(self, change):
@@ -410,6 +629,117 @@ class Explorer(widgets.VBox):
         if selected is None or len(selected) == 0:
             return  # a click on the background must not lose the chosen layer
         self.layer.value = self.layers[int(selected[-1])]
+
+    def _on_brush(self, change):
+        """A drag on the fractions chart sets the range (whole iterations, at least one)."""
+        if self._syncing:
+            return
+        sel = self.brush.selected
+        if sel is None or len(sel) != 2:
+            return
+        t = self.n_iterations
+        lo, hi = sorted(float(v) for v in sel)
+        start = int(np.clip(round(lo), 0, t - 1))
+        stop = int(np.clip(round(hi), start + 1, t))
+        if (start, stop) == tuple(self.range.value):
+            return
+        self._from_brush = True
+        try:
+            self.range.value = (start, stop)
+        finally:
+            self._from_brush = False
+
+    # -- tooltips (HTML filled on hover) -------------------------------------------------------------
+    def _hover_column(self, content, mark) -> float | None:
+        """Where a hover grid point sits across the plot (0 = left, 1 = right), from the front end's message."""
+        point = content.get("point") or {}
+        index = point.get("index")
+        if index is None:
+            return None
+        return float(np.asarray(mark.x)[int(index)])
+
+    def _iteration_at(self, fraction: float) -> int:
+        start, stop = self.range.value
+        return int(np.clip(round(start + fraction * (stop - start)), start, stop))
+
+    def tooltip_at_checkpoint(self, k: int) -> str:
+        """The loss figure's tooltip at checkpoint ``k``: every series there."""
+        rows = [("true loss", f"{self._loss[k]:.6g}"), ("rebuilt from LCA", f"{self._reconstructed[k]:.6g}")]
+        if k < self.n_iterations:
+            res = self.residual_series()[k]
+            rows.append(
+                (f"residual (iteration {k})", f"{res:+.3g}" + ("" if self._tol is None else f" (tol {self._tol:.0e})"))
+            )
+            fr = self.fraction_series()
+            rows += [(f"{name}", f"{fr[name][k]:.1%}") for name in ("helped", "hurt", "zero")]
+        return _table(f"checkpoint {k}", rows)
+
+    def _on_loss_hover(self, mark, content):
+        fraction = self._hover_column(content, mark)
+        if fraction is not None:
+            mark.tooltip.value = self.tooltip_at_checkpoint(self._iteration_at(fraction))
+
+    def tooltip_cumulative(self, k: int) -> str:
+        start = self.range.value[0]
+        p = self._prefix["layer"]
+        values = p[k] - p[start]
+        total = float(values.sum())
+        rows = [(name, f"{v:+.4g} ({_share(v, total)})") for name, v in zip(self.layers, values, strict=True)]
+        return _table(f"iterations [{start}, {k}), LCA (share)", rows)
+
+    def _on_cumulative_hover(self, mark, content):
+        fraction = self._hover_column(content, mark)
+        if fraction is not None:
+            mark.tooltip.value = self.tooltip_cumulative(self._iteration_at(fraction))
+
+    def tooltip_heatmap(self, fx: float, fy: float) -> str:
+        """The heat map cell at plot fractions ``fx`` (left to right) and ``fy`` (bottom to top)."""
+        s = self._state
+        heat = s["heatmap"][2]
+        edges = s["heatmap_edges"]
+        it = edges[0] + fx * (edges[-1] - edges[0])
+        j = int(np.clip(np.searchsorted(edges, it, side="right") - 1, 0, heat.shape[1] - 1))
+        i = int(np.clip(np.floor((1.0 - fy) * heat.shape[0]), 0, heat.shape[0] - 1))
+        value, limit = float(heat[i, j]), s["heatmap_limit"]
+        note = " (beyond the colour bar)" if limit and abs(value) > limit else ""
+        rows = [(s["heatmap_rows"][i], f"{value:+.4g}{note}")]
+        return _table(f"iterations [{edges[j]}, {edges[j + 1]})", rows)
+
+    def _on_heatmap_hover(self, mark, content):
+        point = content.get("point") or {}
+        if point.get("index") is None:
+            return
+        k = int(point["index"])
+        mark.tooltip.value = self.tooltip_heatmap(float(np.asarray(mark.x)[k]), float(np.asarray(mark.y)[k]))
+
+    def tooltip_layer(self, i: int) -> str:
+        s = self._state
+        helped, hurt = s["bars"][0][i], s["bars"][1][i]
+        n_helped, n_hurt = s["bar_counts"][:, i]
+        net = s["layer_net"][i]
+        rows = [
+            ("helped (sum < 0)", f"{helped:+.4g} ({n_helped:,} elements)"),
+            ("hurt (sum > 0)", f"{hurt:+.4g} ({n_hurt:,} elements)"),
+            ("net LCA", f"{net:+.4g}"),
+            ("share of the loss change", _share(net, s["loss_change"])),
+        ]
+        return _table(f"{self.layers[i]}, iterations [{s['start']}, {s['stop']})", rows)
+
+    def _on_bar_hover(self, mark, content):
+        point = content.get("point") or {}
+        if point.get("index") is not None:
+            mark.tooltip.value = self.tooltip_layer(int(point["index"]))
+
+    def _on_histogram_hover(self, mark, content):
+        point = content.get("point") or {}
+        if point.get("index") is None:
+            return
+        centre = float(np.asarray(mark.x)[int(point["index"])])
+        centres, counts, width, _zeros = self._state["histogram"]
+        k = int(np.argmin(np.abs(centres - centre)))
+        n = max(int(counts.sum()), 1)
+        rows = [("count", f"{int(counts[k]):,} ({counts[k] / n:.1%} of those drawn)")]
+        mark.tooltip.value = _table(f"LCA in [{centres[k] - width / 2:.3g}, {centres[k] + width / 2:.3g})", rows)
 
     # -- export -----------------------------------------------------------------------------------
     def selection(self) -> xr.Dataset:
@@ -432,10 +762,11 @@ class Explorer(widgets.VBox):
                 "layer_hurt": (("layer",), s["bars"][1]),
                 "loss": (("checkpoint",), s["loss"][1]),
                 "reconstructed_loss": (("checkpoint",), s["reconstructed"][1]),
-                "residual": (("bin",), s["residual"][1]),
-                **{f"fraction_{k}": (("bin",), v[1]) for k, v in fr.items()},
+                "residual": (("bin",), s["residual"][1], {"long_name": "residual of largest magnitude in the bin"}),
+                **{f"fraction_{k}": (("run_bin",), v[1]) for k, v in fr.items()},
                 "cumulative": (("layer", "checkpoint"), s["cumulative"][1]),
                 "histogram_count": (("histogram_bin",), s["histogram"][1]),
+                "layer_share": (("layer",), _shares(s["layer_net"], s["loss_change"])),
             },
             coords={
                 "element": np.asarray([str(x) for x in labels]),
@@ -443,6 +774,7 @@ class Explorer(widgets.VBox):
                 "layer": layer_names,
                 "checkpoint": s["edges"],
                 "bin": s["residual"][0],
+                "run_bin": fr["helped"][0],
                 "histogram_bin": s["histogram"][0],
             },
             attrs={
@@ -452,6 +784,7 @@ class Explorer(widgets.VBox):
                 "layer": "" if self.selected_layer is None else self.layer.value,
                 "sign": self.sign.value,
                 "smoothing": self.smoothing.value,
+                "exact_zeros": s["histogram"][3],
             },
         )
         return ds
@@ -525,12 +858,126 @@ def _at_least_two(x, y, c):
     return x, y, c
 
 
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _share(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole`` ("–" when the whole is zero or not finite)."""
+    if not np.isfinite(whole) or abs(whole) < 1e-12 or not np.isfinite(part):
+        return "–"
+    return f"{part / whole:.0%}"
+
+
+def _shares(parts: np.ndarray, whole: float) -> np.ndarray:
+    """Each part's fraction of ``whole`` (NaN when the whole is zero)."""
+    parts = np.asarray(parts, dtype=np.float64)
+    return parts / whole if np.isfinite(whole) and abs(whole) >= 1e-12 else np.full_like(parts, np.nan)
+
+
+def _table(title: str, rows) -> str:
+    cells = "".join(
+        f'<tr><td style="padding-right:8px">{html.escape(k)}</td>'
+        f'<td style="text-align:right">{html.escape(v)}</td></tr>'
+        for k, v in rows
+    )
+    return f'<div class="lca-tooltip-body"><b>{html.escape(title)}</b><table>{cells}</table></div>'
+
+
+def _tolerance(attrs) -> float | None:
+    """The adaptive rule's tolerance on |residual| per iteration, if the result was computed with one."""
+    if attrs.get("method") != "adaptive":
+        return None
+    try:
+        tol = float(attrs.get("tol"))
+    except (TypeError, ValueError):
+        return None
+    return tol if np.isfinite(tol) and tol > 0 else None
+
+
+def _extreme_per_bin(series: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bin centres, the value of largest magnitude in each bin ``[e0, e1)``): a bin never hides an
+    iteration past the tolerance. NaN only where every value of the bin is NaN."""
+    part = series[edges[0] : edges[-1]]
+    finite = np.where(np.isfinite(part), part, 0.0)
+    starts = edges[:-1] - edges[0]
+    hi, lo = np.maximum.reduceat(finite, starts), np.minimum.reduceat(finite, starts)
+    value = np.where(np.abs(hi) >= np.abs(lo), hi, lo)
+    all_nan = np.logical_and.reduceat(~np.isfinite(part), starts)
+    return bin_centres(edges), np.where(all_nan, np.nan, value)
+
+
+def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(bin centres, counts, bin width, number of exact zeros) of the nonzero ``values``: bins of equal
+    width with 0 on an edge, so each bin holds helped (< 0) or hurt (> 0) elements, never both.
+
+    >>> c, n, w, z = histogram(np.array([-2.0, -1.0, 0.0, 0.0, 3.0]), 5)
+    >>> c.tolist(), n.tolist(), w, z
+    ([-1.5, -0.5, 0.5, 1.5, 2.5], [1.0, 1.0, 0.0, 0.0, 1.0], 1.0, 2)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    zeros = int(np.count_nonzero(values == 0))
+    moved = values[values != 0]
+    if not len(moved):
+        return np.zeros(0), np.zeros(0), 0.0, zeros
+    lo, hi = min(float(moved.min()), 0.0), max(float(moved.max()), 0.0)
+    width = (hi - lo) / max(1, bins)
+    edges = width * np.arange(np.floor(lo / width), np.ceil(hi / width) + 1)
+    counts, _ = np.histogram(moved, bins=edges)
+    return (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64), float(width), zeros
+
+
+def colour_limit(heat: np.ndarray, percentile: float = 99.0) -> float:
+    """The colour bar's symmetric limit: the ``percentile`` of |value| over the nonzero cells (0 if none);
+    cells beyond it are drawn at the end colour.
+
+    >>> colour_limit(np.array([[0.0, 1.0], [-2.0, 100.0]]), 50)
+    2.0
+    """
+    mags = np.abs(heat[heat != 0])
+    mags = mags[np.isfinite(mags)]
+    return float(np.percentile(mags, percentile, method="lower")) if len(mags) else 0.0
+
+
+class _Finite:
+    """Row blocks of an (iteration, parameter) array with NaN and inf read as 0; counts them once."""
+
+    def __init__(self, lca, block_rows: int = 256):
+        self.lca, self.shape = lca, lca.shape
+        self.n_bad, self.first_bad = 0, (0, 0)
+        self._block_rows = block_rows
+
+    def __getitem__(self, key) -> np.ndarray:
+        block = np.array(self.lca[key], dtype=np.float32)
+        block[~np.isfinite(block)] = 0.0
+        return block
+
+    def group_prefixes(self, groups, bys) -> dict[str, np.ndarray]:
+        """Prefix sums ``(T+1, groups)`` at each granularity, non-finite values as 0 (counted on the way)."""
+        t = self.shape[0]
+        out = {by: np.zeros((t + 1, len(groups.labels(by)))) for by in bys}
+        for t0 in range(0, t, self._block_rows):
+            raw = np.asarray(self.lca[t0 : min(t, t0 + self._block_rows)])
+            bad = ~np.isfinite(raw)
+            if bad.any():
+                if not self.n_bad:
+                    i, j = np.argwhere(bad)[0]
+                    self.first_bad = (t0 + int(i), int(j))
+                self.n_bad += int(bad.sum())
+                raw = np.where(bad, 0.0, raw)
+            for by, sums in groups.sums(raw, bys).items():
+                out[by][t0 + 1 : t0 + 1 + len(raw)] = sums
+        for p in out.values():
+            np.cumsum(p, axis=0, out=p)
+        return out
+
+
 def explore(result, **options) -> Explorer:
     """The interactive explorer of an ``LCAResult`` (an ipywidgets panel; display it or end a cell with it).
 
     >>> import lca_notebook as lca
     >>> panel = lca.explore(lca.LCAResult.example())
     >>> sorted(panel.figures)
-    ['cumulative', 'fractions', 'heatmap', 'histogram', 'layers', 'loss']
+    ['cumulative', 'fractions', 'heatmap', 'histogram', 'layers', 'loss', 'residual']
     """
     return Explorer(result, **options)

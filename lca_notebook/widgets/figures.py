@@ -1,129 +1,203 @@
-"""The explorer's bqplot figures: marks and scales built once, with explicit sizes; data comes later.
+"""The explorer's bqplot figures: marks, scales and axes built once; the explorer fills their data in place.
 
-Each builder returns ``(figure, marks)``; the explorer fills the marks' data in place. Colours are the
-same everywhere: green helped (LCA < 0), red hurt (LCA > 0), grey did not move.
+Each builder returns ``(figure, marks)``. One convention everywhere: helped (LCA < 0) is green and down (or
+left), hurt (LCA > 0) red and up (or right), did not move grey; every LCA axis says which way is helped.
+Colours are mid-tones that read on JupyterLab's light and dark themes (axes and text take the theme's own
+colours from bqplot's CSS variables). Figures take the width they are given (``width: 100%``); margins leave
+room for tick labels so no axis label is printed over them.
 
->>> fig, marks = loss_figure(400, 240)
+Tooltips that list several numbers are ipywidgets ``HTML`` filled from Python on hover (bqplot's own tooltips
+show one datum's fields): see :func:`hover_columns` and :func:`hover_grid`.
+
+>>> fig, marks = loss_figure(240)
 >>> sorted(marks)
-['loss', 'loss_points', 'reconstructed', 'residual']
+['hover', 'loss', 'reconstructed']
 """
 
 from __future__ import annotations
 
+import ipywidgets as widgets
 import numpy as np
-from bqplot import Axis, Bars, ColorScale, Figure, HeatMap, LinearScale, Lines, OrdinalScale, Scatter, Tooltip
+from bqplot import (
+    Axis,
+    Bars,
+    ColorAxis,
+    ColorScale,
+    Figure,
+    HeatMap,
+    Label,
+    LinearScale,
+    Lines,
+    LogScale,
+    OrdinalScale,
+    Scatter,
+)
+from bqplot.interacts import BrushIntervalSelector
 
-HELPED, HURT, ZERO = "#1a9850", "#d73027", "#9e9e9e"
-LAYER_COLOURS = [
-    "#1f77b4",
-    "#ff7f0e",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#bcbd22",
-    "#7f7f7f",
-    "#2ca02c",
-    "#d62728",
-]
+HELPED, HURT, ZERO = "#1a9850", "#d73027", "#8c8c8c"
+LOSS, REBUILT, RESIDUAL, MUTED = "#3b7dd8", "#f28e2b", "#9467bd", "#8c8c8c"
+HEAT_MID = "#f2f2f2"  # the heat map's zero: light, so green and red cells stand out on either theme
+# mid-tone layer colours that read on white and on JupyterLab's dark grey; no green or red (they mean helped/hurt)
+LAYER_COLOURS = ["#3b7dd8", "#f28e2b", "#9467bd", "#b07a4f", "#e377c2", "#17becf", "#bcbd22", "#6f8fb5"]
 _EMPTY = np.zeros(0, dtype=np.float32)
-_MARGIN = {"top": 36, "bottom": 44, "left": 62, "right": 20}
+_MARGIN = {"top": 32, "bottom": 44, "left": 74, "right": 30}
+HELPED_DOWN = "↓ helped"
+TOOLTIP_STYLE = {"opacity": 0.95}
 
 
-def _figure(title, marks, axes, width, height, margin=None) -> Figure:
+def _figure(title, marks, axes, height, margin=None, min_width=340) -> Figure:
     fig = Figure(
         marks=marks,
         axes=axes,
         title=title,
         fig_margin=dict(_MARGIN, **(margin or {})),
         animation_duration=0,
-        legend_location="top-right",
         title_style={"font-size": "13px"},
+        legend_location="top-right",
+        legend_style={"fill-opacity": 0.0, "stroke-opacity": 0.0},
+        min_aspect_ratio=0.01,
+        max_aspect_ratio=100,
     )
-    fig.layout.width, fig.layout.height = f"{width}px", f"{height}px"
+    fig.layout = widgets.Layout(width="100%", height=f"{height}px", min_width=f"{min_width}px")
     return fig
 
 
-def _hover_points(x_scale, y_scale, colour, name, x_label, y_format=".6g"):
-    """Invisible markers on a line's points whose tooltip gives the exact value under the pointer
-    (bqplot lines only report their name on hover)."""
+def x_axis(scale, label="iteration", **kw) -> Axis:
+    return Axis(scale=scale, label=label, label_offset="32px", tick_format="d", num_ticks=6, **kw)
+
+
+def y_axis(scale, label, tick_format=".3~g", offset="56px", **kw) -> Axis:
+    return Axis(
+        scale=scale,
+        orientation="vertical",
+        side="left",
+        label=label,
+        label_offset=offset,
+        tick_format=tick_format,
+        num_ticks=5,
+        **kw,
+    )
+
+
+def empty_label() -> Label:
+    """A message in the middle of a figure, shown instead of an empty axis."""
+    return Label(
+        x=[0.5],
+        y=[0.5],
+        scales={"x": LinearScale(min=0.0, max=1.0), "y": LinearScale(min=0.0, max=1.0)},
+        text=[""],
+        align="middle",
+        default_size=14,
+        colors=[MUTED],
+        visible=False,
+        enable_hover=False,
+    )
+
+
+def hover_columns(n_columns: int = 64) -> Bars:
+    """Invisible full-height columns across the plot: hovering anywhere reports a column (``index``) to
+    Python, which answers with every series at that place in the mark's ``HTML`` tooltip (never resent)."""
+    x = (np.arange(n_columns) + 0.5) / n_columns
+    return Bars(
+        x=x.astype(np.float32),
+        y=np.ones(n_columns, np.float32),
+        scales={"x": LinearScale(min=0.0, max=1.0), "y": LinearScale(min=0.0, max=1.0)},
+        colors=[MUTED],
+        opacities=[0.0] * n_columns,
+        padding=0.0,
+        base=0.0,
+        stroke=None,
+        display_legend=False,
+        tooltip=_tooltip(),
+        tooltip_style=TOOLTIP_STYLE,
+        interactions={"hover": "tooltip"},
+    )
+
+
+def _tooltip() -> widgets.HTML:
+    tooltip = widgets.HTML(value="", layout=widgets.Layout(min_width="160px"))
+    tooltip.add_class("lca-tooltip")
+    return tooltip
+
+
+def hover_grid(n_columns: int, n_rows: int, size: int = 400) -> Scatter:
+    """Invisible squares on a fixed ``n_rows x n_columns`` grid over the plot, in plot fractions (0..1)."""
+    gx, gy = np.meshgrid((np.arange(n_columns) + 0.5) / n_columns, (np.arange(n_rows) + 0.5) / n_rows)
     return Scatter(
-        x=_EMPTY,
-        y=_EMPTY,
-        scales={"x": x_scale, "y": y_scale},
-        colors=[colour],
-        default_size=24,
+        x=gx.ravel().astype(np.float32),
+        y=gy.ravel().astype(np.float32),
+        scales={"x": LinearScale(min=0.0, max=1.0), "y": LinearScale(min=0.0, max=1.0)},
+        marker="square",
+        default_size=size,
+        colors=[MUTED],
         opacities=[0.0],
         stroke=None,
         display_legend=False,
-        labels=[name],
-        tooltip=Tooltip(fields=["x", "y"], formats=[".0f", y_format], labels=[x_label, name]),
+        tooltip=_tooltip(),
+        tooltip_style=TOOLTIP_STYLE,
+        interactions={"hover": "tooltip"},
     )
 
 
-def loss_figure(width, height):
-    """True loss, the loss rebuilt from cumulative LCA, and the residual per plotted bin (right axis)."""
-    xs, ys, rs = LinearScale(), LinearScale(), LinearScale()
-    loss = Lines(
+def loss_figure(height):
+    """True loss at the checkpoints and the loss rebuilt from cumulative LCA (legend in the title)."""
+    xs, ys = LinearScale(), LinearScale()
+    loss = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=[LOSS], stroke_width=2.5)
+    recon = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=[REBUILT], line_style="dashed", stroke_width=2)
+    hover = hover_columns()
+    axes = [x_axis(xs, label=""), y_axis(ys, f"loss ({HELPED_DOWN})")]
+    title = "Loss: true (blue) and rebuilt from LCA (orange, dashed)"
+    fig = _figure(title, [loss, recon, hover], axes, height, {"bottom": 22})
+    return fig, {"loss": loss, "reconstructed": recon, "hover": hover}
+
+
+def residual_figure(height, x_scale):
+    """The residual (sum of LCA minus the loss change) per iteration, in a thin strip with the tolerance."""
+    rs = LinearScale()
+    residual = Lines(x=_EMPTY, y=_EMPTY, scales={"x": x_scale, "y": rs}, colors=[RESIDUAL], stroke_width=1.5)
+    tol = Lines(
         x=_EMPTY,
-        y=_EMPTY,
-        scales={"x": xs, "y": ys},
-        colors=["black"],
-        labels=["true loss"],
-        display_legend=True,
-        stroke_width=2,
-    )
-    recon = Lines(
-        x=_EMPTY,
-        y=_EMPTY,
-        scales={"x": xs, "y": ys},
-        colors=["#1f77b4"],
-        labels=["rebuilt from LCA"],
-        display_legend=True,
+        y=np.zeros((2, 0), np.float32),
+        scales={"x": x_scale, "y": rs},
+        colors=[MUTED],
         line_style="dashed",
-        stroke_width=2,
+        stroke_width=1,
     )
-    residual = Lines(
-        x=_EMPTY,
-        y=_EMPTY,
-        scales={"x": xs, "y": rs},
-        colors=["#ff7f0e"],
-        labels=["residual (per bin)"],
-        display_legend=True,
-        opacities=[0.8],
-    )
-    points = _hover_points(xs, ys, "black", "loss", "checkpoint")
-    axes = [
-        Axis(scale=xs, label="checkpoint (iteration)"),
-        Axis(scale=ys, side="left", label="loss", tick_format=".3g"),
-        Axis(scale=rs, side="right", label="residual", tick_format=".1e", label_offset="-6px", color="#ff7f0e"),
-    ]
-    fig = _figure("Loss: true vs rebuilt from LCA", [loss, recon, residual, points], axes, width, height, {"right": 70})
-    return fig, {"loss": loss, "reconstructed": recon, "residual": residual, "loss_points": points}
+    axes = [x_axis(x_scale), _residual_axis(rs)]
+    fig = _figure("", [residual, tol], axes, height, {"top": 6, "bottom": 40})
+    return fig, {"residual": residual, "tolerance": tol}
 
 
-def fractions_figure(width, height):
-    """Fractions of elements that helped, hurt or did not move, per iteration."""
+def _residual_axis(scale) -> Axis:
+    return Axis(
+        scale=scale,
+        orientation="vertical",
+        side="left",
+        label="residual",
+        label_offset="56px",
+        tick_format=".1~e",
+        num_ticks=3,
+    )
+
+
+def fractions_figure(height):
+    """Fractions of elements that helped, hurt or did not move over the whole run (in %); the shaded band
+    is the iteration range and a drag sets it (a ``BrushIntervalSelector`` linked to the slider)."""
     xs, ys = LinearScale(), LinearScale(min=0.0, max=1.0)
     marks = {}
     for key, colour in (("helped", HELPED), ("hurt", HURT), ("zero", ZERO)):
-        marks[key] = Lines(
-            x=_EMPTY,
-            y=_EMPTY,
-            scales={"x": xs, "y": ys},
-            colors=[colour],
-            labels=[key],
-            display_legend=True,
-            stroke_width=2,
-        )
-        marks[f"{key}_points"] = _hover_points(xs, ys, colour, key, "iteration", ".4f")
-    axes = [Axis(scale=xs, label="iteration"), Axis(scale=ys, side="left", label="fraction", tick_format=".0%")]
-    fig = _figure("Helping / hurting fractions", list(marks.values()), axes, width, height)
+        marks[key] = Lines(x=_EMPTY, y=_EMPTY, scales={"x": xs, "y": ys}, colors=[colour], stroke_width=2)
+    brush = BrushIntervalSelector(scale=xs, color=MUTED)
+    axes = [x_axis(xs, label="iteration (drag to choose the range)"), y_axis(ys, "% of elements", ".0%")]
+    title = "Helped (green), hurt (red), did not move (grey)"
+    fig = _figure(title, list(marks.values()), axes, height)
+    fig.interaction = brush
+    marks["brush"] = brush
     return fig, marks
 
 
-def cumulative_figure(width, height, layers):
-    """Cumulative LCA of each layer from the start of the chosen range (one line a layer)."""
+def cumulative_figure(height, layers):
+    """Cumulative LCA of each layer from the start of the range (one line a layer, legend top right)."""
     xs, ys = LinearScale(), LinearScale()
     colours = [LAYER_COLOURS[i % len(LAYER_COLOURS)] for i in range(len(layers))]
     lines = Lines(
@@ -132,76 +206,117 @@ def cumulative_figure(width, height, layers):
         scales={"x": xs, "y": ys},
         colors=colours,
         labels=list(layers),
-        display_legend=True,
+        display_legend=0 < len(layers) <= 10,
         stroke_width=2,
-        tooltip=Tooltip(fields=["name"], labels=["layer"]),
     )
-    axes = [Axis(scale=xs, label="iteration"), Axis(scale=ys, side="left", label="cumulative LCA", tick_format=".3g")]
-    return _figure("Cumulative LCA per layer", [lines], axes, width, height), {"cumulative": lines}
+    hover = hover_columns()
+    axes = [x_axis(xs), y_axis(ys, f"cumulative LCA ({HELPED_DOWN})")]
+    fig = _figure("Cumulative LCA per layer", [lines, hover], axes, height)
+    return fig, {"cumulative": lines, "cumulative_hover": hover}
 
 
-def layer_bars_figure(width, height, layers):
-    """Helped and hurt LCA of each layer over the range; clicking a bar selects its layer.
-
-    Two 1-D marks on the same x: helped bars go down from 0, hurt bars up, so they never overlap
-    (bqplot's grouped Bars do not draw 2-D float32 data)."""
+def layer_bars_figure(height, layers):
+    """Helped (down, green) and hurt (up, red) LCA of each layer over the range, each layer's share of the
+    loss change in its label; clicking a bar selects its layer."""
     xs, ys = OrdinalScale(domain=list(layers)), LinearScale()
     marks = {}
+    tooltip = _tooltip()
     for key, colour in (("helped", HELPED), ("hurt", HURT)):
         marks[f"{key}_bars"] = Bars(
             x=list(layers),
             y=np.zeros(len(layers), np.float32),
             scales={"x": xs, "y": ys},
             colors=[colour],
-            labels=[key],
             display_legend=False,
             base=0.0,
             padding=0.3,
             interactions={"click": "select", "hover": "tooltip"},
-            selected_style={"stroke": "black", "stroke-width": "2"},
-            unselected_style={"opacity": "0.55"},
-            tooltip=Tooltip(fields=["x", "y"], formats=["", ".6g"], labels=["layer", f"LCA {key}"]),
+            selected_style={"stroke": MUTED, "stroke-width": "3"},
+            unselected_style={"opacity": "0.45"},
+            tooltip=tooltip,
+            tooltip_style=TOOLTIP_STYLE,
         )
     axes = [
-        Axis(scale=xs, label="layer (click a bar to choose it)"),
-        Axis(scale=ys, side="left", label="LCA in range", tick_format=".3g"),
+        Axis(scale=xs, label="layer · share of the loss change (click a bar)", label_offset="32px"),
+        y_axis(ys, f"LCA in range ({HELPED_DOWN})"),
     ]
-    title = "LCA per layer in the range (green helped, red hurt)"  # one legend per mark would overlap
-    return _figure(title, list(marks.values()), axes, width, height), marks
+    marks["layers_empty"] = empty_label()
+    title = "LCA per layer: helped (green, down), hurt (red, up)"
+    return _figure(title, list(marks.values()), axes, height), marks
 
 
-def heatmap_figure(width, height):
-    """Units (neurons or channels) x iterations of the chosen layer, drawn on a canvas (``HeatMap``)."""
+def heatmap_figure(height):
+    """Rows (layers, or the chosen layer's units) x iterations, drawn on a canvas (``HeatMap``), with a colour
+    bar. Named rows come from an ordinal axis over the same band; a hover grid reports the cell under the
+    pointer (bqplot 0.13's ``HeatMap`` itself binds no data to its image, so it cannot)."""
     xs, ys = LinearScale(), LinearScale(reverse=True)
-    cs = ColorScale(colors=[HELPED, "#ffffff", HURT], mid=0.0, min=-1.0, max=1.0)  # its range goes in the title
+    cs = ColorScale(colors=[HELPED, HEAT_MID, HURT], mid=0.0, min=-1.0, max=1.0)
     heat = HeatMap(
         x=np.arange(2, dtype=np.float32),
         y=np.arange(2, dtype=np.float32),
         color=np.zeros((2, 2), np.float32),
         scales={"x": xs, "y": ys, "color": cs},
-        null_color="#ffffff",
+        null_color=HEAT_MID,
     )
+    names = OrdinalScale(domain=[])
+    hover = hover_grid(40, 16, size=150)
+    empty = empty_label()
     axes = [
-        Axis(scale=xs, label="iteration"),
-        Axis(scale=ys, side="left", label="unit", tick_format="d"),
+        x_axis(xs),
+        Axis(scale=ys, orientation="vertical", side="left", label="unit", label_offset="46px", tick_format="d"),
+        Axis(scale=names, orientation="vertical", side="left", label="layer", label_offset="62px", visible=False),
+        ColorAxis(scale=cs, side="right", label="LCA", tick_format=".1~e", label_offset="54px"),
     ]
-    fig = _figure("LCA per unit and iteration", [heat], axes, width, height)
-    return fig, {"heatmap": heat}
+    fig = _figure("LCA per layer and iteration", [heat, hover, empty], axes, height, {"right": 86, "left": 82})
+    return fig, {"heatmap": heat, "heatmap_hover": hover, "heatmap_empty": empty, "heatmap_names": names}
 
 
-def histogram_figure(width, height):
-    """Histogram (computed in Python) of the LCA of the selection's elements over the range."""
-    xs, ys = LinearScale(), LinearScale(min=0.0)
-    bars = Bars(
-        x=_EMPTY,
-        y=_EMPTY,
-        scales={"x": xs, "y": ys},
-        colors=["#4c72b0"],
-        padding=0.05,
-        tooltip=Tooltip(fields=["x", "y"], formats=[".4g", ".0f"], labels=["LCA (bin centre)", "count"]),
-    )
+def histogram_figure(height):
+    """Histogram (computed in Python) of the selection's LCA over the range: bins left of 0 helped (green),
+    right of 0 hurt (red); exact zeros are counted apart (in the title)."""
+    xs, ys, logs = LinearScale(), LinearScale(min=0.0), LogScale(min=0.5)
+    tooltip = _tooltip()
+    marks = {}
+    for key, colour in (("helped", HELPED), ("hurt", HURT)):
+        marks[f"histogram_{key}"] = Bars(
+            x=_EMPTY,
+            y=_EMPTY,
+            scales={"x": xs, "y": ys},
+            colors=[colour],
+            padding=0.05,
+            base=0.0,
+            tooltip=tooltip,
+            tooltip_style=TOOLTIP_STYLE,
+            interactions={"hover": "tooltip"},
+        )
+    marks["histogram_empty"] = empty_label()
     axes = [
-        Axis(scale=xs, label="LCA in range", tick_format=".2g", num_ticks=5),
-        Axis(scale=ys, side="left", label="count", tick_format="d"),
+        Axis(scale=xs, label="LCA in range (← helped, hurt →)", label_offset="32px", tick_format=".2~g", num_ticks=5),
+        y_axis(ys, "count", tick_format="d", offset="50px"),
     ]
-    return _figure("Distribution of LCA", [bars], axes, width, height), {"histogram": bars}
+    fig = _figure("Distribution of LCA", list(marks.values()), axes, height, {"left": 66})
+    marks["_log_scale"] = logs  # swapped in for ``ys`` by the explorer's log-count option
+    return fig, marks
+
+
+def integer_ticks(lo: float, hi: float, most: int = 6) -> np.ndarray:
+    """At most ``most`` round integer tick values in ``[lo, hi]`` (1, 2 or 5 times a power of ten apart).
+
+    >>> integer_ticks(0, 3).tolist(), integer_ticks(10, 2000).tolist()
+    ([0, 1, 2, 3], [500, 1000, 1500, 2000])
+    """
+    lo, hi = float(lo), float(hi)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi < lo:
+        return np.zeros(0, dtype=np.int64)
+    span = max(hi - lo, 1.0)
+    step = 1
+    for power in range(0, 19):
+        for m in (1, 2, 5):
+            step = m * 10**power
+            if span / step <= most - 1:
+                break
+        else:
+            continue
+        break
+    first = int(np.ceil(lo / step) * step)
+    return np.arange(first, int(np.floor(hi)) + 1, step, dtype=np.int64)
