@@ -20,3 +20,12 @@ class StoreWriteError(LCAError, OSError):
 
 class RecordingError(LCAError, RuntimeError):
     """Recording a trajectory failed; raised in the training thread. The snapshots saved so far are kept."""
+
+
+class StoreDamagedError(LCAError, ValueError):
+    """A store's files changed after they were written (a chunk fails its checksum or has the wrong size, an
+    attribute is not what was written); the message names the store, array, chunk and file, and how to repair."""
+
+
+class StoreInUseError(LCAError, RuntimeError):
+    """Another writer (in this or another process) holds the path; nothing was written, nothing was lost."""

@@ -254,7 +254,7 @@ class _Writer:
             raise RecordingError(
                 f"recording to {self.writer.path!r} failed at snapshot {index} (step {step}): "
                 f"{type(self.error).__name__}: {self.error}. "
-                f"Snapshots 0..{self.writer.n - 1} are saved there; free disk space or record to another path."
+                f"{self.writer.saved()}; free disk space or record to another path."
             ) from self.error
 
     def put(self, step, packed, index):
@@ -277,7 +277,14 @@ class _Writer:
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
-        self._raise()
+        try:
+            self._raise()
+        except BaseException:
+            try:  # keep what is on disk readable, and let other writers at the path
+                self.writer.close()
+            except Exception:
+                self.writer.release()
+            raise
         self.writer.close()
 
 

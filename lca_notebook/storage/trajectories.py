@@ -9,24 +9,32 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 
 import numpy as np
 import torch
 import zarr
 
+from ..errors import StoreDamagedError
 from ..trajectory import Trajectory
 from .files import (
     FORMAT,
     KIND,
+    check_format,
     check_rows,
+    checksummed,
     create_atomically,
+    damaged_attribute,
+    int_attr,
+    lock,
     open_array,
     read_attrs,
     refuse_foreign,
+    replace_atomically,
     sync_rows,
     update_attrs,
 )
+
+_REPAIR = "restore the store from a backup, or record the training again."
 
 
 def _storage(dtype: torch.dtype):
@@ -84,45 +92,54 @@ def _widths(layout) -> dict:
 
 
 class TrajectoryWriter:
-    """Appends packed snapshots to a new trajectory store (the recorder's writer thread calls it)."""
+    """Appends packed snapshots to a new trajectory store (the recorder's writer thread calls it).
+
+    It holds the path's lock (:func:`~.files.lock`) from creation to :meth:`close`: a second recorder on
+    the same path is refused, even with ``overwrite=True``, instead of deleting the first one's work."""
 
     def __init__(self, path, layout, *, overwrite=False, subset=False):
         self.path = os.path.abspath(os.fspath(path))
-        self.layout = layout
-        attrs = refuse_foreign(self.path, "trajectory")
-        if attrs is not None:
-            if not overwrite:
+        self.layout, self.subset = layout, subset
+        self.n = 0
+        self.lock = lock(self.path, "record(path=...)")
+        try:
+            attrs = refuse_foreign(self.path, "trajectory")
+            if attrs is not None and not overwrite:
                 raise ValueError(
                     f"{self.path!r} already holds a recorded trajectory; pass overwrite=True to replace it, or another "
                     "path"
                 )
-            shutil.rmtree(self.path)
-        self.widths = _widths(layout)
-        self.capacity = 64
+            self.widths = _widths(layout)
+            self.capacity = 64
+            # A replaced recording stays whole until the new store is complete beside it, then they swap.
+            (replace_atomically if attrs is not None else create_atomically)(self.path, self._create)
+            self.arrays = {
+                key: open_array(self.path, f"snapshots_{key}", what="snapshot", repair=_REPAIR) for key in self.widths
+            }
+            self.steps = open_array(self.path, "steps", what="snapshot", repair=_REPAIR)
+        except BaseException:
+            self.release()
+            raise
 
-        def create(tmp):
-            root = zarr.open_group(tmp, mode="w-", zarr_format=3)
-            for key, width in self.widths.items():
-                chunk = max(1, min(width, 1 << 22))
-                root.create_array(
-                    f"snapshots_{key}",
-                    shape=(self.capacity, width),
-                    chunks=(1, chunk),
-                    dtype=_storage(getattr(torch, key))[1],
-                    compressors=None,
-                    fill_value=0,
-                )
+    def _create(self, tmp):
+        root = zarr.open_group(tmp, mode="w-", zarr_format=3)
+        for key, width in self.widths.items():
+            chunk = max(1, min(width, 1 << 22))
             root.create_array(
-                "steps", shape=(self.capacity,), chunks=(1024,), dtype=np.int64, compressors=None, fill_value=-1
+                f"snapshots_{key}",
+                shape=(self.capacity, width),
+                chunks=(1, chunk),
+                dtype=_storage(getattr(torch, key))[1],
+                compressors=checksummed(),
+                fill_value=0,
             )
-            update_attrs(
-                tmp, **{KIND: "trajectory", "format": FORMAT, "tensors": layout, "n_snapshots": 0, "subset": subset}
-            )
-
-        create_atomically(self.path, create)
-        self.arrays = {key: open_array(self.path, f"snapshots_{key}") for key in self.widths}
-        self.steps = open_array(self.path, "steps")
-        self.n = 0
+        root.create_array(
+            "steps", shape=(self.capacity,), chunks=(1024,), dtype=np.int64, compressors=checksummed(), fill_value=-1
+        )
+        update_attrs(
+            tmp,
+            **{KIND: "trajectory", "format": FORMAT, "tensors": self.layout, "n_snapshots": 0, "subset": self.subset},
+        )
 
     def append(self, step: int, packed: dict):
         if self.n == self.capacity:  # grow by doubling: metadata rewritten rarely
@@ -133,14 +150,39 @@ class TrajectoryWriter:
         for key, arr in self.arrays.items():
             arr[self.n] = packed[key]
         self.steps[self.n] = step
-        self.n += 1
-        update_attrs(self.path, durable=False, n_snapshots=self.n)  # survives a kill; close() fsyncs
+        update_attrs(self.path, durable=False, n_snapshots=self.n + 1)  # survives a kill; close() fsyncs
+        self.n += 1  # counted only once on disk
 
     def close(self):
-        for key in self.widths:
-            sync_rows(self.path, f"snapshots_{key}", 0, self.n)
-        sync_rows(self.path, "steps", 0, self.n)
-        update_attrs(self.path, n_snapshots=self.n)
+        try:
+            for key in self.widths:
+                sync_rows(self.path, f"snapshots_{key}", 0, self.n)
+            sync_rows(self.path, "steps", 0, self.n)
+            update_attrs(self.path, n_snapshots=self.n)
+        finally:
+            self.release()
+
+    def release(self):
+        """Let other writers at the path (after close, or when creating the store failed)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def saved(self) -> str:
+        """What the store at the path holds now, read from disk (for errors: never a count it no longer has)."""
+        try:
+            attrs = read_attrs(self.path)
+            n = attrs.get("n_snapshots") if attrs.get(KIND) == "trajectory" else None
+        except (OSError, ValueError):
+            n = None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return (
+                f"the store {self.path!r} is gone or unreadable (removed or replaced by someone else?), so none of "
+                "this recording is kept there"
+            )
+        if n == 0:
+            return f"no snapshot was saved in {self.path!r}"
+        return f"Snapshots 0..{n - 1} are saved there" if n > 1 else "Snapshot 0 is saved there"
 
 
 class RecordedTrajectory(Trajectory):
@@ -164,18 +206,32 @@ class RecordedTrajectory(Trajectory):
             raise ValueError(
                 f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})"
             )
-        self.layout = attrs["tensors"]
-        self.n = int(attrs["n_snapshots"])
+        check_format(self.path, attrs)
+        self.layout = attrs.get("tensors")
+        try:
+            keys = list(_widths(self.layout))
+            for e in self.layout:
+                e["name"], e["key"], e["offset"]
+        except (TypeError, KeyError, AttributeError):
+            raise damaged_attribute(
+                self.path, "tensors", self.layout, "a list of {name, shape, dtype, key, offset}"
+            ) from None
         self.subset = bool(attrs.get("subset", False))
-        keys = list(_widths(self.layout))
+        try:
+            self.arrays = {
+                key: open_array(self.path, f"snapshots_{key}", "r", "snapshot", _REPAIR) for key in keys
+            }  # fmt: skip
+            steps = open_array(self.path, "steps", "r", "snapshot", _REPAIR)
+        except StoreDamagedError:
+            raise
+        except Exception as exc:
+            raise StoreDamagedError(f"the store {self.path!r} is damaged ({type(exc).__name__}: {exc})") from exc
+        capacity = min([steps.shape[0], *(a.shape[0] for a in self.arrays.values())])
+        self.n = int_attr(self.path, attrs, "n_snapshots", high=capacity)
         for key in keys:
             check_rows(self.path, f"snapshots_{key}", self.n, "snapshot")
         check_rows(self.path, "steps", self.n, "snapshot")
-        try:
-            self.arrays = {key: zarr.open_array(self.path, path=f"snapshots_{key}", mode="r") for key in keys}
-            self.steps = np.asarray(zarr.open_array(self.path, path="steps", mode="r")[: self.n]).tolist()
-        except Exception as exc:
-            raise ValueError(f"the store {self.path!r} is damaged ({type(exc).__name__}: {exc})") from exc
+        self.steps = np.asarray(steps[: self.n]).tolist()
 
     def __len__(self):
         return self.n
@@ -188,6 +244,8 @@ class RecordedTrajectory(Trajectory):
         for key, arr in self.arrays.items():
             try:
                 row = torch.from_numpy(np.asarray(arr[k]))
+            except StoreDamagedError:
+                raise
             except Exception as exc:
                 raise ValueError(
                     f"{self.describe(k)} cannot be read ({type(exc).__name__}: {exc}); the store is damaged"
