@@ -138,3 +138,62 @@ def copy_notebook(name: str, dest: Path) -> Path:
     target = Path(dest) / name
     shutil.copy(NOTEBOOKS / name, target)
     return target
+
+
+def wait_until(predicate, what: str, timeout: float = 120, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)  # polling a condition, not a fixed wait
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_main_job(args, cwd, env):
+    """`python -m lca_notebook ARGS` in its own process group; (process, queue of its output lines, None at end)."""
+    import queue
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lca_notebook", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # end of output: the job stopped
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines
+
+
+def wait_for_url(lines, seen: list, timeout: float = 400) -> str:
+    """The URL the main job prints once JupyterLab serves its run (every line read is appended to ``seen``)."""
+    while True:
+        line = lines.get(timeout=timeout)  # the condition waited on: the URL line, or the end of output
+        assert line is not None, "the job ended without serving the explorer:\n" + "".join(seen)
+        seen.append(line)
+        if line.startswith("the explorer: open "):
+            return line.split("open ", 1)[1].strip()
+
+
+def stop_main_job(proc, sig=None) -> int:
+    """Ctrl-C to the job's process group, as a user stops it; its exit code (killed after 90 s)."""
+    import signal
+
+    os.killpg(proc.pid, sig or signal.SIGINT)
+    try:
+        return proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise

@@ -6,16 +6,14 @@ The browser's view of the landing is tests/test_landing.py."""
 
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_utils import start_main_job, stop_main_job, wait_for_url
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -92,46 +90,6 @@ def test_no_lab_saves_the_run_folder_under_home_and_nothing_where_it_starts(tmp_
     assert opened.stdout.split() == ["4", "['fc1',", "'fc2',", "'fc3']"], opened.stderr
 
 
-def _start(args, cwd, env):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lca_notebook", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    lines: queue.Queue = queue.Queue()
-
-    def read():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)  # end of output: the job stopped
-
-    threading.Thread(target=read, daemon=True).start()
-    return proc, lines
-
-
-def _wait_for_url(lines, seen) -> str:
-    while True:
-        line = lines.get(timeout=400)  # the condition we wait on: the URL line (or the end of output)
-        assert line is not None, "the job ended without serving the explorer:\n" + "".join(seen)
-        seen.append(line)
-        if line.startswith("the explorer: open "):
-            return line.split("open ", 1)[1].strip()
-
-
-def _stop(proc, sig=signal.SIGINT) -> int:
-    os.killpg(proc.pid, sig)  # Ctrl-C, as a user stops it
-    try:
-        return proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -142,10 +100,10 @@ def _port_open(port: int) -> bool:
 def test_the_main_job_serves_its_run_already_executed_in_the_notebooks_kernel(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     run = tmp_path / "run"
-    proc, lines = _start(["--steps", "30", "--out", str(run)], cwd=tmp_path, env=_env())
+    proc, lines = start_main_job(["--steps", "30", "--out", str(run)], cwd=tmp_path, env=_env())
     seen: list[str] = []
     try:
-        url = _wait_for_url(lines, seen)
+        url = wait_for_url(lines, seen)
         text = "".join(seen)
         assert "30 iterations x 17,226 parameters" in text and "LCA per layer" in text
         assert url.startswith("http://127.0.0.1:") and "/lab/tree/explorer.ipynb?token=" in url
@@ -175,7 +133,7 @@ def test_the_main_job_serves_its_run_already_executed_in_the_notebooks_kernel(tm
         assert sessions[0]["kernel"]["execution_state"] in ("idle", "busy")
         port = int(base.rsplit(":", 1)[1])
     finally:
-        code = _stop(proc)
+        code = stop_main_job(proc)
     rest = "".join(seen) + "".join(iter(lambda: lines.get(timeout=30) or "", ""))
     assert code == 0, rest
     assert not _port_open(port), "JupyterLab still answers after Ctrl-C"

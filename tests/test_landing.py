@@ -1,0 +1,91 @@
+"""The first five minutes, in a real browser: `python -m lca_notebook --out DIR`, started from the checkout,
+prints a URL; opened in headless Chromium with no click, it shows THAT run's explorer drawn and live; Export
+writes into the run folder; the checkout is unchanged. Leaves artifacts/landing.png (the README's picture:
+see "What you will see" there for the command that refreshes docs/explorer.png).
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, start_main_job, stop_main_job, wait_for_url, wait_until
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
+
+ARTIFACTS = REPO / "artifacts"
+STEPS = 40
+
+
+def _checkout_state() -> str | None:
+    """Every tracked change, untracked file and ignored path git sees in the checkout (None outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_the_url_shows_the_runs_explorer_drawn_and_live_with_no_click(tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)  # before the snapshot: .ci/run makes it too
+    before = _checkout_state()
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "JUPYTER_PATH", "CI")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc, lines = start_main_job(["--steps", str(STEPS), "--out", str(run)], cwd=REPO, env=env)
+    seen: list[str] = []
+    try:
+        url = wait_for_url(lines, seen)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1600, "height": 1250})
+            page.set_default_timeout(120_000)
+            try:
+                page.goto(url)
+                # drawn with no click: the figures of the run's explorer appear by themselves
+                page.wait_for_selector("div.bqplot.figure", state="attached", timeout=300_000)
+                wait_until(lambda: page.locator("div.bqplot.figure").count() == 6, "the explorer's six figures")
+                wait_until(lambda: page.locator(".lca-summary").count() > 0, "the explorer's summary")
+                options = page.locator(".lca-explorer select").first.locator("option").all_inner_texts()
+                assert {"fc1", "fc2", "fc3"} <= set(options), f"the run's layers are not offered: {options}"
+                readout = page.locator(".widget-readout").first
+                assert readout.inner_text() == f"0 – {STEPS}", "the range slider does not span this run"
+                # the kernel JupyterLab attached still opened the notebook's stored kernelspec: nothing to save
+                assert page.locator(".jp-Document.jp-mod-dirty, .lm-TabBar-tab.jp-mod-dirty").count() == 0
+
+                wait_until(lambda: page.locator(".lca-figure-loss path.line").count() > 0, "the loss curve")
+                page.screenshot(path=str(ARTIFACTS / "landing.png"))  # what the URL shows first, untouched
+
+                # live, not a picture: a key press on the slider reaches the kernel, which rewrites the summary
+                summary = page.locator(".lca-summary").first
+                first = summary.inner_text()
+                page.locator(".noUi-handle-lower").first.focus()
+                page.keyboard.press("ArrowRight")
+                wait_until(lambda: readout.inner_text() == f"1 – {STEPS}", "the slider to read 1 – STEPS")
+                wait_until(lambda: summary.inner_text() != first, "the kernel to update the summary")
+
+                # Export's default name lands in the run folder (the kernel's working directory)
+                page.locator(".lca-explorer button", has_text="Export").first.click()
+                written = wait_until(lambda: [p.name for p in run.glob("*.csv")], "Export to write a .csv")
+                assert len(written) == 1
+                rows = (run / written[0]).read_text().splitlines()
+                assert len(rows) == 1 + 17_226  # a header and one row per parameter of the MLP
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "landing-last.png"))
+                browser.close()
+    finally:
+        code = stop_main_job(proc)
+    assert code == 0, "".join(seen)
+    after = _checkout_state()
+    assert before == after, f"the checkout changed:\nbefore:\n{before}\nafter:\n{after}"
+    assert re.search(rf"{STEPS} iterations x 17,226 parameters", "".join(seen))
