@@ -471,7 +471,7 @@ def run_sharded(
         gradient_evaluations=evaluations,
     )
     result = open_store(path)
-    warn_if_stuck(result.residual.values, result.splits.values, options, stacklevel=4)
+    warn_if_stuck(result.residual.values, result.splits.values, options, stacklevel=4, error=result.error.values)
     return result
 
 

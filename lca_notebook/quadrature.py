@@ -5,7 +5,8 @@ Numbers only, nothing about torch: a rule is a set of points ``s_j`` and weights
 ``d_i * sum_j w_j * dL/dtheta_i(theta(s_j))``.
 
 The engine takes every weight from here: :func:`rule` for the fixed rules, :func:`simpson_weights`
-and :func:`refinement_points` for composite Simpson as adaptive refines it.
+and :func:`refinement_points` for composite Simpson as adaptive refines it, and
+:func:`richardson_error` for the error estimate of two successive composite Simpson levels.
 
 >>> points, weights = rule("simpson")
 >>> points.tolist(), (weights * 6).tolist()
@@ -57,6 +58,47 @@ def refinement_points(pieces: int) -> np.ndarray:
     """The points composite Simpson with ``2 * pieces`` pieces adds to the one with ``pieces``:
     the new midpoints ``(2k + 1) / (4 * pieces)``. Every other point is reused."""
     return (2 * np.arange(2 * pieces) + 1) / (4 * pieces)
+
+
+#: Composite Simpson's error falls as ``h**4`` on a smooth integrand: halving the pieces divides it by ``2**4``.
+SIMPSON_ORDER = 4
+
+
+def richardson_factor(change: float, previous: float | None = None) -> float:
+    """How large the error of composite Simpson with ``2n`` pieces is, as a multiple of ``change``, the
+    largest ``|S_2n - S_n|`` between it and the level before; ``previous`` is the largest
+    ``|S_n - S_{n/2}|`` one level earlier (None when ``S_n`` is the first level).
+
+    On a smooth integrand each level's error is 1/16 of the one before, and the error left in ``S_2n`` is
+    ``change / 15`` (Richardson). A ReLU network's gradient jumps where a unit switches on or off, so along a
+    segment it is only piecewise smooth and Simpson converges as ``h``: each level halves the error (with
+    wide swings), and what is left is about ``change`` itself. Measured on a small ReLU transformer, ``/ 15``
+    underestimated the largest error 5-12 times, an observed ratio ``r / (1 - r)`` up to 4 times; the error
+    stayed below ``change`` at every level. So the factor is ``1/15`` only where the last three levels show
+    Simpson's order (``change <= previous / 8``), and 1 otherwise, two levels included: conservative by
+    design, an estimate to trust rather than a tight one.
+
+    >>> richardson_factor(1e-6), richardson_factor(1e-6, 1.6e-5), richardson_factor(1e-6, 2e-6)
+    (1.0, 0.0666..., 1.0)
+    """
+    if previous is not None and change <= previous / 8:
+        return 1 / (2**SIMPSON_ORDER - 1)
+    return 1.0
+
+
+def richardson_error(fine, coarse, previous: float | None = None):
+    """Estimated error of each entry of composite Simpson with ``2n`` pieces (``fine``) from the same
+    integrals with ``n`` pieces (``coarse``): ``|fine - coarse| * richardson_factor(...)``, elementwise
+    (numpy arrays or torch tensors). It needs no evaluation beyond the two levels, which adaptive refinement
+    computes anyway; ``previous`` is the largest ``|S_n - S_{n/2}|``, when a third level exists.
+
+    >>> fine, coarse = np.array([0.25, -0.1]), np.array([0.28, -0.1])
+    >>> richardson_error(fine, coarse).round(6).tolist(), richardson_error(fine, coarse, 0.48).round(6).tolist()
+    ([0.03, 0.0], [0.002, 0.0])
+    """
+    change = abs(fine - coarse)
+    top = float(change.max()) if change.shape[0] else 0.0
+    return change * richardson_factor(top, previous)
 
 
 def rule(method: str) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,11 @@ The dataset (see the README's "result contract"):
   ``parameters=``, BatchNorm running statistics), so ``lca.sum("parameter") + lca_rest - residual``
   is exactly the loss change
 - ``splits`` (iteration): quadrature pieces used; ``evaluations`` (iteration): gradient evaluations
+- ``error`` (iteration): the largest estimated quadrature error of one parameter's LCA at the iteration,
+  ``max_i |S_2n[i] - S_n[i]|`` of the last two composite Simpson levels, divided by 15 (Richardson) where the
+  level before shows Simpson's order (no extra evaluations; see ``quadrature.richardson_factor``). NaN where the
+  rule computed only one level: ``first_order``, ``trapezoid``, ``simpson``, and ``adaptive`` iterations that
+  met ``tol`` with one piece (``param_tol`` always gives an estimate)
 
 Coordinates on ``parameter``: ``tensor``, ``layer``, ``unit`` (index along dim 0 of the tensor: the
 output neuron or channel) and ``index`` (position in ``tensor.flatten()``).
@@ -67,6 +72,14 @@ class LCAResult:
     @property
     def splits(self) -> xr.DataArray:
         return self.dataset["splits"]
+
+    @property
+    def error(self) -> xr.DataArray:
+        """Largest estimated per-parameter quadrature error at each iteration (NaN: no estimate; a result
+        saved before this variable existed reads as all NaN)."""
+        if "error" in self.dataset:
+            return self.dataset["error"]
+        return xr.full_like(self.residual, np.nan)
 
     @property
     def lca_rest(self) -> xr.DataArray:
@@ -216,17 +229,45 @@ class LCAResult:
         p = np.asarray(self.prefix(by)[1:], dtype=np.float64)
         return self._wrap(p, by, iteration=np.arange(self.n_iterations))
 
-    def fractions(self, by: str = "total", start: int | None = None, stop: int | None = None) -> xr.Dataset:
+    def fractions(
+        self, by: str = "total", start: int | None = None, stop: int | None = None, *, uncertain: bool = False
+    ) -> xr.Dataset:
         """Fractions of parameters that help (LCA < 0), hurt (> 0) or do not move the loss (== 0) at each
-        iteration, over all parameters (``by="total"``) or per layer/tensor/unit: ``(iteration, groups)``."""
+        iteration, over all parameters (``by="total"``) or per layer/tensor/unit: ``(iteration, groups)``.
+
+        ``uncertain=True`` adds a fourth class, ``uncertain``: parameters whose LCA is nonzero but within the
+        iteration's ``error`` (``0 < |LCA| <= error[t]``), whose sign the quadrature cannot vouch for; ``helped``
+        and ``hurt`` then count only ``LCA < -error[t]`` and ``LCA > error[t]``, and the four add up to 1. The
+        true fraction that helped lies between ``helped`` and ``helped + uncertain`` (as far as the estimate
+        holds). The band is conservative: ``error`` is the LARGEST parameter's estimate, applied to every
+        parameter of the iteration. On iterations without an estimate (``error`` NaN) ``uncertain`` is NaN
+        and the other three are the plain sign counts. Cost: one more comparison per value read.
+
+        >>> import lca_notebook as lca
+        >>> r = lca.LCAResult.example()
+        >>> r.dataset["error"][:] = 0.06  # as if every iteration's largest estimated error were 0.06
+        >>> f = r.fractions(uncertain=True)
+        >>> f.helped.values.round(3).tolist(), f.uncertain.values.round(3).tolist()
+        ([0.333, 0.333, 0.167], [0.333, 0.167, 0.167])
+        """
         start, stop = self._range(start, stop)
         counts = self.groups.sizes(by).astype(np.float64)
-        out = {k: np.zeros((stop - start, len(counts))) for k in ("helped", "hurt", "zero")}
+        names = ("helped", "hurt", "zero", "uncertain") if uncertain else ("helped", "hurt", "zero")
+        out = {k: np.zeros((stop - start, len(counts))) for k in names}
+        err = np.asarray(self.error.values[start:stop], dtype=np.float64) if uncertain else np.zeros(stop - start)
+        known = np.isfinite(err)
+        band = np.where(known, err, 0.0)[:, None]
         for t0, block in self._blocks(start, stop):
             rows = slice(t0 - start, t0 - start + len(block))
-            out["helped"][rows] = self.groups.sum(block < 0, by) / counts
-            out["hurt"][rows] = self.groups.sum(block > 0, by) / counts
-        out["zero"] = 1.0 - out["helped"] - out["hurt"]
+            out["helped"][rows] = self.groups.sum(block < -band[rows], by) / counts
+            out["hurt"][rows] = self.groups.sum(block > band[rows], by) / counts
+            if uncertain:
+                out["zero"][rows] = self.groups.sum(block == 0, by) / counts
+        if uncertain:
+            out["uncertain"] = 1.0 - out["helped"] - out["hurt"] - out["zero"]
+            out["uncertain"][~known] = np.nan
+        else:
+            out["zero"] = 1.0 - out["helped"] - out["hurt"]
         it = np.arange(start, stop)
         ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
         return ds.squeeze("total", drop=True) if by == "total" else ds
@@ -281,8 +322,9 @@ class LCAResult:
 
 
 def from_arrays(
-    lca, loss, coords, *, residual=None, lca_rest=None, splits=None, evaluations=None, steps=None, attrs=None
-) -> LCAResult:
+    lca, loss, coords, *, residual=None, lca_rest=None, splits=None, evaluations=None, error=None, steps=None,
+    attrs=None,
+) -> LCAResult:  # fmt: skip
     """Build an :class:`LCAResult` from plain arrays (``coords``: tensor, layer, unit, index per parameter)."""
     lca = np.asarray(lca)
     loss = np.asarray(loss, dtype=np.float64)
@@ -303,6 +345,7 @@ def from_arrays(
                 ("iteration",),
                 np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
             ),
+            "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
         },
         coords={
             "iteration": np.arange(t),

@@ -33,7 +33,7 @@ from .layout import COARSE, GRANULARITIES, Groups, PathSpec, parameter_coords
 from .result import LCAResult, from_arrays
 
 #: Per-iteration variables of a result, in the order they are stored.
-ITERATION_VARS = ("lca", "residual", "lca_rest", "splits", "evaluations")
+ITERATION_VARS = ("lca", "residual", "lca_rest", "splits", "evaluations", "error")
 
 
 class Sink(Protocol):
@@ -71,6 +71,7 @@ class Rows:
             "lca_rest": np.zeros(n),
             "splits": np.zeros(n, np.int32),
             "evaluations": np.zeros(n, np.int32),
+            "error": np.full(n, np.nan),
         }
         self._torch_dtype = torch.float64 if lca_dtype == np.float64 else torch.float32
 
@@ -81,6 +82,7 @@ class Rows:
         self.arrays["lca"][i] = row.lca.detach().to("cpu", self._torch_dtype).numpy()
         self.arrays["residual"][i], self.arrays["lca_rest"][i] = row.residual, row.rest
         self.arrays["splits"][i], self.arrays["evaluations"][i] = row.splits, row.evaluations
+        self.arrays["error"][i] = row.error
 
     def head(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of every variable."""
@@ -148,7 +150,7 @@ class MemorySink:
         r = self.rows.head(t)
         return from_arrays(
             r["lca"], self.loss[: t + 1], self.coords, residual=r["residual"], lca_rest=r["lca_rest"],
-            splits=r["splits"], evaluations=r["evaluations"], steps=steps, attrs=attrs,
+            splits=r["splits"], evaluations=r["evaluations"], error=r["error"], steps=steps, attrs=attrs,
         )  # fmt: skip
 
     def finish(self) -> LCAResult:

@@ -167,6 +167,7 @@ class StoreSink:
             "lca_rest": (("iteration",), lazy(t, ct, np.float64)),
             "splits": (("iteration",), lazy(t, ct, np.int32)),
             "evaluations": (("iteration",), lazy(t, ct, np.int32)),
+            "error": (("iteration",), lazy(t, ct, np.float64)),
             "loss": (("checkpoint",), lazy(t + 1, ct, np.float64)),
             "prefix_parameter": (
                 ("checkpoint", "parameter"),
