@@ -285,24 +285,62 @@ class LCAResult:
         )
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, path) -> str:
-        """Write the result to ``path``: netCDF when it ends in ``.nc``, else a zarr store. Lossless.
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Write the result to ``path``: netCDF when it ends in ``.nc``, else a zarr store (every chunk with a
+        CRC32C checksum). Lossless. Returns the absolute path.
+
+        An existing path is replaced only with ``overwrite=True``, and only when it holds an LCA result
+        (never a folder or file of yours, a recorded trajectory, or the store this result is read from).
+        The new version is written aside and swapped in: a failure or a kill leaves the old one whole.
 
         >>> import lca_notebook as lca, tempfile, os
         >>> r = lca.LCAResult.example()
         >>> p = r.save(os.path.join(tempfile.mkdtemp(), "run.nc"))
         >>> lca.open(p).lca.equals(r.lca)
         True
+        >>> _ = r.save(p, overwrite=True)  # replacing needs overwrite=True
         """
-        path = os.fspath(path)
-        ds = self.dataset.drop_vars([v for v in self.dataset.data_vars if str(v).startswith("prefix_")])
-        if path.endswith(".nc"):
-            ds.to_netcdf(path, engine="h5netcdf")
-        else:
-            # Variable-length strings: zarr v3 has a spec for them, not for numpy's fixed-width unicode.
-            strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U"}
-            ds.assign_coords(strings).to_zarr(path, mode="w", consolidated=False, zarr_format=3)
+        from .storage import files
+
+        path = os.path.abspath(os.fspath(path))
+        source = self.dataset.encoding.get("source")
+        if source is not None and os.path.abspath(source) == path:
+            raise ValueError(
+                f"this result is read from {path!r}: saving onto it would delete what it reads (it is saved there "
+                "already). Save to another path."
+            )
+        with files.lock(path, "LCAResult.save"):
+            if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+                what = _saved_kind(path)
+                if what != "result":
+                    raise ValueError(
+                        f"{path!r} already exists and is {what}; save never replaces that (nothing was written). "
+                        "Give another path."
+                    )
+                if not overwrite:
+                    raise ValueError(
+                        f"{path!r} already holds an LCA result; pass overwrite=True to replace it, or give another path"
+                    )
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+            files.replace_atomically(path, lambda tmp: self._write(tmp, netcdf=path.endswith(".nc")))
         return path
+
+    def _write(self, path: str, *, netcdf: bool):
+        from .storage.files import FORMAT, KIND, checksummed
+
+        ds = self.dataset.drop_vars([v for v in self.dataset.data_vars if str(v).startswith("prefix_")])
+        progress = ("completed_iterations", "completed_checkpoints", "complete", "shards")
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k not in progress} | {KIND: "result", "format": FORMAT}
+        ds.attrs["saved"] = 1  # whole, no prefix sums: lca.open reads it as it is; analyze(store=) never continues it
+        if netcdf:
+            ds.to_netcdf(path, engine="h5netcdf")
+            return
+        # Variable-length strings: zarr v3 has a spec for them, not for numpy's fixed-width unicode.
+        strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U"}
+        ds = ds.assign_coords(strings)
+        encoding = {str(k): {"compressors": checksummed()} for k in [*ds.data_vars, *ds.coords]}
+        ds.to_zarr(path, mode="w-", consolidated=False, zarr_format=3, encoding=encoding, write_empty_chunks=True)
 
     @staticmethod
     def example() -> LCAResult:
@@ -319,6 +357,29 @@ class LCAResult:
             "index": [0, 1, 0, 1, 0, 1],
         }
         return from_arrays(lca, loss, coords, attrs={"method": "example"})
+
+
+def _saved_kind(path: str) -> str:
+    """``"result"`` when ``path`` holds an LCA result (a store or a netCDF file), else what it is, in words."""
+    from .storage import files
+
+    if os.path.isdir(path):
+        try:
+            attrs = files.read_attrs(path)
+        except (OSError, ValueError):
+            attrs = {}
+        if attrs.get(files.KIND) == "result":
+            return "result"
+        if attrs.get(files.KIND) == "trajectory":
+            return "a recorded trajectory (lca.record)"
+        return files.describe(path, attrs)
+    try:  # a netCDF file: ours if it holds a result's variables
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            if {"lca", "loss", "residual"} <= set(ds.data_vars):
+                return "result"
+    except Exception:
+        pass
+    return "a file that is not an LCA result"
 
 
 def from_arrays(

@@ -91,3 +91,147 @@ def test_packing_keeps_every_dtype_bit_for_bit():
             row = row.view(torch.bfloat16)
         got = row[e["offset"] : e["offset"] + snap[e["name"]].numel()].view(e["shape"])
         assert torch.equal(got, snap[e["name"]]), e["name"]
+
+
+def _checksummed_store(path, rows=8, chunk=4):
+    def write(tmp):
+        root = zarr.open_group(tmp, mode="w-", zarr_format=3)
+        root.create_array(
+            "a", shape=(rows, 3), chunks=(chunk, 3), dtype=np.float64, compressors=files.checksummed(), fill_value=0
+        )
+
+    files.create_atomically(str(path), write)
+    files.update_attrs(str(path), lca_notebook="result", format=files.FORMAT)
+    return str(path)
+
+
+def _flip_a_bit(file, at=5):
+    with open(file, "rb") as f:
+        data = bytearray(f.read())
+    data[at] ^= 0x10
+    with open(file, "wb") as f:
+        f.write(bytes(data))
+
+
+def test_a_flipped_bit_fails_on_read_naming_the_store_array_chunk_and_file(tmp_path):
+    path = _checksummed_store(tmp_path / "s.zarr")
+    files.Arrays(path, ["a"]).write(0, {"a": np.arange(24.0).reshape(8, 3)})
+    chunk1 = os.path.join(path, "a", "c", "1", "0")
+    assert os.path.getsize(chunk1) == 4 * 3 * 8 + 4  # the raw chunk, then its CRC32C
+    files.check_rows(path, "a", 8)  # opening checks sizes: still whole
+    _flip_a_bit(chunk1)
+    files.check_rows(path, "a", 8)  # the size cannot see a flipped bit ...
+    arr = files.open_array(path, "a", "r")
+    np.testing.assert_array_equal(arr[:4], np.arange(12.0).reshape(4, 3))  # ... other chunks still read
+    with pytest.raises(files.StoreDamagedError) as err:  # ... the checksum does, on read
+        arr[2:6]
+    message = str(err.value)
+    assert path in message and "chunk 1.0 of 'a' (rows 4..7)" in message and "a/c/1/0" in message
+    assert "checksum" in message and "restore the store from a backup" in message
+    assert isinstance(err.value, ValueError)  # caught as before by code that expects a ValueError
+    with pytest.raises(files.StoreDamagedError, match="chunk 1.0 of 'a'"):  # a partial write reads it too
+        files.open_array(path, "a")[5] = 1.0
+
+
+def test_the_size_check_counts_the_checksum(tmp_path):
+    path = _checksummed_store(tmp_path / "s.zarr")
+    files.Arrays(path, ["a"]).write(0, {"a": np.ones((8, 3))})
+    chunk0 = os.path.join(path, "a", "c", "0", "0")
+    with open(chunk0, "r+b") as f:
+        f.truncate(4 * 3 * 8)  # the data whole, its checksum cut off
+    with pytest.raises(files.StoreDamagedError, match=r"a/c/0/0 \('a' from row 0\) has 96 bytes instead of 100"):
+        files.check_rows(path, "a", 8)
+
+
+def test_damaged_or_newer_attributes_are_named(tmp_path):
+    path = _store(tmp_path / "s.zarr")
+    for value in ("abc", -3, 9, 2.5, True):
+        with pytest.raises(files.StoreDamagedError, match=r"attribute 'n' is .*, expected a whole number in 0\.\.8"):
+            files.int_attr(path, {"n": value}, "n", high=8)
+    assert files.int_attr(path, {"n": 8}, "n", high=8) == 8
+    with pytest.raises(ValueError, match=r"format 3, written by a newer lca_notebook.*Upgrade"):
+        files.check_format(path, {"format": 3})
+    assert files.check_format(path, {}) == 1  # stores from before formats were numbered
+
+
+def test_one_writer_per_path_in_this_process(tmp_path):
+    target = str(tmp_path / "s.zarr")
+    held = files.lock(target, "record(path=...)")
+    with pytest.raises(files.StoreInUseError) as err:
+        files.lock(target, "LCAResult.save")
+    assert target in str(err.value) and "this process (record(path=...)" in str(err.value)
+    held.reclaimable = True  # an idle holder (a result store between runs) hands over to a writer here ...
+    again = files.lock(target, "analyze(store=...)")
+    held.release()  # ... and its own release no longer frees the path
+    with pytest.raises(files.StoreInUseError):
+        files.lock(target, "LCAResult.save")
+    again.release()
+    files.lock(target, "LCAResult.save").release()
+    assert os.listdir(tmp_path) == []  # the lock file goes with the lock
+
+
+LOCKER = """
+import sys
+from lca_notebook.storage import files
+held = files.lock(sys.argv[1], "a test")
+print("locked", flush=True)
+sys.stdin.read()  # hold it until killed
+"""
+
+
+def test_a_killed_writer_never_blocks_the_next_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = str(tmp_path / "s.zarr")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, target], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout.readline().decode().strip() == "locked", proc.stderr.read().decode()
+        with pytest.raises(files.StoreInUseError, match=rf"{target}.* is being written by process {proc.pid} \(a test"):
+            files.lock(target, "LCAResult.save")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert os.path.exists(files._lock_file(target))  # left behind by the kill, but no longer locked
+    files.lock(target, "LCAResult.save").release()
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_replacement_is_all_or_nothing(tmp_path, kind):
+    target = str(tmp_path / ("s.zarr" if kind == "folder" else "s.nc"))
+
+    def write(content):
+        def go(tmp):
+            if kind == "folder":
+                os.makedirs(tmp)
+                with open(os.path.join(tmp, "data"), "w") as f:
+                    f.write(content)
+            else:
+                with open(tmp, "w") as f:
+                    f.write(content)
+
+        return go
+
+    def read():
+        with open(os.path.join(target, "data") if kind == "folder" else target) as f:
+            return f.read()
+
+    files.replace_atomically(target, write("old"))
+    assert read() == "old"
+
+    def fail(tmp):
+        write("half")(tmp)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(files.StoreWriteError, match="what was there before is unchanged"):
+        files.replace_atomically(target, fail)
+    assert read() == "old"
+    files.replace_atomically(target, write("new"))
+    assert read() == "new"
+    assert os.listdir(tmp_path) == [os.path.basename(target)]  # no temporary left beside it

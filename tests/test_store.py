@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from torch import nn
 
 import lca_notebook as lca
 from lca_notebook import StoreWriteError
+from lca_notebook.errors import StoreDamagedError, StoreInUseError
 from lca_notebook.result import GRANULARITIES
+from lca_notebook.storage import files
 from lca_notebook.storage import results as store_mod
 
 T = 11  # with 4 iterations per chunk: two full chunks and a partial one
@@ -199,3 +202,168 @@ def test_damaged_recorder_store_fails_on_open(tmp_path):
         lca.analyze(model, (torch.ones(2, 3), torch.zeros(2, dtype=torch.long)), tmp_path / "r", progress=False)
     meta = json.loads((tmp_path / "r" / "zarr.json").read_text())
     assert meta["attributes"]["n_snapshots"] == 4
+
+
+def _flip_a_bit(file, at=9):
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0x04
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_any_chunk_fails_on_read_naming_it(run, tmp_path):
+    memory = run[-1]
+    for name, chunk, read in [
+        ("lca", "1/0", lambda r: r.lca.values),
+        ("loss", "2", lambda r: r.loss.values),
+        ("prefix_layer", "1/0", lambda r: r.total("layer", 0, 5).values),
+        ("residual", "0", lambda r: r.residual.values),
+    ]:
+        path = _stored(run, tmp_path / name)
+        _flip_a_bit(path / name / "c" / chunk)
+        opened = lca.open(path)  # sizes are whole: opening succeeds
+        with pytest.raises(StoreDamagedError) as err:
+            read(opened)
+        message = str(err.value)
+        assert str(path) in message and f"of {name!r}" in message and f"{name}/c/{chunk}" in message, message
+        assert "checksum" in message and "restore the store from a backup" in message
+    # The chunks a read does not touch are fine: the first chunk of lca is still equal to the memory result.
+    np.testing.assert_array_equal(lca.open(tmp_path / "lca" / "s").lca[:4].values, memory.lca.values[:4])
+
+
+def test_a_flipped_bit_in_a_coordinate_is_named_on_open(run, tmp_path):
+    path = _stored(run, tmp_path)
+    _flip_a_bit(path / "unit" / "c" / "0")
+    with pytest.raises(StoreDamagedError, match=r"chunk 0 of 'unit'.*unit/c/0.*checksum"):
+        lca.open(path)
+
+
+def _loss(after=None):
+    """Cross-entropy, as Ctrl-C after ``after`` gradient evaluations; one name (the store checks it) either way."""
+    count = [0]
+
+    def loss_fn(out, target):
+        count[0] += 1
+        if after is not None and count[0] > after:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(out, target)
+
+    return loss_fn
+
+
+def _interrupted(run, path, after):
+    """analyze (simpson) into ``path`` stopped by Ctrl-C after ``after`` evaluations; the iterations it kept."""
+    model, x, y, snaps, _ = run
+    with pytest.raises(KeyboardInterrupt):
+        lca.analyze(model, (x, y), snaps, loss_fn=_loss(after), method="simpson", store=path, progress=False)
+    return json.loads((path / "zarr.json").read_text())["attributes"]["completed_iterations"]
+
+
+def _changed(snaps, k):
+    out = [dict(s) for s in snaps]
+    out[k] = {n: (v + 1e-3 if v.is_floating_point() else v) for n, v in snaps[k].items()}
+    return out
+
+
+def test_a_changed_snapshot_already_computed_is_refused_naming_it(run, tmp_path):
+    model, x, y, snaps, _ = run
+    path = tmp_path / "s"
+    done = _interrupted(run, path, after=19)  # simpson: 1 + 2 per iteration, so 9 iterations, 8 kept
+    assert done == 8
+    for k, culprit in [(3, "snapshot 3 "), (done, f"snapshot {done} ")]:  # the middle, and where it resumes
+        with pytest.raises(ValueError, match="cannot be resumed") as err:
+            lca.analyze(
+                model, (x, y), _changed(snaps, k), loss_fn=_loss(), method="simpson", store=path, progress=False
+            )
+        assert culprit in str(err.value) and "differs from the one the store was computed from" in str(err.value)
+        assert "loss_fn" not in str(err.value)
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["completed_iterations"] == done  # untouched
+    # A complete store is not handed back for a trajectory whose middle differs either.
+    whole = lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
+    with pytest.raises(ValueError, match="cannot be returned as it is: snapshot 6 "):
+        lca.analyze(model, (x, y), _changed(snaps, 6), loss_fn=_loss(), method="simpson", store=path, progress=False)
+    again = lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
+    assert_results_equal(again, whole)
+    assert_results_equal(whole, lca.analyze(model, (x, y), snaps, method="simpson", progress=False))
+
+
+def test_a_changed_batch_size_on_resume_is_named_as_such(run, tmp_path):
+    model, x, y, snaps, _ = run
+    path = tmp_path / "s"
+    lca.analyze(model, (x, y), snaps[:4], method="simpson", batch_size=100, store=path, progress=False)
+    with pytest.raises(ValueError, match="computed from other inputs") as err:
+        lca.analyze(model, (x, y), snaps[:4], method="simpson", batch_size=64, store=path, progress=False)
+    message = str(err.value)
+    assert "the batch size: batches of 3 x 100 in the store, 4 x 64 + 1 x 44 now" in message, message
+    assert "the data (its contents)" not in message
+    with pytest.raises(ValueError, match=r"the data \(its contents\)"):  # other data, same split: the data
+        lca.analyze(
+            model, (x.flip(0), y.flip(0)), snaps[:4], method="simpson", batch_size=100, store=path, progress=False
+        )
+
+
+@pytest.mark.parametrize("value", ["abc", -3, 99, None])
+def test_damaged_progress_attributes_are_named(run, tmp_path, value):
+    model, x, y, snaps, _ = run
+    path = tmp_path / "s"
+    _interrupted(run, path, after=19)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["completed_iterations"] = value
+    (path / "zarr.json").write_text(json.dumps(meta))
+    pattern = rf"{path}.* is damaged: its attribute 'completed_iterations' is .*, expected a whole number in 0\.\.{T}"
+    with pytest.raises(StoreDamagedError, match=pattern):
+        lca.open(path)
+    with pytest.raises(StoreDamagedError, match=pattern):
+        lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
+
+
+def test_totals_count_every_run(run, tmp_path):
+    model, x, y, snaps, _ = run
+    path = tmp_path / "s"
+    done = _interrupted(run, path, after=19)
+    kept = json.loads((path / "zarr.json").read_text())["attributes"]
+    assert kept["gradient_evaluations"] == 1 + 2 * done  # simpson: the first snapshot, then 2 per iteration
+    assert kept["seconds"] > 0
+    resumed = lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
+    assert resumed.attrs["gradient_evaluations"] == 1 + 2 * T == 1 + int(resumed.dataset["evaluations"].sum())
+    assert resumed.attrs["seconds"] > kept["seconds"]
+
+
+def test_a_store_of_an_older_format_is_read_but_not_continued(run, tmp_path):
+    model, x, y, snaps, memory = run
+    path = tmp_path / "s"
+    _interrupted(run, path, after=19)
+    files.update_attrs(str(path), format=1)
+    assert_results_equal(lca.open(path), memory, n=8, exact=False)
+    with pytest.raises(ValueError, match=r"older lca_notebook \(format 1.*cannot be continued safely.*lca.open"):
+        lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
+    files.update_attrs(str(path), format=3)
+    with pytest.raises(ValueError, match="newer lca_notebook"):
+        lca.open(path)
+
+
+def test_concurrent_writers_of_one_store_one_wins_the_other_is_told(run, tmp_path):
+    model, x, y, snaps, memory = run
+    path = tmp_path / "s"
+    started, go_on = threading.Event(), threading.Event()
+    outcome = {}
+
+    def slow_loss(out, target):
+        started.set()
+        go_on.wait(60)
+        return nn.functional.cross_entropy(out, target)
+
+    def first():
+        outcome["result"] = lca.analyze(model, (x, y), snaps, loss_fn=slow_loss, store=path, progress=False)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(StoreInUseError) as err:  # the same store, created and being computed by the thread
+            lca.analyze(model, (x, y), snaps, store=path, progress=False)
+        message = str(err.value)
+        assert str(path) in message and "analyze(store=...)" in message and "writable" not in message
+    finally:
+        go_on.set()
+        thread.join(120)
+    assert_results_equal(outcome["result"], memory)  # the winner's work is whole

@@ -16,8 +16,11 @@ import hashlib
 import json
 import math
 import os
+import time
+import uuid
 import warnings
 
+import google_crc32c
 import numpy as np
 import torch
 import xarray as xr
@@ -26,14 +29,23 @@ from ..engine import IterationResult, Options
 from ..layout import GRANULARITIES, Groups, PathSpec, parameter_coords
 from ..result import LCAResult
 from ..sinks import ITERATION_VARS, PrefixBlock, Rows
+from ..trajectory import Trajectory
 from .files import (
     FORMAT,
     KIND,
     Arrays,
+    CheckedArray,
     StoreWriteError,
+    check_format,
     check_rows,
+    checksummed,
     chunk_rows,
     create_atomically,
+    damaged_attribute,
+    damaged_chunk,
+    int_attr,
+    lock,
+    number_attr,
     read_attrs,
     refuse_foreign,
     update_attrs,
@@ -46,12 +58,14 @@ _PREFIX_ROWS = 4  # rows per chunk of prefix_parameter: a range sum reads two sm
 GROUP_DIMS = {"unit": "units", "tensor": "tensors", "layer": "layers", "total": "total"}
 PREFIX_VARS = {by: f"prefix_{by}" for by in GRANULARITIES}
 CHECKPOINT_VARS = ("loss", *PREFIX_VARS.values())
+#: A hash of each snapshot the rows were computed from (0: not known), compared when a store is resumed.
+HASH_VAR = "snapshot_hash"
 
 _INPUT_NAMES = {
     "parameters": "the selected parameters (names and shapes)",
     "path_tensors": "the model's tensors (names and shapes)",
     "data_fingerprint": "the data (its contents)",
-    "trajectory_fingerprint": "the trajectory (its first or last snapshot)",
+    "trajectory_fingerprint": "the trajectory (its first or last snapshot, or its steps)",
     "n_snapshots": "the number of snapshots",
     "loss_fn": "the loss function",
     "n_samples": "the number of samples",
@@ -75,6 +89,83 @@ def trajectory_fingerprint(traj, spec: PathSpec) -> str:
         _tensor_hash(h, snap, spec.names)
     h.update(repr(list(traj.steps) if traj.steps is not None else None).encode())
     return h.hexdigest()
+
+
+def snapshot_hash(snapshot, spec: PathSpec) -> int:
+    """A cheap hash of one snapshot's path tensors (CRC32C of their names, dtypes, shapes and bytes), never 0.
+    About 10 GB/s: a fraction of a millisecond for a 100k-parameter model."""
+    snap = {spec.aliases.get(n, n): v for n, v in snapshot.items()}
+    crc = 0
+    for name in spec.names:
+        t = snap.get(name)
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu().contiguous()
+            crc = google_crc32c.extend(crc, f"{name}{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                crc = google_crc32c.extend(crc, t.reshape(-1).view(torch.uint8).numpy())
+    return (1 << 32) | int(crc)
+
+
+class HashingTrajectory(Trajectory):
+    """The trajectory as the engine reads it, keeping a :func:`snapshot_hash` of each snapshot read, for the
+    store to record: a resumed run then compares every snapshot already computed, not only the first and last."""
+
+    def __init__(self, traj, spec: PathSpec):
+        self.traj, self.spec = traj, spec
+        self.hashes: dict[int, int] = {}
+        self.steps, self.subset = traj.steps, traj.subset
+
+    def __len__(self):
+        return len(self.traj)
+
+    def describe(self, k):
+        return self.traj.describe(k)
+
+    def load(self, k):
+        snap = self.traj[k]
+        self.hashes[k] = snapshot_hash(snap, self.spec)
+        return snap
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+def batch_attrs(batches) -> dict:
+    """How the data was split (``batch_sizes``: ``[[size, count], ...]``) and a hash of its contents that does
+    not depend on the split (``data_contents``), so a resume with another ``batch_size`` is named as that."""
+    runs: list[list[int]] = []
+    crcs: dict[int, int] = {}
+    kinds: dict[int, set[str]] = {}  # per tensor of a batch: its dtype and shape past the batch dimension
+    for b in batches:
+        size = int(b.size)
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+        for i, t in enumerate(_tensors((b.args, b.kwargs, b.target))):
+            t = t.detach().cpu().contiguous()
+            kinds.setdefault(i, set()).add(f"{t.dtype}{tuple(t.shape[1:])}")
+            if t.numel():
+                crcs[i] = google_crc32c.extend(crcs.get(i, 0), t.reshape(-1).view(torch.uint8).numpy())
+    contents = [
+        f"{google_crc32c.value(repr(sorted(kinds[i])).encode()):08x}{crcs.get(i, 0):08x}" for i in sorted(kinds)
+    ]
+    return {"batch_sizes": json.dumps(runs), "data_contents": "".join(contents)}
+
+
+def _split(runs: str) -> str:
+    try:
+        return " + ".join(f"{count} x {size}" for size, count in json.loads(runs))
+    except (TypeError, ValueError):
+        return repr(runs)
 
 
 def inputs(spec: PathSpec, traj, data_fingerprint: str, options: Options) -> dict:
@@ -118,38 +209,122 @@ class StoreSink:
     completed iteration is readable whole; the next chunk rewrites that row's chunk entirely.)
     """
 
-    def __init__(self, path, *, spec: PathSpec, traj, data_fingerprint: str, options: Options):
+    def __init__(
+        self, path, *, spec: PathSpec, traj, data_fingerprint: str, options: Options, batches=None
+    ):  # fmt: skip
         self.path = os.path.abspath(os.fspath(path))
         self.n_iterations = len(traj) - 1
         self.coords = parameter_coords(spec)
         self.groups = Groups(self.coords)
         self.seconds, self.evaluations = 0.0, 0
         self.partial: LCAResult | None = None
+        self.spec, self.traj = spec, traj
+        #: The trajectory to read snapshots through: each one read is hashed, and the hash stored with its row.
+        self.trajectory = HashingTrajectory(traj, spec)
         self.inputs = inputs(spec, traj, data_fingerprint, options)
+        self.batch = batch_attrs(batches) if batches is not None else {}
         self.steps = list(traj.steps) if traj.steps is not None else None
+        self.lock = None
+        self._t0: float | None = None
         attrs = refuse_foreign(self.path, "result")
-        if attrs is None:
-            create_atomically(self.path, self._create)
-            attrs = read_attrs(self.path)
-        else:
-            diffs = [_describe_difference(k, attrs.get(k), v) for k, v in self.inputs.items() if attrs.get(k) != v]
-            if diffs:
-                raise ValueError(
-                    f"the store {self.path!r} was computed from other inputs, so it cannot be resumed: "
-                    + "; ".join(diffs)
-                    + ". Use the same inputs to continue it, or another store path to compute anew."
+        if attrs is None or attrs.get("complete") is not True:  # it will be written: one writer at a time
+            self.lock = lock(self.path, "analyze(store=...)")
+        try:
+            if self.lock is not None:
+                attrs = refuse_foreign(self.path, "result")  # again: another writer may have just created it
+            if attrs is None:
+                create_atomically(self.path, self._create)
+                attrs = read_attrs(self.path)
+            else:
+                self._check_resumable(attrs)
+            self._open(attrs)
+        except BaseException:
+            self.close()
+            raise
+        if self.lock is not None:
+            self.lock.reclaimable = True  # idle until a run starts (resume_from)
+
+    def _check_resumable(self, attrs: dict):
+        """Refuse a store this run cannot continue, naming what differs (inputs, snapshots, format)."""
+        path = self.path
+        if attrs.get("saved"):
+            raise ValueError(
+                f"{path!r} holds a result saved with LCAResult.save; analyze(..., store=...) continues only a store "
+                "it computed itself. Open it with lca.open, or give analyze another store path."
+            )
+        if check_format(path, attrs) < FORMAT:
+            raise ValueError(
+                f"the store {path!r} was written by an older lca_notebook (format {attrs.get('format', 1)}: no "
+                f"checksums, no snapshot hashes), so it cannot be continued safely; lca.open still reads it. Give "
+                "analyze another store path to compute anew."
+            )
+        int_attr(path, attrs, "n_snapshots", low=2)
+        diffs = {k: _describe_difference(k, attrs.get(k), v) for k, v in self.inputs.items() if attrs.get(k) != v}
+        if "data_fingerprint" in diffs and self.batch and attrs.get("data_contents") == self.batch["data_contents"]:
+            stored = str(attrs.get("batch_sizes"))
+            if stored != self.batch["batch_sizes"]:  # same contents, split otherwise: the batch size changed
+                diffs["data_fingerprint"] = (
+                    f"the batch size: batches of {_split(stored)} in the store, {_split(self.batch['batch_sizes'])} "
+                    "now (the data itself is the same; pass the batch_size the store was computed with)"
                 )
-        self.complete = bool(attrs.get("complete"))
-        self.done = int(attrs.get("completed_iterations", 0))
-        ckpts = int(attrs.get("completed_checkpoints", 0))
-        self._before = {k: attrs.get(k, 0) for k in ("seconds", "gradient_evaluations")}
-        self.ct = chunk_rows(self.path, "lca")
+        culprit = None
+        if not diffs.keys() - {"trajectory_fingerprint"}:
+            culprit = self._changed_snapshot(attrs)
+        if culprit is not None:
+            diffs["trajectory_fingerprint"] = culprit
+        if diffs:
+            what = "returned as it is" if attrs.get("complete") is True else "resumed"
+            raise ValueError(
+                f"the store {path!r} was computed from other inputs, so it cannot be {what}: "
+                + "; ".join(diffs.values())
+                + ". Use the same inputs to continue it, or another store path to compute anew."
+            )
+
+    def _changed_snapshot(self, attrs: dict) -> str | None:
+        """The first snapshot already computed whose hash differs from the stored one (one read each)."""
+        t = self.n_iterations
+        complete = attrs.get("complete") is True
+        upto = t + 1 if complete else min(
+            int_attr(self.path, attrs, "completed_checkpoints", default=0, high=t + 1),
+            int_attr(self.path, attrs, "completed_iterations", default=0, high=t) + 1,
+        )  # fmt: skip
+        if upto <= 0 or not os.path.exists(os.path.join(self.path, HASH_VAR)):
+            return None
+        check_rows(self.path, HASH_VAR, upto, "checkpoint")
+        stored = np.asarray(CheckedArray(self.path, HASH_VAR, "r", "checkpoint")[:upto], dtype=np.uint64)
+        for k in map(int, np.flatnonzero(stored)):
+            if snapshot_hash(self.traj[k], self.spec) != int(stored[k]):
+                used = f"iteration {k}" if k == 0 else f"iterations {k - 1} and {k}" if k < t else f"iteration {k - 1}"
+                return (
+                    f"snapshot {k} of the trajectory ({self.traj.describe(k)}) differs from the one the store was "
+                    f"computed from ({used} used it)"
+                )
+        return None
+
+    def _open(self, attrs: dict):
+        path, t = self.path, self.n_iterations
+        complete = attrs.get("complete", False)
+        if not isinstance(complete, bool):
+            raise damaged_attribute(path, "complete", complete, "true or false")
+        self.complete = complete
+        self.done = int_attr(path, attrs, "completed_iterations", default=0, high=t)
+        ckpts = int_attr(path, attrs, "completed_checkpoints", default=0, high=t + 1)
+        if complete and (self.done != t or ckpts != t + 1):
+            raise damaged_attribute(path, "complete", complete, f"false, as it holds {self.done} of {t} iterations")
+        self._before = {k: number_attr(path, attrs, k) for k in ("seconds", "gradient_evaluations")}
+        self.ct = chunk_rows(path, "lca")
         for name in ITERATION_VARS:
-            check_rows(self.path, name, self.done, "iteration")
+            check_rows(path, name, self.done, "iteration")
         for name in CHECKPOINT_VARS:
-            check_rows(self.path, name, min(ckpts, self.done + 1), "checkpoint")
-        self.arrays = Arrays(self.path, ITERATION_VARS + CHECKPOINT_VARS)
+            check_rows(path, name, min(ckpts, self.done + 1), "checkpoint")
+        self.arrays = Arrays(path, ITERATION_VARS + CHECKPOINT_VARS + (HASH_VAR,), what="row")
         self._load_buffers(ckpts)
+
+    def close(self):
+        """Let other writers at the store (``finish`` and ``interrupted`` do it too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- layout ---------------------------------------------------------------------------------
     def _create(self, tmp):
@@ -169,6 +344,7 @@ class StoreSink:
             "evaluations": (("iteration",), lazy(t, ct, np.int32)),
             "error": (("iteration",), lazy(t, ct, np.float64)),
             "loss": (("checkpoint",), lazy(t + 1, ct, np.float64)),
+            HASH_VAR: (("checkpoint",), lazy(t + 1, ct, np.uint64)),
             "prefix_parameter": (
                 ("checkpoint", "parameter"),
                 lazy((t + 1, p), (min(_PREFIX_ROWS, ct), cp), np.float64),
@@ -191,11 +367,13 @@ class StoreSink:
             coords[dim] = np.asarray(labels).astype(object)
         attrs = dict(
             self.inputs,
+            **self.batch,
             **{KIND: "result", "format": FORMAT, "completed_iterations": 0, "completed_checkpoints": 0},
             complete=False,
         )
         ds = xr.Dataset(data, coords=coords, attrs=attrs)
-        encoding = {v: {"chunks": ds[v].data.chunksize, "compressors": None} for v in data}
+        encoding = {v: {"chunks": ds[v].data.chunksize, "compressors": checksummed()} for v in data}
+        encoding |= {c: {"compressors": checksummed()} for c in coords}
         ds.to_zarr(tmp, mode="w-", compute=False, consolidated=False, encoding=encoding, zarr_format=3)
 
     # -- buffers --------------------------------------------------------------------------------
@@ -207,7 +385,11 @@ class StoreSink:
         self.b0 = (self.done // ct) * ct
         self.rows = Rows(ct, p)
         self.loss = np.full(ct + 1, np.nan)
+        self.hash = np.zeros(ct + 1, np.uint64)  # snapshot hashes of the checkpoint rows buffered (0: not read yet)
         self.prefix = PrefixBlock(self.groups, ct)
+        # Gradient evaluations of the stored iterations before this chunk: the total in the attributes is
+        # 1 (the first snapshot) plus the sum of `evaluations`, so it is the same after a kill and a resume.
+        self._ev_base = int(np.asarray(self.arrays["evaluations"][: self.b0], dtype=np.int64).sum()) if self.b0 else 0
         if self.done == 0 or self.complete:
             return
         n = self.done - self.b0  # rows of the current chunk already stored
@@ -215,6 +397,7 @@ class StoreSink:
             for name, buf in self.rows.arrays.items():
                 buf[:n] = self.arrays[name][self.b0 : self.done]
             self.loss[:n] = self.arrays["loss"][self.b0 : self.done]
+            self.hash[:n] = self.arrays[HASH_VAR][self.b0 : self.done]
             for by, name in PREFIX_VARS.items():
                 self.prefix.rows[by][:n] = self.arrays[name][self.b0 : self.done]
             self.prefix.advance(n - 1, self.rows["lca"][n - 1])  # the next prefix row, as write() built it
@@ -226,22 +409,36 @@ class StoreSink:
             self.prefix.seed(seed.last(1))
         if ckpts >= self.done + 1:
             self.loss[n] = self.arrays["loss"][self.done]
+            self.hash[n] = self.arrays[HASH_VAR][self.done]
+
+    def _keep_hash(self, k: int):
+        """The hash of snapshot k into its checkpoint row: as the engine read it, else read once more here."""
+        h = self.trajectory.hashes.pop(k, None)
+        if h is None and self.hash[k - self.b0] == 0:
+            h = snapshot_hash(self.traj[k], self.spec)  # the engine read another object than self.trajectory
+        if h is not None:
+            self.hash[k - self.b0] = h
 
     # -- the sink protocol ----------------------------------------------------------------------
     def resume_from(self) -> int:
+        if self.lock is not None:
+            self.lock.reclaimable = False  # running: no other writer, not even in this process
+        self._t0 = time.perf_counter()
         return self.done
 
     def write_loss(self, k: int, value: float):
         # The loss at the snapshot a resumed run starts from was stored by the run before: recomputed, it must
-        # agree. This catches what the recorded identity cannot see (a loss_fn or model changed under its name).
+        # agree. The snapshot itself was compared when the store was opened (its hash), so a difference here is
+        # what the recorded names cannot see: a loss_fn, model or data changed under the same names.
         stored = self.loss[k - self.b0]
         if k and np.isfinite(stored) and not math.isclose(stored, value, rel_tol=1e-5, abs_tol=1e-8):
             raise ValueError(
                 f"the store {self.path!r} holds loss {stored:.9g} at snapshot {k}, but resuming computes {value:.9g} "
-                "there: the model, the data or loss_fn differ from the run that wrote it, although their names "
-                "match. Use the same ones to continue it, or another store path to compute anew."
+                "there from the same snapshot: the model, the data or loss_fn differ from the run that wrote it, "
+                "although their names match. Use the same ones to continue it, or another store path to compute anew."
             )
         self.loss[k - self.b0] = value
+        self._keep_hash(k)
 
     def write(self, row: IterationResult):
         if row.t != self.done:
@@ -249,22 +446,38 @@ class StoreSink:
         i = row.t - self.b0
         self.rows.put(i, row)
         self.loss[i + 1] = row.loss_end
+        self._keep_hash(row.t + 1)
         self.prefix.advance(i, self.rows["lca"][i])
         self.done += 1
         if i + 1 == self.ct:
             self._flush(self.ct, self.ct + 1)
+            self._ev_base += int(self.rows["evaluations"][: self.ct].sum(dtype=np.int64))
             self.loss[0] = self.loss[self.ct]  # the checkpoint row after the chunk opens the next one
+            self.hash[0], self.hash[1:] = self.hash[self.ct], 0
             self.prefix.seed(self.prefix.last(self.ct))
             self.b0 += self.ct
+
+    def _totals(self, n_it: int) -> dict:
+        """``seconds`` (every run's, this one until now) and ``gradient_evaluations`` (what the stored
+        iterations took: the same for a run killed and resumed as for one that was not)."""
+        ev = self._ev_base + int(self.rows["evaluations"][:n_it].sum(dtype=np.int64))
+        elapsed = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        return {
+            "seconds": round(float(self._before["seconds"]) + elapsed, 3),
+            "gradient_evaluations": ev + 1 if self.b0 + n_it else 0,
+        }
 
     def _flush(self, n_it: int, n_ck: int, **extra):
         """Write buffered rows, fsync them, then (and only then) count them as completed."""
         b0 = self.b0
-        blocks = self.rows.head(n_it) | {"loss": self.loss[:n_ck]}
+        blocks = self.rows.head(n_it) | {"loss": self.loss[:n_ck], HASH_VAR: self.hash[:n_ck]}
         blocks |= {name: self.prefix.rows[by][:n_ck] for by, name in PREFIX_VARS.items()}
         try:
             self.arrays.write(b0, blocks)
-            update_attrs(self.path, completed_iterations=b0 + n_it, completed_checkpoints=b0 + n_ck, **extra)
+            update_attrs(
+                self.path, completed_iterations=b0 + n_it, completed_checkpoints=b0 + n_ck,
+                **self._totals(n_it), **extra,
+            )  # fmt: skip
         except OSError as exc:
             raise StoreWriteError(
                 f"could not write iterations {b0}..{b0 + n_it - 1} to the store {self.path!r} "
@@ -281,6 +494,7 @@ class StoreSink:
                 self._flush(done - self.b0, done - self.b0 + 1)
         except Exception:  # the original error matters more; what was stored before stays readable
             pass
+        self.close()
         try:
             if self.stored > 0:
                 self.partial = open_store(self.path)
@@ -297,26 +511,58 @@ class StoreSink:
         )
 
     def finish(self) -> LCAResult:
-        if not self.complete:
-            t = self.n_iterations
-            if self.done != t:
-                raise RuntimeError(
-                    f"the store {self.path!r} holds {self.done} of {t} iterations; it cannot be finished yet"
-                )
-            self._flush(
-                t - self.b0, t - self.b0 + 1, complete=True,
-                seconds=float(self._before["seconds"]) + self.seconds,
-                gradient_evaluations=int(self._before["gradient_evaluations"]) + int(self.evaluations),
-            )  # fmt: skip
-            self.complete = True
+        try:
+            if not self.complete:
+                t = self.n_iterations
+                if self.done != t:
+                    raise RuntimeError(
+                        f"the store {self.path!r} holds {self.done} of {t} iterations; it cannot be finished yet"
+                    )
+                self._flush(t - self.b0, t - self.b0 + 1, complete=True)
+                self.complete = True
+        finally:
+            self.close()
         return open_store(self.path)
+
+
+def _checked(ds: xr.Dataset, path: str) -> xr.Dataset:
+    """The dataset with each data variable read through :class:`~.files.CheckedArray` (lazily, same chunks),
+    so a chunk whose checksum fails names the store, array, chunk and file instead of a bare zarr error."""
+    import dask.array as da
+
+    for name in list(ds.data_vars):
+        var = ds[name]
+        if var.chunks is None or not os.path.exists(os.path.join(path, str(name), "zarr.json")):
+            continue
+        source = CheckedArray(path, str(name), "r", str(var.dims[0]) if var.dims else "row")
+        if source.dtype != var.dtype or tuple(source.shape) != var.shape:
+            continue  # decoded by xarray (not a plain array of ours): keep its reader
+        data = da.from_array(
+            source, chunks=var.chunks, name=f"lca-{name}-{uuid.uuid4().hex}", lock=False, asarray=True,
+            meta=np.empty((0,) * var.ndim, var.dtype),
+        )  # fmt: skip
+        ds[name] = var.copy(data=data)
+    return ds
+
+
+def _damaged_coordinate(path: str, exc: BaseException) -> Exception | None:
+    """After a checksum failure while opening: the damaged chunk of a coordinate, named (they are small)."""
+    if not (isinstance(exc, ValueError) and "checksum" in str(exc).lower()):
+        return None
+    for name in sorted(os.listdir(path)):
+        if os.path.isfile(os.path.join(path, name, "zarr.json")):
+            named = damaged_chunk(path, name, slice(None))
+            if named is not None:
+                return named
+    return None
 
 
 def open_store(path) -> LCAResult:
     """Open a result store lazily: from ``analyze(store=...)`` (complete or not) or :meth:`LCAResult.save`.
 
-    Only the completed iterations are shown; every chunk file they need is checked first, so a
-    damaged store fails here with a ValueError naming the file.
+    Only the completed iterations are shown. Opening checks that every chunk file they need exists with
+    its exact size (a damaged store fails here, naming the file); reading a chunk checks its CRC32C
+    checksum (a damaged chunk fails then, naming the store, array, chunk and file).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
@@ -327,28 +573,52 @@ def open_store(path) -> LCAResult:
         raise ValueError(
             f"{path!r} is a recorded trajectory, not an LCA result: give it to analyze() as the trajectory"
         )
+    if kind is not None:
+        check_format(path, attrs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": expected for a growing store
             ds = xr.open_zarr(path, consolidated=None if kind is None else False)
     except Exception as exc:  # zarr raises many types for a broken store; say which store, not where it broke
+        named = _damaged_coordinate(path, exc)
+        if named is not None:
+            raise named from exc
         raise ValueError(f"{path!r} is not a readable LCA store ({type(exc).__name__}: {exc})") from exc
-    if kind == "result":
-        n = min(int(attrs.get("completed_iterations", 0)), int(attrs.get("completed_checkpoints", 0)) - 1)
+    ds = ds.drop_vars([HASH_VAR], errors="ignore")
+    t = ds.sizes.get("iteration", 0)
+    if kind == "result" and not attrs.get("saved"):
+        n = min(
+            int_attr(path, attrs, "completed_iterations", default=0, high=t),
+            int_attr(path, attrs, "completed_checkpoints", default=0, high=t + 1) - 1,
+        )
         if n < 0:
             raise ValueError(
                 f"the store {path!r} holds no completed iteration yet; run analyze(..., store=...) to fill it"
             )
-        for name in ITERATION_VARS:
-            check_rows(path, name, n, "iteration")
-        for name in CHECKPOINT_VARS:
-            check_rows(path, name, n + 1, "checkpoint")
-        ds = ds.isel(iteration=slice(0, n), checkpoint=slice(0, n + 1))
+    else:  # saved whole by LCAResult.save
+        n = t
+    for name in ds.data_vars if kind is not None else ():  # (results saved before format 2 skipped empty chunks)
+        dims = ds[name].dims
+        if dims and dims[0] in ("iteration", "checkpoint") and os.path.isdir(os.path.join(path, str(name))):
+            check_rows(path, str(name), n + (dims[0] == "checkpoint"), str(dims[0]))
+    ds = _checked(ds, path).isel(iteration=slice(0, n), checkpoint=slice(0, n + 1))
     # Names are stored as variable-length strings (numpy's StringDType on read); the result's group
-    # tables want plain fixed-width str, as in a result computed in memory.
-    for name in ("tensor", "layer", *GROUP_DIMS.values()):
-        if name in ds.coords and ds[name].dtype.kind not in "U":
-            ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values).astype(object).astype(str))})
+    # tables want plain fixed-width str, as in a result computed in memory. The other coordinates on
+    # `parameter` are read now too: every sum needs them.
+    try:
+        for name in ("tensor", "layer", *GROUP_DIMS.values()):
+            if name in ds.coords and ds[name].dtype.kind not in "U":
+                ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values).astype(object).astype(str))})
+        for name in ("unit", "index", "step"):
+            if name in ds.coords:
+                ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values))})
+    except ValueError as exc:
+        named = _damaged_coordinate(path, exc)
+        if named is None:
+            raise
+        raise named from exc
+    ds = _without_save_marks(ds)
+    ds.encoding["source"] = path
     try:
         return LCAResult(ds)
     except ValueError as exc:
@@ -361,10 +631,19 @@ def open(path) -> LCAResult:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no LCA result at {path!r}")
+    if not path.endswith(".nc"):
+        return open_store(path)
     try:
-        if not path.endswith(".nc"):
-            return open_store(path)
         ds = xr.open_dataset(path, engine="h5netcdf")
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path!r} is not a readable LCA result ({type(exc).__name__}: {exc})") from exc
+    ds = _without_save_marks(ds)
+    ds.encoding["source"] = os.path.abspath(path)
     return LCAResult(ds)
+
+
+def _without_save_marks(ds: xr.Dataset) -> xr.Dataset:
+    """A saved result reads back with the attributes it had: the marks save adds are taken off."""
+    if ds.attrs.get("saved"):
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k not in (KIND, "format", "saved")}
+    return ds
