@@ -31,6 +31,7 @@ def analyze(
     method: str = "adaptive",
     tol: float = 1e-3,
     max_splits: int = 32,
+    param_tol: float | None = None,
     batch_size: int | None = None,
     device=None,
     parameters=None,
@@ -60,6 +61,10 @@ def analyze(
         causal LM, ``labels[..., 1:]``); a ``loss_fn`` given then gets ``(outputs, labels)``.
     method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
         pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
+    param_tol: adaptive only: also refine until every parameter's estimated LCA error (Richardson, from the
+        last two composite Simpson levels: no extra evaluations) is <= param_tol, in loss units, or
+        ``max_splits``. The sum meeting ``tol`` says nothing of single parameters, whose errors cancel in it.
+        Each iteration's largest estimate is the result's ``error`` (NaN where only one level was computed).
     batch_size: split the data into batches of this size (memory only; the result does not change, except
         with ``batchnorm="batch"``, whose statistics are those of each batch).
     device: where to compute (default: the model's device).
@@ -94,7 +99,8 @@ def analyze(
     """
     loss_given, loss_fn = loss_fn, loss_fn or F.cross_entropy
     options = Options(
-        method=method, tol=tol, max_splits=max_splits, batchnorm=batchnorm, batched_points=batched_points,
+        method=method, tol=tol, max_splits=max_splits, param_tol=param_tol, batchnorm=batchnorm,
+        batched_points=batched_points,
         loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__name__), model=type(model).__name__,
     )  # fmt: skip
     if not isinstance(model, torch.nn.Module):
@@ -134,7 +140,7 @@ def analyze(
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
         run(evaluate, SnapshotReader(traj, spec, device), sink, options, progress=progress)
     result = sink.finish()
-    warn_if_stuck(result.residual.values, result.splits.values, options)
+    warn_if_stuck(result.residual.values, result.splits.values, options, error=result.error.values)
     return result
 
 
