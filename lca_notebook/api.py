@@ -133,12 +133,20 @@ def analyze(
         )  # fmt: skip
     sink: Sink
     if store is not None:
-        sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_mod.fingerprint(batches), options=options)
+        sink = StoreSink(
+            store,
+            spec=spec,
+            traj=traj,
+            data_fingerprint=data_mod.fingerprint(batches),
+            options=options,
+            batches=batches,
+        )
     else:
         sink = MemorySink(spec, len(traj), options, steps=traj.steps)
     with fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
-        run(evaluate, SnapshotReader(traj, spec, device), sink, options, progress=progress)
+        reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume
+        run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress)
     result = sink.finish()
     warn_if_stuck(result.residual.values, result.splits.values, options, error=result.error.values)
     return result
