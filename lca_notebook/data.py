@@ -8,7 +8,10 @@ which is dim 0 of its first input tensor (the DataLoader convention).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 #: Batch size used when the data comes as tensors or a Dataset and ``batch_size`` is not given.
 DEFAULT_BATCH_SIZE = 2048
+#: Most batches, and samples, read from data that has no ``len()`` (a generator, an iterator, a loader over an
+#: ``IterableDataset``) before giving up: the data is held in memory whole, so it must be finite
+#: (``itertools.cycle(loader)`` never ends). Raise them for larger data: ``lca_notebook.data.MAX_BATCHES = ...``.
+MAX_BATCHES = 100_000
+MAX_SAMPLES = 10_000_000
 
 
 @dataclass
@@ -124,12 +132,17 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
             data = _whole_loader(data)
         elif isinstance(data, Dataset) and hasattr(data, "__len__"):
             data = DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE)
+        elif isinstance(data, (itertools.cycle, itertools.repeat, itertools.count)):
+            raise ValueError(
+                f"data is an itertools.{type(data).__name__}, which never ends: LCA reads the data once and averages "
+                "the loss over all of it, so data must be finite. Pass the loader (or list of batches) itself."
+            )
         elif not hasattr(data, "__iter__"):
             raise TypeError(
                 f"data is a {type(data).__name__}; give a pair (inputs, targets) of tensors, a Dataset, a DataLoader "
                 "or an iterable of (inputs, targets) batches"
             )
-        out = [_as_batch(item, f"data batch {i}") for i, item in enumerate(data)]
+        out = _read(data)
         if batch_size is not None and out:
             # Re-batch to the requested size (useful to bound memory with a loader of large batches).
             flat_in = _concat([b.args if not b.kwargs else b.kwargs for b in out])
@@ -143,6 +156,30 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
         raise ValueError("data is empty: LCA needs at least one sample to measure the loss on")
     if device is not None:
         out = [b.to(device) for b in out]
+    return out
+
+
+def _read(data) -> list[Batch]:
+    """Every batch of ``data``; past :data:`MAX_BATCHES` batches or :data:`MAX_SAMPLES` samples of data with no
+    ``len()``, a clear error instead of reading (and holding) an endless stream."""
+    try:
+        len(data)
+        bounded = False  # a length: finite by its own account
+    except TypeError:
+        bounded = True
+    out: list[Batch] = []
+    samples = 0
+    for i, item in enumerate(data):
+        out.append(_as_batch(item, f"data batch {i}"))
+        samples += out[-1].size
+        if bounded and (len(out) > MAX_BATCHES or samples > MAX_SAMPLES):
+            raise ValueError(
+                f"data has no len() and yielded more than {MAX_BATCHES:,} batches or {MAX_SAMPLES:,} samples "
+                f"({len(out):,} batches, {samples:,} samples so far): it is probably endless (itertools.cycle, a "
+                "streaming dataset without an end, a `while True` generator). LCA holds all of the data and averages "
+                "the loss over it, so data must be finite: pass a finite loader or list of batches, or, for data that "
+                "really is this large, raise lca_notebook.data.MAX_BATCHES / lca_notebook.data.MAX_SAMPLES."
+            )
     return out
 
 
@@ -400,3 +437,189 @@ def model_loss_counts(batch_list: list[Batch], loss_fn: ModelLoss) -> list[float
             t = t[..., loss_fn.shift :]
         counts.append(float((t != -100).sum()))
     return counts if sum(counts) > 0 else None
+
+
+# -- what the loss must be, and clear errors for what torch reports obscurely -------------------------------------
+def loss_name(loss_fn) -> str:
+    """How messages name ``loss_fn``.
+
+    >>> loss_name(torch.nn.CrossEntropyLoss(reduction="sum")), loss_name(F.cross_entropy)
+    ("CrossEntropyLoss(reduction='sum')", 'cross_entropy')
+    """
+    if isinstance(loss_fn, torch.nn.Module):
+        reduction = getattr(loss_fn, "reduction", None)
+        return type(loss_fn).__name__ + (f"(reduction={reduction!r})" if isinstance(reduction, str) else "")
+    if isinstance(loss_fn, functools.partial):
+        kw = ", ".join(f"{k}={v!r}" for k, v in loss_fn.keywords.items())
+        return f"partial({loss_name(loss_fn.func)}{', ' + kw if kw else ''})"
+    return getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def check_loss_fn(loss_fn) -> None:
+    """Refuse a loss that does not average over the samples of a batch: LCA measures the MEAN loss over all
+    of the data and weights each batch by its size, so a summed loss would depend on ``batch_size``.
+
+    >>> check_loss_fn(torch.nn.CrossEntropyLoss(reduction="sum"))
+    Traceback (most recent call last):
+    ValueError: loss_fn=CrossEntropyLoss(reduction='sum') adds the losses of a batch instead of averaging them, ...
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable (outputs, targets) -> mean loss, got a {type(loss_fn).__name__}")
+    if isinstance(loss_fn, torch.nn.Module):
+        reduction = getattr(loss_fn, "reduction", None)
+    elif isinstance(loss_fn, functools.partial):
+        reduction = loss_fn.keywords.get("reduction")
+    else:
+        return
+    if reduction == "sum":
+        raise ValueError(
+            f"loss_fn={loss_name(loss_fn)} adds the losses of a batch instead of averaging them, so the loss (and "
+            "every LCA) would grow with batch_size. LCA measures the mean loss over all of the data and combines "
+            "batches by their size: use reduction='mean'."
+        )
+    if reduction == "none":
+        raise ValueError(
+            f"loss_fn={loss_name(loss_fn)} returns one loss per sample, not the batch's mean loss: use "
+            "reduction='mean'."
+        )
+
+
+def describe_batch(batch_list: list[Batch], index: int) -> str:
+    start = sum(b.size for b in batch_list[:index])
+    return f"data batch {index} (samples {start}..{start + batch_list[index].size - 1})"
+
+
+def _ignore_index(loss_fn) -> int | None:
+    """The ignored target of PyTorch's class-index losses (cross entropy, NLL); None for any other loss."""
+    if loss_fn in (F.cross_entropy, F.nll_loss):
+        return -100
+    if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return loss_fn.ignore_index
+    return None
+
+
+def _labels_out_of_range(out, batch_list: list[Batch], indices, ignore: int | None, loss_fn) -> ValueError | None:
+    """A clear error for the first batch among ``indices`` whose class labels do not fit the outputs, else None."""
+    if not (isinstance(out, torch.Tensor) and out.dim() >= 2 and out.is_floating_point()):
+        return None
+    classes = int(out.shape[1])
+    for i in indices:
+        t = batch_list[i].target
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            continue
+        kept = t if ignore is None else t[t != ignore]
+        if not kept.numel():
+            continue
+        lo, hi = int(kept.min()), int(kept.max())
+        if lo >= 0 and hi < classes:
+            continue
+        if lo < 0:
+            hint = f"labels must be class indices 0..{classes - 1}"
+        elif lo >= 1 and hi == classes:
+            hint = "labels numbered from 1? subtract 1 (y - 1)"
+        else:
+            hint = f"the model's last layer needs {hi + 1} outputs, or the labels are not class indices"
+        ignored = f", {ignore} ignored" if ignore is not None else ""
+        return ValueError(
+            f"{describe_batch(batch_list, i)} has labels {lo}..{hi}, but the model gives {classes} outputs per sample "
+            f"(classes 0..{classes - 1}{ignored}) for loss_fn {loss_name(loss_fn)}: {hint}"
+        )
+    return None
+
+
+def check_labels(out, batch_list: list[Batch], loss_fn) -> None:
+    """For PyTorch's class-index losses, every batch's labels fit the model's outputs: checked once, before
+    the loss sees any (on a GPU, a label out of range is a device-side assert that ends the CUDA context)."""
+    ignore = _ignore_index(loss_fn)
+    if ignore is not None and (err := _labels_out_of_range(out, batch_list, range(len(batch_list)), ignore, loss_fn)):
+        raise err
+
+
+def explain_forward_error(exc: Exception, batch_list: list[Batch], index: int, model, tensors: dict):
+    """A clear error for a failed first forward pass (data and model of different dtypes), else None."""
+    batch = batch_list[index]
+    model_dtypes = {t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    data_dtypes = {t.dtype for t in _tensors((batch.args, batch.kwargs)) if t.is_floating_point()}
+    if model_dtypes and data_dtypes and not data_dtypes <= model_dtypes:
+        name = lambda ds: " and ".join(sorted(str(d).removeprefix("torch.") for d in ds))
+        want = sorted(model_dtypes, key=lambda d: torch.finfo(d).bits)[-1]
+        return TypeError(
+            f"{describe_batch(batch_list, index)} holds {name(data_dtypes)} inputs but the model "
+            f"({type(model).__name__}) computes in {name(model_dtypes)}, and its forward failed "
+            f"({type(exc).__name__}: {exc}). Give data of the model's dtype, e.g. "
+            f"(x.to(torch.{str(want).removeprefix('torch.')}), y)."
+        )
+    return None
+
+
+def explain_loss_error(exc: Exception, out, batch_list: list[Batch], index: int, loss_fn, model):
+    """A clear error for a loss that failed at the first evaluation (the model returns a tuple or dict; labels
+    out of range for the outputs), else None."""
+    name = loss_name(loss_fn)
+    if not isinstance(out, torch.Tensor) and isinstance(out, (tuple, list, dict)):
+        if isinstance(out, dict):
+            key = "logits" if "logits" in out else next(iter(out), "logits")
+            what, pick = f"{type(out).__name__} with keys {list(out)[:6]}", f"out[{key!r}]"
+        else:
+            what, pick = f"{type(out).__name__} of {len(out)}", "out[0]"
+        return TypeError(
+            f"the model ({type(model).__name__}) returns a {what}, not a tensor, and loss_fn {name} failed on it "
+            f"({type(exc).__name__}: {exc}). Pass a loss_fn that picks the output to score, e.g. "
+            f"loss_fn=lambda out, y: torch.nn.functional.cross_entropy({pick}, y)"
+        )
+    if isinstance(exc, (IndexError, RuntimeError)):
+        return _labels_out_of_range(out, batch_list, [index], _ignore_index(loss_fn), loss_fn)
+    return None
+
+
+def _batched(x, n: int) -> bool:
+    """Whether every leaf of ``x`` is a tensor with ``n`` rows (so halving it along dim 0 halves the batch)."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() > 0 and x.shape[0] == n
+    if isinstance(x, (list, tuple)):
+        return all(_batched(v, n) for v in x)
+    if isinstance(x, dict):
+        return all(_batched(v, n) for v in x.values())
+    return False
+
+
+def halves(batch: Batch) -> tuple[Batch, Batch] | None:
+    """The batch split into two halves along dim 0, or None where that is not a split of its samples (one
+    sample; a tensor argument without a row per sample).
+
+    >>> [h.size for h in halves(Batch((torch.zeros(5, 2),), {}, torch.zeros(5), 5))]
+    [3, 2]
+    """
+    n = batch.size
+    if n < 2 or not _batched((batch.args, batch.kwargs, batch.target), n):
+        return None
+    k = (n + 1) // 2
+    part = lambda x, sl: _map_tensors(x, lambda t: t[sl])
+    first, second = slice(0, k), slice(k, n)
+    return (
+        Batch(part(batch.args, first), part(batch.kwargs, first), part(batch.target, first), k),
+        Batch(part(batch.args, second), part(batch.kwargs, second), part(batch.target, second), n - k),
+    )
+
+
+def check_averages(whole: float, parts: tuple[float, float], sizes: tuple[int, int], loss_fn, where: str) -> None:
+    """Refuse a loss that adds over the samples of a batch: ``whole``, the loss of a batch, is the sum of its
+    halves' losses ``parts`` rather than their size-weighted mean. A loss that is neither (a loss over pairs of
+    samples, a model mixing samples) is left alone: only a clear sum is refused.
+
+    >>> check_averages(3.0, (1.0, 2.0), (2, 2), F.cross_entropy, "data batch 0")
+    Traceback (most recent call last):
+    ValueError: loss_fn cross_entropy adds over the samples of a batch: ...
+    >>> check_averages(1.5, (1.0, 2.0), (2, 2), F.cross_entropy, "data batch 0")
+    """
+    (a, b), (n1, n2) = parts, sizes
+    total, mean = a + b, (n1 * a + n2 * b) / (n1 + n2)
+    if not all(map(math.isfinite, (whole, a, b))) or abs(total - mean) <= 1e-2 * max(abs(total), abs(mean)):
+        return  # the two readings cannot be told apart (a zero loss, say)
+    if abs(whole - total) <= 1e-4 * abs(total) and abs(whole - mean) > 1e-2 * abs(whole):
+        raise ValueError(
+            f"loss_fn {loss_name(loss_fn)} adds over the samples of a batch: on {where} it gives "
+            f"{whole:.6g}, the sum of its halves' losses ({a:.6g} + {b:.6g}), not their mean ({mean:.6g}). LCA "
+            "measures the mean loss over all of the data and combines batches by their size, so a summed loss would "
+            "make every number depend on batch_size: average instead (reduction='mean', or .mean() for .sum())."
+        )

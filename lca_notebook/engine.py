@@ -37,8 +37,8 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from . import data as data_mod
-from .layout import BATCHNORM_MODES, PathSpec, canonical
-from .quadrature import check_method, refinement_points, richardson_factor, rule, simpson_weights
+from .layout import BATCHNORM_MODES, PathSpec, canonical, integer_snapshot_message
+from .quadrature import check_method, refinement_points, rule, simpson_weights
 
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
@@ -56,15 +56,11 @@ class Options:
     >>> Options(tol=0)
     Traceback (most recent call last):
     ValueError: tol must be a positive number, got 0
-    >>> Options(param_tol=1e-6).attrs()["param_tol"], Options().attrs()["param_tol"]  # 0.0: not set
-    (1e-06, 0.0)
     """
 
     method: str = "adaptive"
     tol: float = 1e-3
     max_splits: int = 32
-    #: Adaptive only: also refine until every selected parameter's estimated error is <= this (loss units).
-    param_tol: float | None = None
     batchnorm: str = "eval"
     batched_points: bool = False
     loss_fn: str = "cross_entropy"  # names only: what a stored result remembers
@@ -85,27 +81,11 @@ class Options:
                 "place, which vmap forbids)"
             )
         object.__setattr__(self, "tol", float(self.tol))
-        if self.param_tol is not None:
-            value = self.param_tol
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"param_tol must be a positive finite number (the largest estimated error of any parameter's LCA, "
-                    f"in loss units) or None, got {value!r}"
-                )
-            if self.method != "adaptive":
-                raise ValueError(
-                    f"param_tol refines the quadrature, which only method='adaptive' does; method={self.method!r} "
-                    "uses fixed points and has no per-parameter error estimate. Use method='adaptive' with param_tol, "
-                    "or leave param_tol=None"
-                )
-            object.__setattr__(self, "param_tol", float(value))
 
     def attrs(self) -> dict:
-        """What a result records of its computation (``batched_points`` changes rounding only). ``param_tol``
-        is recorded as 0.0 when not set (netCDF attributes cannot hold None)."""
+        """What a result records of its computation (``batched_points`` changes rounding only)."""
         out = asdict(self)
         del out["batched_points"]
-        out["param_tol"] = 0.0 if self.param_tol is None else self.param_tol
         return out
 
 
@@ -120,9 +100,6 @@ class IterationResult:
     splits: int
     loss_end: float
     evaluations: int
-    #: Largest estimated quadrature error of a selected parameter's LCA (Richardson, from the last two
-    #: composite Simpson levels); NaN where only one level was computed (see :func:`iterate`).
-    error: float = math.nan
 
 
 class _DifferentiableBatchNorm(TorchFunctionMode):
@@ -186,6 +163,13 @@ class Evaluator:
         self.batchnorm = batchnorm
         path = set(spec.names)
         own = dict(model.named_parameters()) | dict(model.named_buffers())
+        on_meta = [n for n, t in own.items() if n not in path and t.is_meta]
+        if on_meta and torch.device(device).type != "meta":
+            raise ValueError(
+                f"the model's tensor {on_meta[0]!r}{f' (and {len(on_meta) - 1} more)' if len(on_meta) > 1 else ''} "
+                "is on the meta device (it holds no values) and the snapshots do not hold it: load the model's weights "
+                "(model.to_empty(device=...) then load_state_dict), or give snapshots that hold every tensor"
+            )
         # Tensors not in the snapshots stay at the model's current values (moved to device once).
         self.fixed = {n: t.detach().to(device) for n, t in own.items() if n not in path}
         self.evaluations = 0
@@ -228,13 +212,13 @@ class Evaluator:
         tensors = self.bind(theta.detach(), extras, leaves)
         total = grads = None
         with self._loss_mode():
-            for b, w in zip(self.batches, self.weights, strict=True):
+            for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
                 if w == 0.0:
                     continue  # every target of this batch is ignored by the loss
-                out = functional_call(self.model, tensors, b.args, b.kwargs)
-                loss = self.loss_fn(out, b.target)
-                if not self._checked:
-                    self._check_loss(loss)
+                if self._checked:
+                    loss = self.loss_fn(functional_call(self.model, tensors, b.args, b.kwargs), b.target)
+                else:
+                    loss = self._first_loss(tensors, i, first=grads is None)
                 gs = [
                     g.to_dense() if g is not None and g.is_sparse else g
                     for g in torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -249,6 +233,7 @@ class Evaluator:
                     ]
                     total += loss.detach().double() * w
         self.evaluations += 1
+        self._checked = True
         assert grads is not None and total is not None  # batch_weights never makes every weight zero
         value = float(total)
         if not math.isfinite(value):
@@ -294,19 +279,58 @@ class Evaluator:
                 )
         return values, grads
 
+    def _first_loss(self, tensors: dict, i: int, first: bool) -> torch.Tensor:
+        """Batch ``i``'s loss at the first evaluation, checked once: what torch would report obscurely (data of
+        another dtype, a tuple output, labels out of range) is raised naming the culprit and the fix, the
+        original kept as ``__cause__``; a loss that is not a scalar mean of the batch is refused."""
+        b = self.batches[i]
+        try:
+            out = functional_call(self.model, tensors, b.args, b.kwargs)
+        except Exception as exc:
+            if (err := data_mod.explain_forward_error(exc, self.batches, i, self.model, tensors)) is not None:
+                raise err from exc
+            raise
+        if first:
+            data_mod.check_labels(out, self.batches, self.loss_fn)
+        try:
+            loss = self.loss_fn(out, b.target)
+        except Exception as exc:
+            if (err := data_mod.explain_loss_error(exc, out, self.batches, i, self.loss_fn, self.model)) is not None:
+                raise err from exc
+            raise
+        self._check_loss(loss)
+        if first and self.batchnorm != "batch":  # batch statistics change with the split: nothing to compare
+            self._check_averages(tensors, i, float(loss.detach()))
+        return loss
+
+    def _check_averages(self, tensors: dict, i: int, whole: float):
+        """Refuse a loss_fn that sums over a batch's samples: batch ``i``'s loss against its two halves'
+        (two forward passes of half a batch without gradients, once per analysis)."""
+        split = data_mod.halves(self.batches[i])
+        if split is None:
+            return
+        try:
+            with torch.no_grad():
+                outs = [functional_call(self.model, tensors, h.args, h.kwargs) for h in split]
+                parts = (float(self.loss_fn(outs[0], split[0].target)), float(self.loss_fn(outs[1], split[1].target)))
+        except Exception:  # a model or loss that cannot take half a batch: nothing to compare, nothing wrong
+            return
+        where = data_mod.describe_batch(self.batches, i)
+        data_mod.check_averages(whole, parts, (split[0].size, split[1].size), self.loss_fn, where)
+
     def _check_loss(self, loss):
+        name = data_mod.loss_name(self.loss_fn)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
-                f"loss_fn must return a scalar (the mean loss of the batch), got {shape}; use reduction='mean' or "
-                "add .mean()"
+                f"loss_fn {name} returned {got}: loss_fn must return a scalar (the mean loss of the batch); use "
+                "reduction='mean' or add .mean()"
             )
         if not loss.requires_grad:
             raise ValueError(
-                "loss_fn returned a tensor with no gradient: it must be computed from the model's outputs without "
-                ".detach()"
+                f"loss_fn {name} returned a tensor with no gradient: it must be computed from the model's outputs "
+                "without .detach()"
             )
-        self._checked = True
 
 
 class SnapshotReader:
@@ -327,6 +351,8 @@ class SnapshotReader:
             t = snap[name]
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            if not (t.is_floating_point() or t.is_complex()):
+                raise TypeError(integer_snapshot_message(where, name, t.dtype, spec.dtypes[spec.names.index(name)]))
             parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
         flat = torch.cat(parts)
         if not math.isfinite(float(flat.sum(dtype=torch.float64))):  # one pass; search tensors only if it fails
@@ -353,16 +379,7 @@ def iterate(
     iteration in ``[start, stop)`` (each computed when asked for).
 
     With ``options.batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are
-    evaluated in one vmapped call when the two snapshots share their non-floating tensors.
-
-    Each row's ``error`` is the largest per-parameter error estimate over the selected parameters,
-    ``max_i |S_2n[i] - S_n[i]|`` of the last two composite Simpson levels times the factor that the level
-    before them shows (1/15 on a smooth path, up to 1; see :func:`~lca_notebook.quadrature.richardson_factor`):
-    adaptive iterations refined at least once have one.
-    Where only one level was computed (first order, trapezoid, Simpson, and adaptive iterations that met
-    ``tol`` with one piece) it is NaN: an estimate would need evaluations the rule does not make. With
-    ``options.param_tol``, adaptive refines at least once (2 more evaluations), then until
-    ``error <= param_tol`` as well as ``|residual| <= tol``, or ``max_splits``."""
+    evaluated in one vmapped call when the two snapshots share their non-floating tensors."""
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a))
@@ -370,7 +387,6 @@ def iterate(
 
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
-    param_tol = options.param_tol
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
@@ -396,7 +412,6 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         pieces = 1
-        error = math.nan
         if fixed_rule is not None:
             avg = torch.zeros_like(g_a)
             for s, w in fixed_rule:
@@ -407,24 +422,17 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             ends = g_a + g_b
             if mids is None:
                 mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
-            interior = coarse = None
-            moved: float | None = None  # largest |S_2n - S_n| of the last two levels
+            interior = None
             while True:
                 w_end, w_mid, w_interior = simpson_weights(pieces)
                 avg = torch.mul(ends, w_end).add_(mids, alpha=w_mid)
                 if interior is not None:
                     avg.add_(interior, alpha=w_interior)
                 lca_all = avg.mul_(d)
-                if coarse is not None:  # two levels or more: Richardson's estimate, at no extra evaluation
-                    previous, moved = moved, float((lca_all[:p_sel] - coarse[:p_sel]).abs().max()) if p_sel else 0.0
-                    error = moved * richardson_factor(moved, previous)
                 if method == "simpson" or pieces >= max_splits:
                     break
-                if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol and (
-                    param_tol is None or error <= param_tol  # NaN (one level so far) is not <=: refine
-                ):
+                if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol:
                     break
-                coarse = lca_all
                 interior = mids if interior is None else interior.add_(mids)
                 where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
                 new = refinement_points(pieces)
@@ -440,9 +448,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         total = float(lca_all.sum(dtype=torch.float64))
         selected = lca_all[:p_sel]
         rest = total - float(selected.sum(dtype=torch.float64)) if p_sel < len(lca_all) else 0.0
-        yield IterationResult(
-            t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before, error=error
-        )
+        yield IterationResult(t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before)
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
 
@@ -482,15 +488,11 @@ def run(evaluate, read, sink, options: Options, *, progress=True, start=None, st
     sink.evaluations += evaluate.evaluations
 
 
-def warn_if_stuck(
-    residual: np.ndarray, splits: np.ndarray, options: Options, stacklevel: int = 3, error: np.ndarray | None = None
-):
-    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol`` (or, with
-    ``param_tol``, a parameter's estimated ``error`` still above it)."""
+def warn_if_stuck(residual: np.ndarray, splits: np.ndarray, options: Options, stacklevel: int = 3):
+    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol``."""
     if options.method != "adaptive":
         return
-    at_limit = np.asarray(splits) >= options.max_splits
-    stuck = (np.abs(np.asarray(residual)) > options.tol) & at_limit
+    stuck = (np.abs(np.asarray(residual)) > options.tol) & (np.asarray(splits) >= options.max_splits)
     if stuck.any():
         warnings.warn(
             f"adaptive LCA hit max_splits={options.max_splits} with |residual| > tol={options.tol:g} on "
@@ -498,16 +500,3 @@ def warn_if_stuck(
             "max_splits or tol, or record snapshots more often",
             stacklevel=stacklevel,
         )
-    if options.param_tol is not None and error is not None:
-        err = np.asarray(error, dtype=np.float64)
-        loose = ~(err <= options.param_tol) & at_limit
-        if loose.any():
-            first = int(np.flatnonzero(loose)[0])
-            warnings.warn(
-                f"adaptive LCA hit max_splits={options.max_splits} with a parameter's estimated error above "
-                f"param_tol={options.param_tol:g} on {int(loose.sum())} of {loose.size} iterations (first: {first}, "
-                f"error {err[first]:.3g}; the result's `error` holds each iteration's); raise max_splits or "
-                "param_tol, or record snapshots more often. Below about 1e-7 of the largest |LCA|, float32 "
-                "rounding of the gradients keeps the estimate from falling: analyze a float64 copy of the model",
-                stacklevel=stacklevel,
-            )

@@ -124,6 +124,17 @@ def canonical(snapshot: Mapping, aliases: Mapping[str, str], where: str, expecte
     return out
 
 
+def integer_snapshot_message(where: str, name: str, got: torch.dtype, want: torch.dtype) -> str:
+    """Why a snapshot's integer (or bool) tensor for a floating tensor of the model is refused, and the fix."""
+    got_s, want_s = str(got).removeprefix("torch."), str(want).removeprefix("torch.")
+    return (
+        f"{where}: tensor {name!r} is {got_s} but the model's is {want_s}: a snapshot of a floating tensor that "
+        "holds integers was rounded (by .long(), .int() or a conversion before saving), so it is not a point "
+        "the training passed through. Save each snapshot in the model's dtypes: "
+        "{k: v.detach().clone() for k, v in model.state_dict().items()}, or record with lca.record"
+    )
+
+
 def build_spec(
     model, snapshot0, *, parameters=None, batchnorm="eval", where="snapshot 0", last=None, subset=False
 ) -> PathSpec:
@@ -143,7 +154,12 @@ def build_spec(
         selected = [n for n in selected if n in present] or selected  # none recorded: the usual error below
         other = [n for n in other if n in present]
     snap = canonical(snapshot0, aliases, where, expected=selected + other)
-    buffers = [n for n, b in model.named_buffers() if n in snap and snap[n].is_floating_point()]
+    module_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for n, t in snap.items():
+        own = module_tensors.get(n)
+        if own is not None and own.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(integer_snapshot_message(where, n, t.dtype, own.dtype))
+    buffers = [n for n, b in model.named_buffers() if n in snap and b.is_floating_point()]
     transient = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     # Non-persistent buffers (rotary inv_freq...) are never in a state_dict: nothing to warn about.
     missing_buffers = [
@@ -156,8 +172,7 @@ def build_spec(
             "Record full state_dicts to use each snapshot's running statistics, or pass batchnorm='batch'.",
             stacklevel=3,
         )
-    frozen = [n for n in frozen if n in snap]
-    module_tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    frozen = [n for n in frozen if n in snap and module_tensors[n].is_floating_point()]  # integer ones: fixed
     if last is not None and frozen:
         end = canonical(last, aliases, "the last snapshot")
         moving = [n for n in frozen if n in end and not torch.equal(end[n].detach().cpu(), snap[n].detach().cpu())]

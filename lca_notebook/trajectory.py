@@ -83,3 +83,73 @@ class CallableTrajectory(Trajectory):
 
     def load(self, k):
         return self._load(k)
+
+
+_COPY_HINT = (
+    "If the snapshots were appended while training as model.state_dict() (or dict(model.named_parameters())) "
+    "without copying, each is a view of the live tensors and they all hold the values of the end: append "
+    "{k: v.detach().clone() for k, v in model.state_dict().items()} instead, or record with "
+    "lca.record(model, optimizer)"
+)
+
+
+def _floating(snap) -> dict:
+    return {
+        k: v
+        for k, v in snap.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not v.is_meta
+    }
+
+
+def _shares_storage(x, y) -> bool:
+    """Whether every floating tensor of snapshot ``x`` is the very memory of ``y``'s (checked first-key first, so
+    snapshots that are copies cost one comparison)."""
+    if not (isinstance(x, Mapping) and isinstance(y, Mapping)):
+        return False
+    xs = _floating(x)
+    return bool(xs) and all(
+        isinstance(y.get(k), torch.Tensor) and y[k].device == v.device and y[k].data_ptr() == v.data_ptr()
+        for k, v in xs.items()
+    )
+
+
+def _spans(ks: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1..3, 7"``."""
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs)
+
+
+def stillness(traj: Trajectory, first: Mapping, last: Mapping) -> str | None:
+    """Why the result would be all zeros, or None: consecutive in-memory snapshots that share their tensors'
+    storage (views of the live parameters), or a first and last snapshot with the same values everywhere.
+
+    >>> w = torch.zeros(2)
+    >>> stillness(SnapshotList([{"w": w}, {"w": w}]), {"w": w}, {"w": w}).split(":")[0]
+    'every snapshot holds the very same tensors (the same memory)'
+    """
+    if isinstance(traj, SnapshotList) and len(traj) > 1:
+        snaps = traj._snapshots
+        shared = [k for k in range(len(snaps) - 1) if _shares_storage(snaps[k], snaps[k + 1])]
+        if len(shared) == len(snaps) - 1:
+            return (
+                "every snapshot holds the very same tensors (the same memory): no tensor moves between them, so every "
+                f"LCA is 0. {_COPY_HINT}"
+            )
+        if shared:
+            return (
+                f"snapshots {_spans(shared)} hold the very same tensors (the same memory) as the next snapshot, so "
+                f"those iterations ({_spans(shared)}) move nothing and their LCA is 0. {_COPY_HINT}"
+            )
+    a, b = _floating(first), _floating(last)
+    common = [k for k in a if k in b and a[k].shape == b[k].shape]
+    if common and all(torch.equal(a[k], b[k].to(a[k].device)) for k in common):
+        return (
+            f"the first and the last snapshot ({len(traj) - 1}) hold the same values in every tensor: nothing moved "
+            f"over the whole run, so the LCA sums to 0. {_COPY_HINT}"
+        )
+    return None

@@ -1,0 +1,94 @@
+"""data: reading is bounded, and losses that do not average over a batch are refused (checked by hand here)."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lca_notebook import data
+
+
+def _endless(x, y, stop_at):
+    """Batches forever, but a test must end: past ``stop_at`` reads it fails with an error the test does not expect."""
+    for i in itertools.count():
+        if i >= stop_at:
+            raise RuntimeError(f"read {i} batches: nothing stopped the reading")
+        yield x, y
+
+
+def test_endless_data_stops_past_the_documented_limit(monkeypatch):
+    x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    monkeypatch.setattr(data, "MAX_BATCHES", 50)
+    with pytest.raises(ValueError, match=r"more than 50 batches.*must be finite.*lca_notebook\.data\.MAX_BATCHES"):
+        data.batches(_endless(x, y, stop_at=10_000))
+    monkeypatch.setattr(data, "MAX_BATCHES", 10**6)
+    monkeypatch.setattr(data, "MAX_SAMPLES", 200)  # 4 samples a batch: past 200 samples at batch 51
+    with pytest.raises(ValueError, match=r"200 samples \(51 batches, 204 samples so far\)"):
+        data.batches(_endless(x, y, stop_at=10_000))
+
+
+def test_itertools_cycle_is_refused_at_once_and_finite_streams_are_read_whole(monkeypatch):
+    x, y = torch.randn(10, 3), torch.arange(10)
+    with pytest.raises(ValueError, match=r"itertools\.cycle, which never ends.*Pass the loader"):
+        data.batches(itertools.cycle(_endless(x[:4], y[:4], stop_at=1000)))  # cycle(loader), ended for the test
+
+    class Stream(IterableDataset):  # a loader over it has no len(): the limit applies, and 3 batches are far below
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    monkeypatch.setattr(data, "MAX_BATCHES", 3)
+    got = data.batches(DataLoader(Stream(), batch_size=4))
+    assert [b.size for b in got] == [4, 4, 2]
+    assert torch.equal(torch.cat([b.target for b in got]), y)
+    # Data with a len() is finite by its own account: a list of more batches than the limit is read whole.
+    assert len(data.batches([(x[i : i + 1], y[i : i + 1]) for i in range(10)])) == 10
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.MSELoss(reduction="sum"),
+        nn.NLLLoss(reduction="none"),
+        functools.partial(F.cross_entropy, reduction="sum"),
+    ],
+    ids=["ce-sum", "mse-sum", "nll-none", "partial-sum"],
+)
+def test_loss_modules_that_do_not_average_are_refused_before_any_work(loss_fn):
+    with pytest.raises(ValueError, match=r"loss_fn=.*reduction='(sum|none)'.*use reduction='mean'"):
+        data.check_loss_fn(loss_fn)
+
+
+def test_averaging_losses_pass_the_check():
+    for loss_fn in (F.cross_entropy, nn.CrossEntropyLoss(), nn.KLDivLoss(reduction="batchmean"), lambda o, t: o.sum()):
+        data.check_loss_fn(loss_fn)  # a custom function is checked on the data instead (check_averages)
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        data.check_loss_fn("cross_entropy")
+
+
+def test_check_averages_refuses_a_sum_and_nothing_else():
+    torch.manual_seed(0)
+    out, y = torch.randn(9, 3), torch.randint(0, 3, (9,))
+    a, b = F.cross_entropy(out[:5], y[:5]).item(), F.cross_entropy(out[5:], y[5:]).item()
+    summed = F.cross_entropy(out, y, reduction="sum").item()
+    with pytest.raises(ValueError, match=r"adds over the samples of a batch: on data batch 2 it gives"):
+        data.check_averages(summed, (5 * a, 4 * b), (5, 4), F.cross_entropy, "data batch 2")
+    data.check_averages(F.cross_entropy(out, y).item(), (a, b), (5, 4), F.cross_entropy, "b")  # the mean
+    data.check_averages(F.cross_entropy(out, y).item() ** 2, (a**2, b**2), (5, 4), F.cross_entropy, "b")  # neither
+    data.check_averages(0.0, (0.0, 0.0), (5, 4), F.cross_entropy, "b")  # a zero loss: cannot tell, nothing refused
+
+
+def test_halves_split_every_batched_tensor_and_nothing_else():
+    x, m, y = torch.arange(10.0).reshape(5, 2), torch.ones(5, 7), torch.arange(5)
+    first, second = data.halves(data.Batch((x,), {"mask": m}, y, 5))
+    assert (first.size, second.size) == (3, 2)
+    assert torch.equal(torch.cat([first.args[0], second.args[0]]), x)
+    assert torch.equal(torch.cat([first.kwargs["mask"], second.kwargs["mask"]]), m)
+    assert torch.equal(torch.cat([first.target, second.target]), y)
+    assert data.halves(data.Batch((x,), {"table": torch.ones(3, 2)}, y, 5)) is None  # not one row per sample
+    assert data.halves(data.Batch((x[:1],), {}, y[:1], 1)) is None
+    assert data.halves(data.Batch((x,), {}, ["a"] * 5, 5)) is None  # targets that are not tensors
