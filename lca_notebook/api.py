@@ -32,6 +32,7 @@ def analyze(
     method: str = "adaptive",
     tol: float = 1e-3,
     max_splits: int = 32,
+    param_tol: float | None = None,
     batch_size: int | None = None,
     device=None,
     parameters=None,
@@ -56,8 +57,15 @@ def analyze(
     trajectory: T+1 snapshots (``state_dict``\\ s or dicts of parameters), a :class:`Trajectory`,
         a recorder from :func:`lca_notebook.record`, or a directory / list of checkpoint files.
     loss_fn: ``loss_fn(outputs, targets) -> scalar mean``; default cross-entropy. Any loss works.
+        For batches holding their labels (``{"input_ids": ..., "labels": ...}``, Hugging Face), the default
+        is the model's own ``outputs.loss``, batches weighted by their labels that are not -100 (for a
+        causal LM, ``labels[..., 1:]``); a ``loss_fn`` given then gets ``(outputs, labels)``.
     method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
         pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
+    param_tol: adaptive only: also refine until every parameter's estimated LCA error (Richardson, from the
+        last two composite Simpson levels: no extra evaluations) is <= param_tol, in loss units, or
+        ``max_splits``. The sum meeting ``tol`` says nothing of single parameters, whose errors cancel in it.
+        Each iteration's largest estimate is the result's ``error`` (NaN where only one level was computed).
     batch_size: split the data into batches of this size (memory only; the result does not change, except
         with ``batchnorm="batch"``, whose statistics are those of each batch).
     device: where to compute (default: the model's device).
@@ -90,10 +98,11 @@ def analyze(
     >>> bool(abs(result.residual).max() < 1e-3)
     True
     """
-    loss_fn = loss_fn or F.cross_entropy
+    loss_given, loss_fn = loss_fn, loss_fn or F.cross_entropy
     data_mod.check_loss_fn(loss_fn)
     options = Options(
-        method=method, tol=tol, max_splits=max_splits, batchnorm=batchnorm, batched_points=batched_points,
+        method=method, tol=tol, max_splits=max_splits, param_tol=param_tol, batchnorm=batchnorm,
+        batched_points=batched_points,
         loss_fn=getattr(loss_fn, "__qualname__", type(loss_fn).__name__), model=type(model).__name__,
     )  # fmt: skip
     if not isinstance(model, torch.nn.Module):
@@ -122,6 +131,9 @@ def analyze(
         warnings.warn(why, stacklevel=2)
     _warn_if_half_precision(model)
     batches = data_mod.batches(data, batch_size=batch_size, device=device)
+    if loss_given is None and data_mod.labels_inside(batches[0].kwargs):  # labels inside: the model's own loss
+        loss_fn = data_mod.model_loss(model)
+        options = Options(**{**options.__dict__, "loss_fn": "model_loss"})
     options = Options(**{**options.__dict__, "n_samples": data_mod.n_samples(batches)})
     if client is not None:  # dask.distributed is imported on this path only
         from .distributed import run_sharded
@@ -132,14 +144,22 @@ def analyze(
         )  # fmt: skip
     sink: Sink
     if store is not None:
-        sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_mod.fingerprint(batches), options=options)
+        sink = StoreSink(
+            store,
+            spec=spec,
+            traj=traj,
+            data_fingerprint=data_mod.fingerprint(batches),
+            options=options,
+            batches=batches,
+        )
     else:
         sink = MemorySink(spec, len(traj), options, steps=traj.steps)
     with fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
-        run(evaluate, SnapshotReader(traj, spec, device), sink, options, progress=progress)
+        reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume
+        run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress)
     result = sink.finish()
-    warn_if_stuck(result.residual.values, result.splits.values, options)
+    warn_if_stuck(result.residual.values, result.splits.values, options, error=result.error.values)
     return result
 
 

@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import data as data_mod
 from .layout import BATCHNORM_MODES, PathSpec, canonical, integer_snapshot_message
-from .quadrature import check_method, refinement_points, rule, simpson_weights
+from .quadrature import check_method, refinement_points, richardson_factor, rule, simpson_weights
 
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
@@ -56,11 +56,15 @@ class Options:
     >>> Options(tol=0)
     Traceback (most recent call last):
     ValueError: tol must be a positive number, got 0
+    >>> Options(param_tol=1e-6).attrs()["param_tol"], Options().attrs()["param_tol"]  # 0.0: not set
+    (1e-06, 0.0)
     """
 
     method: str = "adaptive"
     tol: float = 1e-3
     max_splits: int = 32
+    #: Adaptive only: also refine until every selected parameter's estimated error is <= this (loss units).
+    param_tol: float | None = None
     batchnorm: str = "eval"
     batched_points: bool = False
     loss_fn: str = "cross_entropy"  # names only: what a stored result remembers
@@ -81,11 +85,27 @@ class Options:
                 "place, which vmap forbids)"
             )
         object.__setattr__(self, "tol", float(self.tol))
+        if self.param_tol is not None:
+            value = self.param_tol
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"param_tol must be a positive finite number (the largest estimated error of any parameter's LCA, "
+                    f"in loss units) or None, got {value!r}"
+                )
+            if self.method != "adaptive":
+                raise ValueError(
+                    f"param_tol refines the quadrature, which only method='adaptive' does; method={self.method!r} "
+                    "uses fixed points and has no per-parameter error estimate. Use method='adaptive' with param_tol, "
+                    "or leave param_tol=None"
+                )
+            object.__setattr__(self, "param_tol", float(value))
 
     def attrs(self) -> dict:
-        """What a result records of its computation (``batched_points`` changes rounding only)."""
+        """What a result records of its computation (``batched_points`` changes rounding only). ``param_tol``
+        is recorded as 0.0 when not set (netCDF attributes cannot hold None)."""
         out = asdict(self)
         del out["batched_points"]
+        out["param_tol"] = 0.0 if self.param_tol is None else self.param_tol
         return out
 
 
@@ -100,6 +120,9 @@ class IterationResult:
     splits: int
     loss_end: float
     evaluations: int
+    #: Largest estimated quadrature error of a selected parameter's LCA (Richardson, from the last two
+    #: composite Simpson levels); NaN where only one level was computed (see :func:`iterate`).
+    error: float = math.nan
 
 
 class _DifferentiableBatchNorm(TorchFunctionMode):
@@ -379,7 +402,16 @@ def iterate(
     iteration in ``[start, stop)`` (each computed when asked for).
 
     With ``options.batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are
-    evaluated in one vmapped call when the two snapshots share their non-floating tensors."""
+    evaluated in one vmapped call when the two snapshots share their non-floating tensors.
+
+    Each row's ``error`` is the largest per-parameter error estimate over the selected parameters,
+    ``max_i |S_2n[i] - S_n[i]|`` of the last two composite Simpson levels times the factor that the level
+    before them shows (1/15 on a smooth path, up to 1; see :func:`~lca_notebook.quadrature.richardson_factor`):
+    adaptive iterations refined at least once have one.
+    Where only one level was computed (first order, trapezoid, Simpson, and adaptive iterations that met
+    ``tol`` with one piece) it is NaN: an estimate would need evaluations the rule does not make. With
+    ``options.param_tol``, adaptive refines at least once (2 more evaluations), then until
+    ``error <= param_tol`` as well as ``|residual| <= tol``, or ``max_splits``."""
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a))
@@ -387,6 +419,7 @@ def iterate(
 
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
+    param_tol = options.param_tol
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
@@ -412,6 +445,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         pieces = 1
+        error = math.nan
         if fixed_rule is not None:
             avg = torch.zeros_like(g_a)
             for s, w in fixed_rule:
@@ -422,17 +456,24 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             ends = g_a + g_b
             if mids is None:
                 mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
-            interior = None
+            interior = coarse = None
+            moved: float | None = None  # largest |S_2n - S_n| of the last two levels
             while True:
                 w_end, w_mid, w_interior = simpson_weights(pieces)
                 avg = torch.mul(ends, w_end).add_(mids, alpha=w_mid)
                 if interior is not None:
                     avg.add_(interior, alpha=w_interior)
                 lca_all = avg.mul_(d)
+                if coarse is not None:  # two levels or more: Richardson's estimate, at no extra evaluation
+                    previous, moved = moved, float((lca_all[:p_sel] - coarse[:p_sel]).abs().max()) if p_sel else 0.0
+                    error = moved * richardson_factor(moved, previous)
                 if method == "simpson" or pieces >= max_splits:
                     break
-                if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol:
+                if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol and (
+                    param_tol is None or error <= param_tol  # NaN (one level so far) is not <=: refine
+                ):
                     break
+                coarse = lca_all
                 interior = mids if interior is None else interior.add_(mids)
                 where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
                 new = refinement_points(pieces)
@@ -448,7 +489,9 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         total = float(lca_all.sum(dtype=torch.float64))
         selected = lca_all[:p_sel]
         rest = total - float(selected.sum(dtype=torch.float64)) if p_sel < len(lca_all) else 0.0
-        yield IterationResult(t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before)
+        yield IterationResult(
+            t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before, error=error
+        )
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
 
@@ -488,11 +531,15 @@ def run(evaluate, read, sink, options: Options, *, progress=True, start=None, st
     sink.evaluations += evaluate.evaluations
 
 
-def warn_if_stuck(residual: np.ndarray, splits: np.ndarray, options: Options, stacklevel: int = 3):
-    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol``."""
+def warn_if_stuck(
+    residual: np.ndarray, splits: np.ndarray, options: Options, stacklevel: int = 3, error: np.ndarray | None = None
+):
+    """Warn when adaptive quadrature hit its piece limit with the residual still above ``tol`` (or, with
+    ``param_tol``, a parameter's estimated ``error`` still above it)."""
     if options.method != "adaptive":
         return
-    stuck = (np.abs(np.asarray(residual)) > options.tol) & (np.asarray(splits) >= options.max_splits)
+    at_limit = np.asarray(splits) >= options.max_splits
+    stuck = (np.abs(np.asarray(residual)) > options.tol) & at_limit
     if stuck.any():
         warnings.warn(
             f"adaptive LCA hit max_splits={options.max_splits} with |residual| > tol={options.tol:g} on "
@@ -500,3 +547,16 @@ def warn_if_stuck(residual: np.ndarray, splits: np.ndarray, options: Options, st
             "max_splits or tol, or record snapshots more often",
             stacklevel=stacklevel,
         )
+    if options.param_tol is not None and error is not None:
+        err = np.asarray(error, dtype=np.float64)
+        loose = ~(err <= options.param_tol) & at_limit
+        if loose.any():
+            first = int(np.flatnonzero(loose)[0])
+            warnings.warn(
+                f"adaptive LCA hit max_splits={options.max_splits} with a parameter's estimated error above "
+                f"param_tol={options.param_tol:g} on {int(loose.sum())} of {loose.size} iterations (first: {first}, "
+                f"error {err[first]:.3g}; the result's `error` holds each iteration's); raise max_splits or "
+                "param_tol, or record snapshots more often. Below about 1e-7 of the largest |LCA|, float32 "
+                "rounding of the gradients keeps the estimate from falling: analyze a float64 copy of the model",
+                stacklevel=stacklevel,
+            )
