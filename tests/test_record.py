@@ -1,7 +1,9 @@
 """lca.record: snapshots equal hand-made state_dict copies, in memory and streamed to a store."""
 
 import copy
+import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -12,6 +14,7 @@ from torch import nn
 
 import lca_notebook as lca
 from lca_notebook import RecordingError
+from lca_notebook.errors import StoreDamagedError, StoreInUseError
 from lca_notebook.sources import open_path
 
 
@@ -191,3 +194,83 @@ def test_an_existing_recording_is_replaced_only_when_asked(tmp_path):
     with pytest.raises(ValueError, match="overwrite=True"):
         lca.record(model, opt, path=tmp_path / "r")
     assert len(open_path(tmp_path / "r")) == 2
+
+
+def test_a_second_recorder_on_the_same_path_is_refused_and_the_first_keeps_everything(digits, tmp_path):
+    x, y = digits
+    snaps, _ = _reference(x, y, steps=6, every=1)
+    path = tmp_path / "run.zarr"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    other = nn.Linear(3, 2)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+
+    def second_recorder(step):
+        if step == 3:  # while the first one records: another one asks to overwrite the same path
+            with pytest.raises(StoreInUseError) as err:
+                with lca.record(other, other_opt, path=path, overwrite=True):
+                    pass
+            assert str(path) in str(err.value) and "this process (record(path=...)" in str(err.value)
+
+    with lca.record(model, opt, path=path, overwrite=True):
+        _train(model, opt, x, y, 6, second_recorder)
+    _assert_same(open_path(path), snaps)  # the first recording is whole
+    with lca.record(other, other_opt, path=path, overwrite=True):  # once it is closed, replacing is allowed
+        other(torch.ones(1, 3)).sum().backward()
+        other_opt.step()
+    assert len(open_path(path)) == 2
+
+
+def test_the_error_says_what_the_store_really_holds(digits, tmp_path):
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "run.zarr"
+
+    def remove(step):
+        if step == 5:
+            rec.flush()
+            shutil.rmtree(path)  # someone deletes the store while it records
+
+    with pytest.raises(RecordingError) as err:
+        with lca.record(model, opt, path=path) as rec:
+            _train(model, opt, x, y, 12, remove)
+    message = str(err.value)
+    assert str(path) in message and "is gone or unreadable" in message and "none of this recording is kept" in message
+    assert "are saved there" not in message
+
+
+def test_a_flipped_bit_in_a_snapshot_is_named(digits, tmp_path):
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "run.zarr"
+    with lca.record(model, opt, path=path):
+        _train(model, opt, x, y, 4)
+    chunk = path / "snapshots_float32" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0x01  # one bit of one weight: still a finite float, a silently wrong snapshot without the checksum
+    chunk.write_bytes(bytes(data))
+    snaps, _ = _reference(x, y, steps=4, every=1)
+    _assert_same(open_path(path)[:2], snaps[:2])  # the snapshots before it read as recorded
+    with pytest.raises(StoreDamagedError) as err:
+        lca.analyze(model, (x, y), path, progress=False)
+    message = str(err.value)
+    assert "chunk 2.0 of 'snapshots_float32' (snapshots 2..2)" in message and "snapshots_float32/c/2/0" in message
+    assert str(path) in message and "record the training again" in message
+
+
+@pytest.mark.parametrize("value", ["abc", -3, 500])
+def test_a_damaged_snapshot_count_is_named(tmp_path, value):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt, path=tmp_path / "r"):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    meta = json.loads((tmp_path / "r" / "zarr.json").read_text())
+    meta["attributes"]["n_snapshots"] = value
+    (tmp_path / "r" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        StoreDamagedError, match=r"its attribute 'n_snapshots' is .*, expected a whole number in 0\.\.64"
+    ):
+        open_path(tmp_path / "r")

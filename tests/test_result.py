@@ -1,11 +1,16 @@
 """LCAResult's sums, fractions and persistence against plain numpy on the raw array."""
 
+import os
+
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 import lca_notebook as lca
+from lca_notebook.errors import StoreDamagedError
 from lca_notebook.result import from_arrays
+from lca_notebook.sources import open_path
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +102,79 @@ def test_open_names_the_bad_file(tmp_path):
     bad.write_bytes(b"not a netcdf file")
     with pytest.raises(ValueError, match="garbage.nc"):
         lca.open(bad)
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_save_never_replaces_what_is_not_an_lca_result(result, tmp_path, suffix):
+    folder = tmp_path / f"mine{suffix}"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    (folder / "src").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(
+            ValueError, match=r"already exists and is not an lca_notebook store \(a folder holding notes"
+        ):
+            result.save(folder, overwrite=overwrite)
+    assert (folder / "notes.txt").read_text() == "precious" and sorted(os.listdir(folder)) == ["notes.txt", "src"]
+    mine = tmp_path / f"thesis{suffix}"
+    mine.write_bytes(b"not a result")
+    with pytest.raises(ValueError, match=r"already exists and is a file that is not an LCA result"):
+        result.save(mine, overwrite=True)
+    assert mine.read_bytes() == b"not a result"
+
+
+def test_save_never_replaces_a_recorded_trajectory(result, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt, path=tmp_path / "run.zarr"):
+        model(torch.ones(1, 2)).sum().backward()
+        opt.step()
+    with pytest.raises(ValueError, match="is a recorded trajectory"):
+        result.save(tmp_path / "run.zarr", overwrite=True)
+    assert len(open_path(tmp_path / "run.zarr")) == 2
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_save_replaces_a_result_only_when_asked_and_all_or_nothing(result, tmp_path, suffix):
+    path = tmp_path / f"run{suffix}"
+    small = from_arrays(
+        result.lca.values[:5],
+        result.loss.values[:6],
+        {k: result.dataset[k].values for k in ("tensor", "layer", "unit", "index")},
+    )
+    small.save(path)
+    with pytest.raises(ValueError, match="already holds an LCA result; pass overwrite=True"):
+        result.save(path)
+    assert lca.open(path).n_iterations == 5
+    coords = {k: result.dataset[k].values for k in ("tensor", "layer", "unit", "index")}
+    # Neither netCDF nor zarr can hold a set: writing fails midway.
+    broken = from_arrays(result.lca.values, result.loss.values, coords, attrs={"unstorable": {1, 2}})
+    with pytest.raises((TypeError, ValueError)):
+        broken.save(path, overwrite=True)
+    assert lca.open(path).n_iterations == 5  # the old one is whole
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # and nothing was left beside it
+    result.save(path, overwrite=True)
+    xr.testing.assert_identical(lca.open(path).dataset.load(), result.dataset)
+
+
+def test_a_result_is_never_saved_onto_the_store_it_reads(result, tmp_path):
+    path = result.save(tmp_path / "run.zarr")
+    opened = lca.open(path)
+    with pytest.raises(ValueError, match="this result is read from .*run.zarr.* Save to another path"):
+        opened.save(path, overwrite=True)
+    xr.testing.assert_identical(lca.open(path).dataset.load(), result.dataset)
+    opened.save(tmp_path / "copy.zarr")  # elsewhere: fine, and equal
+    xr.testing.assert_identical(lca.open(tmp_path / "copy.zarr").dataset.load(), result.dataset)
+
+
+def test_a_flipped_bit_in_a_saved_store_fails_on_read(result, tmp_path):
+    path = tmp_path / "run.zarr"
+    result.save(path)
+    chunk = next((path / "lca" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x20
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreDamagedError, match=rf"{path}.* is damaged: chunk .* of 'lca'.*checksum"):
+        lca.open(path).lca.load()

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lca_notebook as lca
+from lca_notebook.errors import StoreInUseError
 from lca_notebook.result import GRANULARITIES
 from lca_notebook.storage import results as store_mod
 
@@ -94,6 +95,9 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "the subprocess made no progress"
             time.sleep(0.05)
+        # A second writer while it runs: told who holds the store, and nothing is written or lost.
+        with pytest.raises(StoreInUseError, match=rf"{out}.* is being written by process {proc.pid} \(analyze"):
+            lca.analyze(model, (x, y), traj, loss_fn=loss_fn, store=out, progress=False)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -105,6 +109,9 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
     assert 2 * CHUNK <= killed_at < T  # killed mid-way, with some chunks safely on disk
     partial = lca.open(out)  # what was completed is readable as is
     assert partial.n_iterations == killed_at
+    killed_totals = {k: partial.attrs[k] for k in ("gradient_evaluations", "seconds")}
+    assert killed_totals["gradient_evaluations"] == 1 + int(partial.dataset["evaluations"].sum())
+    assert killed_totals["seconds"] > 0
 
     calls.clear()
     resumed = lca.analyze(model, (x, y), traj, loss_fn=loss_fn, store=out, progress=False)
@@ -119,6 +126,10 @@ def test_sigkill_then_resume_equals_uninterrupted(digits_run, tmp_path, monkeypa
             resumed.dataset[name].values, whole.dataset[name].values, rtol=1e-6, atol=1e-9, err_msg=name
         )
     np.testing.assert_array_equal(resumed.dataset["step"].values, np.arange(T + 1))
+    # The totals count the killed run too (the lock it held died with it): evaluations as an uninterrupted run's.
+    want = 1 + int(whole.dataset["evaluations"].sum())  # the first snapshot's, then each iteration's
+    assert resumed.attrs["gradient_evaluations"] == whole.attrs["gradient_evaluations"] == want
+    assert resumed.attrs["seconds"] > killed_totals["seconds"]
     for by in GRANULARITIES:
         np.testing.assert_allclose(resumed.total(by, 3, 21).values, whole.total(by, 3, 21).values, rtol=1e-6, atol=1e-9)
 
