@@ -161,3 +161,16 @@ def test_lightnings_last_ckpt_is_not_read_twice(run, tmp_path):
     assert traj.steps == STEPS
     result = lca.analyze(model, (x, y), d, method="simpson", progress=False)
     assert result.n_iterations == len(STEPS) - 1
+
+
+def test_an_integer_tensor_in_a_checkpoint_file_is_refused_naming_the_file(run, tmp_path):
+    model, x, y, snaps = run
+    d = _write_dir(tmp_path, snaps)
+    rounded = dict(snaps[11], **{"0.weight": snaps[11]["0.weight"].mul(100).round().to(torch.int64)})
+    torch.save(rounded, d / "step_11.pt")  # the middle of the run: read by the engine, not by the layout
+    with pytest.raises(TypeError) as err:
+        lca.analyze(model, (x, y), d, method="simpson", progress=False)
+    message = str(err.value)
+    assert "step_11.pt" in message and "(snapshot 5)" in message and "'0.weight' is int64" in message
+    assert "float32" in message
+    assert err.value.partial_result.n_iterations == 4  # iterations 0..3 were computed before it, and are kept

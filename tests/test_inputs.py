@@ -1,6 +1,7 @@
 """What analyze() accepts, what it refuses (with the culprit named), and what it leaves alone."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -226,3 +227,118 @@ def test_partial_work_is_kept_when_a_late_snapshot_is_bad(small):
     full = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
     np.testing.assert_allclose(partial.lca.values, full.lca.values[:4])
     assert "iterations 0..3 were computed" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_integer_snapshots_of_float_tensors_are_refused(small):
+    model, x, y, snaps = small
+    rounded = [dict(s) for s in snaps]
+    rounded[3]["2.weight"] = rounded[3]["2.weight"].mul(1000).round().to(torch.int64)  # was cast back silently
+    _raises(r"snapshot 3: tensor '2.weight' is int64 but the model's is float32", model, (x, y), rounded)
+    rounded[0] = dict(rounded[0], **{"0.bias": rounded[0]["0.bias"].to(torch.int32)})
+    _raises(r"snapshot 0: tensor '0.bias' is int32 but the model's is float32", model, (x, y), rounded)
+
+
+def test_losses_that_do_not_average_over_a_batch_are_refused(small):
+    model, x, y, snaps = small
+    _raises(r"loss_fn=CrossEntropyLoss\(reduction='sum'\) adds the losses.*use reduction='mean'", model, (x, y), snaps,
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"))  # fmt: skip
+    _raises(r"loss_fn=CrossEntropyLoss\(reduction='none'\) returns one loss per sample", model, (x, y), snaps,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"))  # fmt: skip
+    # Custom functions that add over the batch: caught on the first batch, whatever the batch size.
+    summed = lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum")
+    _raises(r"loss_fn <lambda> adds over the samples of a batch: on data batch 0 \(samples 0..100\)", model, (x, y),
+            snaps, loss_fn=summed)  # fmt: skip
+    scaled = lambda out, t: nn.functional.cross_entropy(out, t) * len(t)
+    _raises(r"adds over the samples of a batch: on data batch 0 \(samples 0..24\)", model, (x, y), snaps,
+            loss_fn=scaled, batch_size=25)  # fmt: skip
+    # A loss that is neither a mean nor a sum over samples is the user's to choose: it is not refused, and its
+    # loss is what PyTorch computes for it over the whole data.
+    squared = lambda out, t: nn.functional.cross_entropy(out, t) ** 2
+    result = lca.analyze(model, (x, y), snaps, loss_fn=squared, method="simpson", progress=False)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(snaps[2])
+    with torch.no_grad():
+        assert float(result.loss[2]) == pytest.approx(float(squared(ref(x), y)), rel=1e-6)
+
+
+def test_snapshots_that_alias_the_live_model_warn_with_the_fix():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = [model.state_dict()]  # the mistake: no copy, so every entry is the live parameters
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        snaps.append(model.state_dict())
+    with pytest.warns(UserWarning, match=r"every snapshot holds the very same tensors.*v\.detach\(\)\.clone\(\)"):
+        result = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+    assert np.abs(result.lca.values).max() == 0  # what the warning is about
+    copies = [{k: v.detach().clone() for k, v in s.items()} for s in _train(model, x, y, steps=3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix: copies, no warning
+        lca.analyze(model, (x, y), copies, method="simpson", progress=False)
+
+
+def test_labels_out_of_range_name_the_batch_the_labels_and_the_classes(small):
+    model, x, y, snaps = small
+    _raises(r"data batch 0 \(samples 0..100\) has labels 1..3, but the model gives 3 outputs per sample "
+            r"\(classes 0..2, -100 ignored\).*numbered from 1\? subtract 1", model, (x, y + 1), snaps)  # fmt: skip
+    late = y.clone()
+    late[90] = 7  # in the last of three batches only
+    _raises(r"data batch 2 \(samples 80..100\) has labels 0..7.*needs 8 outputs", model, (x, late), snaps,
+            batch_size=40)  # fmt: skip
+    # A loss of the user's own that indexes by label: torch's IndexError, explained, kept as the cause.
+    own = lambda out, t: nn.functional.nll_loss(nn.functional.log_softmax(out, 1), t)
+    with pytest.raises(ValueError, match=r"data batch 0 \(samples 0..100\) has labels 0..7") as err:
+        lca.analyze(model, (x, late), snaps, loss_fn=own, progress=False)
+    assert isinstance(err.value.__cause__, IndexError)
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self, as_dict=False):
+        super().__init__()
+        self.body, self.as_dict = nn.Linear(6, 3), as_dict
+
+    def forward(self, v):
+        logits = self.body(v)
+        return {"logits": logits, "hidden": v} if self.as_dict else (logits, v)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_a_model_returning_a_tuple_or_dict_gets_a_loss_fn_hint(small, as_dict):
+    _, x, y, _ = small
+    model = _TwoOutputs(as_dict)
+    snaps = [{k: v.clone() for k, v in model.state_dict().items()} for _ in range(2)]
+    snaps[1]["body.bias"] += 0.1
+    pick = r"out\['logits'\]" if as_dict else r"out\[0\]"
+    with pytest.raises(TypeError, match=rf"returns a (dict with keys \['logits', 'hidden'\]|tuple of 2).*{pick}") as e:
+        lca.analyze(model, (x, y), snaps, progress=False)
+    assert isinstance(e.value.__cause__, TypeError)
+    fixed = lambda out, t: nn.functional.cross_entropy(out["logits"] if as_dict else out[0], t)  # the hint works
+    assert lca.analyze(model, (x, y), snaps, loss_fn=fixed, progress=False).n_iterations == 1
+
+
+def test_data_of_another_dtype_and_meta_models_are_named(small):
+    model, x, y, snaps = small
+    with pytest.raises(TypeError, match=r"holds float64 inputs but the model \(Sequential\) computes in float32.*"
+                       r"x\.to\(torch\.float32\)") as err:  # fmt: skip
+        lca.analyze(model, (x.double(), y), snaps, progress=False)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    _raises(r"the model is on the meta device.*pass device='cpu'", skeleton, (x, y), snaps)
+    # On a real device the snapshots give every tensor its values: same numbers as the real model.
+    on_cpu = lca.analyze(skeleton, (x, y), snaps, device="cpu", method="simpson", progress=False)
+    real = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+    np.testing.assert_array_equal(on_cpu.lca.values, real.lca.values)
+    with torch.device("meta"):
+        normed = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    trained = _train(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)), x, y, steps=2)
+    params_only = [{k: v for k, v in s.items() if "running" not in k and "num_batches" not in k} for s in trained]
+    with (
+        pytest.warns(UserWarning, match="has no '1.running_mean'"),
+        pytest.raises(ValueError, match=r"'1.running_mean' \(and 2 more\) is on the meta device.*snapshots do not"),
+    ):
+        lca.analyze(normed, (x, y), params_only, device="cpu", progress=False)

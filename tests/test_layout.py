@@ -90,3 +90,16 @@ def test_a_frozen_tensor_that_moves_gets_a_gradient_one_that_does_not_stays_fixe
     grad = dict(zip(spec.names, spec.with_grad, strict=True))
     assert grad["0.weight"] and not grad["0.bias"]
     assert spec.names[: spec.n_selected_tensors] == ["1.weight", "1.bias"]
+
+
+def test_an_integer_snapshot_of_a_float_tensor_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    rounded = dict(model.state_dict(), **{"0.weight": model.state_dict()["0.weight"].mul(10).long()})
+    with pytest.raises(TypeError, match=r"snapshot 0: tensor '0.weight' is int64 but the model's is float32.*clone"):
+        build_spec(model, rounded)
+    stats = dict(model.state_dict(), **{"1.running_var": torch.ones(3, dtype=torch.int32)})  # a buffer, too
+    with pytest.raises(TypeError, match=r"'1.running_var' is int32 but the model's is float32"):
+        build_spec(model, stats)
+    # The model's own integer tensors (a step counter) stay as they are: fixed, taken from each snapshot.
+    spec = build_spec(model, model.state_dict())
+    assert "1.num_batches_tracked" in spec.fixed_names and "1.num_batches_tracked" not in spec.names

@@ -63,3 +63,25 @@ def test_a_result_store_is_not_taken_for_a_trajectory(tmp_path):
     path = lca.LCAResult.example().save(tmp_path / "r.zarr")
     with pytest.raises(ValueError, match="LCA result store, not a trajectory|is not a recorded trajectory"):
         as_trajectory(path)
+
+
+def test_snapshots_that_share_memory_or_do_not_move_are_named():
+    from lca_notebook.trajectory import SnapshotList, stillness
+
+    live = {"w": torch.zeros(3), "b": torch.ones(2)}
+    copies = [{k: v.clone() + i for k, v in live.items()} for i in range(3)]
+    assert stillness(SnapshotList(copies), copies[0], copies[-1]) is None
+    same = [live] * 4  # model.state_dict() appended at every step, never copied
+    why = stillness(SnapshotList(same), live, live)
+    assert why.startswith("every snapshot holds the very same tensors") and "v.detach().clone()" in why
+    partial = [copies[0], live, dict(live), dict(live), copies[2]]  # dict() copies the dict, not the tensors
+    why = stillness(SnapshotList(partial), partial[0], partial[-1])
+    assert why.startswith("snapshots 1..2 hold the very same tensors") and "iterations (1..2)" in why
+    # Equal values that are not shared memory: only the ends are compared (cheap), and say so if they are equal.
+    loaded = lca.Trajectory.from_callable(lambda k: {k2: v.clone() for k2, v in live.items()}, 3)
+    why = stillness(loaded, loaded[0], loaded[2])
+    assert why.startswith("the first and the last snapshot (2) hold the same values")
+    # A frozen tensor shared between snapshots is not a warning: the trainable ones moved.
+    frozen = torch.ones(2)
+    mixed = [{"w": torch.full((3,), float(i)), "b": frozen} for i in range(3)]
+    assert stillness(SnapshotList(mixed), mixed[0], mixed[-1]) is None
