@@ -11,13 +11,24 @@ from __future__ import annotations
 import importlib
 
 from .api import analyze
-from .errors import LCAError, RecordingError, StoreWriteError
+from .errors import LCAError, RecordingError, StoreDamagedError, StoreInUseError, StoreWriteError
 from .record import record
 from .result import LCAResult
 from .storage.results import open as open  # lca.open; not in __all__, so `import *` keeps the builtin
 from .trajectory import Trajectory
 
-__all__ = ["LCAError", "LCAResult", "RecordingError", "StoreWriteError", "Trajectory", "analyze", "explore", "record"]
+__all__ = [
+    "LCAError",
+    "LCAResult",
+    "RecordingError",
+    "StoreDamagedError",
+    "StoreInUseError",
+    "StoreWriteError",
+    "Trajectory",
+    "analyze",
+    "explore",
+    "record",
+]
 __version__ = "0.1.0"
 
 # Submodules reachable as attributes (lca.analyses.synchrony(result), lca.models.mlp() after %load_ext), imported

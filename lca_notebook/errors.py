@@ -1,8 +1,10 @@
 """The exceptions users catch. Every error the package raises on purpose names what was wrong and where;
 these are the ones that also mean "your data is safe, here is how to continue".
 
->>> from lca_notebook import LCAError, StoreWriteError
+>>> from lca_notebook import LCAError, StoreDamagedError, StoreWriteError
 >>> issubclass(StoreWriteError, LCAError) and issubclass(StoreWriteError, OSError)
+True
+>>> issubclass(StoreDamagedError, ValueError)  # caught as before by ``except ValueError``
 True
 """
 
