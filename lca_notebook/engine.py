@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import data as data_mod
 from .layout import BATCHNORM_MODES, PathSpec, canonical, integer_snapshot_message
-from .quadrature import check_method, refinement_points, richardson_factor, rule, simpson_weights
+from .quadrature import check_method, level_change, refinement_points, rule, simpson_error, simpson_weights
 
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
@@ -404,10 +404,10 @@ def iterate(
     With ``options.batched_points``, Simpson's end point and midpoint (and adaptive's new midpoints) are
     evaluated in one vmapped call when the two snapshots share their non-floating tensors.
 
-    Each row's ``error`` is the largest per-parameter error estimate over the selected parameters,
-    ``max_i |S_2n[i] - S_n[i]|`` of the last two composite Simpson levels times the factor that the level
-    before them shows (1/15 on a smooth path, up to 1; see :func:`~lca_notebook.quadrature.richardson_factor`):
-    adaptive iterations refined at least once have one.
+    Each row's ``error`` is the largest per-parameter error estimate over the selected parameters, from the
+    changes ``max_i |S_2n[i] - S_n[i]|`` between successive composite Simpson levels (Richardson's ``/ 15``
+    where they show Simpson's order, the change itself otherwise; see
+    :func:`~lca_notebook.quadrature.simpson_error`): adaptive iterations refined at least once have one.
     Where only one level was computed (first order, trapezoid, Simpson, and adaptive iterations that met
     ``tol`` with one piece) it is NaN: an estimate would need evaluations the rule does not make. With
     ``options.param_tol``, adaptive refines at least once (2 more evaluations), then until
@@ -457,7 +457,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             if mids is None:
                 mids = evaluate(torch.add(a, d, alpha=0.5), extras_a, f"s=0.5 between snapshots {t} and {t + 1}")[1]
             interior = coarse = None
-            moved: float | None = None  # largest |S_2n - S_n| of the last two levels
+            changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
             while True:
                 w_end, w_mid, w_interior = simpson_weights(pieces)
                 avg = torch.mul(ends, w_end).add_(mids, alpha=w_mid)
@@ -465,8 +465,8 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                     avg.add_(interior, alpha=w_interior)
                 lca_all = avg.mul_(d)
                 if coarse is not None:  # two levels or more: Richardson's estimate, at no extra evaluation
-                    previous, moved = moved, float((lca_all[:p_sel] - coarse[:p_sel]).abs().max()) if p_sel else 0.0
-                    error = moved * richardson_factor(moved, previous)
+                    changes.append(level_change(lca_all[:p_sel], coarse[:p_sel]))
+                    error = simpson_error(changes)
                 if method == "simpson" or pieces >= max_splits:
                     break
                 if abs(float(lca_all.sum(dtype=torch.float64)) - change) <= tol and (

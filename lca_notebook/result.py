@@ -9,11 +9,11 @@ The dataset (see the README's "result contract"):
   ``parameters=``, BatchNorm running statistics), so ``lca.sum("parameter") + lca_rest - residual``
   is exactly the loss change
 - ``splits`` (iteration): quadrature pieces used; ``evaluations`` (iteration): gradient evaluations
-- ``error`` (iteration): the largest estimated quadrature error of one parameter's LCA at the iteration,
-  ``max_i |S_2n[i] - S_n[i]|`` of the last two composite Simpson levels, divided by 15 (Richardson) where the
-  level before shows Simpson's order (no extra evaluations; see ``quadrature.richardson_factor``). NaN where the
-  rule computed only one level: ``first_order``, ``trapezoid``, ``simpson``, and ``adaptive`` iterations that
-  met ``tol`` with one piece (``param_tol`` always gives an estimate)
+- ``error`` (iteration): the largest estimated quadrature error of one parameter's LCA at the iteration, from
+  the changes ``max_i |S_2n[i] - S_n[i]|`` between successive composite Simpson levels (Richardson's ``/ 15``
+  where they show Simpson's order, the change itself otherwise: no extra evaluations; see
+  ``quadrature.simpson_error``). NaN where the rule computed only one level: ``first_order``, ``trapezoid``,
+  ``simpson``, and ``adaptive`` iterations that met ``tol`` with one piece (``param_tol`` always gives one)
 
 Coordinates on ``parameter``: ``tensor``, ``layer``, ``unit`` (index along dim 0 of the tensor: the
 output neuron or channel) and ``index`` (position in ``tensor.flatten()``).
