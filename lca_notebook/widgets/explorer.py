@@ -127,9 +127,8 @@ class Explorer(widgets.VBox):
         self.granularity = widgets.ToggleButtons(
             options=list(GRANULARITIES),
             value=granularity,
-            description="sum by",
-            style={"button_width": "auto", **label_style},
-            layout=widgets.Layout(width="auto"),
+            style={"button_width": "auto"},
+            tooltips=["each scalar parameter", "each output neuron or channel", "each tensor", "each layer"],
         )
         # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
         self.layer = widgets.Dropdown(
@@ -139,13 +138,7 @@ class Explorer(widgets.VBox):
             style=label_style,
             layout=widgets.Layout(width="280px"),
         )
-        self.sign = widgets.ToggleButtons(
-            options=list(SIGNS),
-            value=sign,
-            description="show",
-            style={"button_width": "76px", "description_width": "44px"},
-            layout=widgets.Layout(width="auto", flex="0 0 auto"),
-        )
+        self.sign = widgets.ToggleButtons(options=list(SIGNS), value=sign, style={"button_width": "76px"})
         self.log_count = widgets.Checkbox(
             value=bool(log_count), description="log count (histogram)", indent=False, layout={"width": "auto"}
         )
@@ -154,16 +147,16 @@ class Explorer(widgets.VBox):
 
         # -- figures ----------------------------------------------------------------------------
         h = int(height)
-        loss_fig, loss_marks = figures.loss_figure(h - 84)
-        residual_fig, residual_marks = figures.residual_figure(84, loss_marks["loss"].scales["x"])
+        loss_fig, loss_marks = figures.loss_figure(h - 100)
+        residual_fig, residual_marks = figures.residual_figure(100, loss_marks["loss"].scales["x"])
         built = {
             "loss": (loss_fig, loss_marks),
             "residual": (residual_fig, residual_marks),
             "fractions": figures.fractions_figure(h),
             "cumulative": figures.cumulative_figure(h, self.layers),
             "layers": figures.layer_bars_figure(h, self.layers),
-            "heatmap": figures.heatmap_figure(h),
-            "histogram": figures.histogram_figure(h),
+            "heatmap": figures.heatmap_figure(h + 56),
+            "histogram": figures.histogram_figure(h + 56),
         }
         self.figures = {k: f for k, (f, _) in built.items()}
         self.marks = {name: m for _, ms in built.values() for name, m in ms.items() if not name.startswith("_")}
@@ -203,8 +196,11 @@ class Explorer(widgets.VBox):
         super().__init__(
             [
                 widgets.HBox([self.range, self.smoothing], layout=widgets.Layout(**row)),
-                widgets.HBox([self.granularity], layout=widgets.Layout(**row)),
-                widgets.HBox([self.layer, self.sign, self.log_count], layout=widgets.Layout(grid_gap="16px", **row)),
+                widgets.HBox([_label("sum by"), self.granularity], layout=widgets.Layout(**row)),
+                widgets.HBox(
+                    [self.layer, _label("show"), self.sign, self.log_count],
+                    layout=widgets.Layout(grid_gap="0 12px", **row),
+                ),
                 self.summary,
                 grid,
                 widgets.HBox([self.export_path, self.export_button, self.export_status], layout=widgets.Layout(**row)),
@@ -448,6 +444,7 @@ class Explorer(widgets.VBox):
             xs.min, xs.max = float(start), float(stop)
             for key in ("loss", "reconstructed"):
                 m[key].x, m[key].y = f32(s[key][0]), f32(s[key][1])
+            self._set_y(stack, "loss", m["loss"], np.concatenate([s["loss"][1], s["reconstructed"][1]]))
             for name in ("loss", "residual", "cumulative"):
                 figs[name].axes[0].tick_values = ticks
             self._draw_residual(s)
@@ -456,6 +453,8 @@ class Explorer(widgets.VBox):
             stack.enter_context(cx.hold_sync())
             cx.min, cx.max = float(start), float(stop)
             m["cumulative"].x, m["cumulative"].y = f32(s["cumulative"][0]), f32(s["cumulative"][1])
+            self._set_y(stack, "cumulative", m["cumulative"], s["cumulative"][1])
+            self._set_y(stack, "layers", m["helped_bars"], np.concatenate([s["bars"].ravel(), [0.0]]), pad=0.06)
             self._draw_bars(s)
             self._draw_histogram(s)
             self._draw_heatmap(s, stack)
@@ -464,10 +463,21 @@ class Explorer(widgets.VBox):
             with self.brush.hold_sync():
                 self._syncing = True
                 try:
-                    self.brush.selected = np.array([float(start), float(stop)])
+                    full = (start, stop) == (0, self.n_iterations)
+                    self.brush.selected = None if full else np.array([float(start), float(stop)])
                 finally:
                     self._syncing = False
         self.summary.value = self._summary_html(s)
+
+    def _set_y(self, stack, figure: str, mark, values, pad: float = 0.04):
+        """The y scale's domain around ``values`` and round tick values within it."""
+        finite = np.asarray(values, dtype=np.float64).ravel()
+        finite = finite[np.isfinite(finite)]
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        scale = mark.scales["y"]
+        stack.enter_context(scale.hold_sync())
+        scale.min, scale.max = figures.padded(lo, hi, pad)
+        self.figures[figure].axes[1].tick_values = figures.nice_ticks(*figures.padded(lo, hi, pad), 5)
 
     def _draw_residual(self, s):
         m = self.marks
@@ -483,8 +493,8 @@ class Explorer(widgets.VBox):
             m["tolerance"].x = _f32([x0, x1])
             m["tolerance"].y = _f32([[self._tol, self._tol], [-self._tol, -self._tol]])
         axis = self.figures["residual"].axes[1]
-        axis.tick_values = np.array([-top / 1.15, 0.0, top / 1.15])
-        axis.label = "residual" if self._tol is None else "resid. (±tol)"
+        mark = self._tol if self._tol and self._tol * 1.15 >= top * 0.5 else top / 1.15
+        axis.tick_values = np.array([-mark, 0.0, mark])
 
     def _draw_fractions(self, s, sign):
         m = self.marks
@@ -530,6 +540,11 @@ class Explorer(widgets.VBox):
             bars.base = 0.5 if log else 0.0
             bars.x, bars.y = _f32(centres[part]), _f32(shown[part])
         top = float(counts.max()) if len(counts) else 1.0
+        if len(centres):
+            lo, hi = float(centres[0]) - _width / 2, float(centres[-1]) + _width / 2
+            xs = m["histogram_helped"].scales["x"]
+            xs.min, xs.max = lo, hi
+            fig.axes[0].tick_values = figures.nice_ticks(lo, hi, 5)
         axis = fig.axes[1]
         axis.scale = scale
         if log:
@@ -570,21 +585,22 @@ class Explorer(widgets.VBox):
         n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
         unit_axis, name_axis, colour_axis = fig.axes[1], fig.axes[2], fig.axes[3]
         fig.axes[0].tick_values = figures.integer_ticks(s["start"], s["stop"])
-        colour_axis.label = f"LCA, ±{limit:.2g} = 99th pct of |LCA| (↓ green helped)"
-        colour_axis.tick_values = np.array([-limit, -limit / 2, 0.0, limit / 2, limit]) if limit else None
+        colour_axis.label = "LCA"
+        colour_axis.tick_values = np.array([-limit, 0.0, limit]) if limit else None
+        clip = f" · colour ±{limit:.2g} = p99 |LCA|" if limit else ""
         rows = s["heatmap_rows"]
         if self.selected_layer is None:
             names = m["heatmap_names"]
             names.domain = list(reversed(rows)) if len(rows) >= 2 else [rows[0], " "][::-1]
             name_axis.visible, unit_axis.visible = True, False
             name_axis.tick_values = None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
-            fig.title = "LCA per layer and iteration"
+            fig.title = f"LCA per layer and iteration{clip}"
         else:
             name_axis.visible, unit_axis.visible = False, True
             unit_axis.tick_values = figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6)
             grouped = len(rows) and rows[0].startswith("units")
             unit_axis.label = "unit (rows sum neighbours)" if grouped else "unit"
-            fig.title = f"{self.layer.value}: LCA per unit and iteration"
+            fig.title = f"{self.layer.value}: LCA per unit and iteration{clip}"
         nothing = not np.any(s["heatmap"][2])
         what = {"both": "moved", "helped": "helped", "hurt": "hurt"}[self.sign.value]
         m["heatmap_empty"].text = [f"Nothing {what} in iterations [{s['start']}, {s['stop']})"]
@@ -652,7 +668,7 @@ class Explorer(widgets.VBox):
     # -- tooltips (HTML filled on hover) -------------------------------------------------------------
     def _hover_column(self, content, mark) -> float | None:
         """Where a hover grid point sits across the plot (0 = left, 1 = right), from the front end's message."""
-        point = content.get("point") or {}
+        point = content.get("data") or content.get("point") or {}
         index = point.get("index")
         if index is None:
             return None
@@ -706,7 +722,7 @@ class Explorer(widgets.VBox):
         return _table(f"iterations [{edges[j]}, {edges[j + 1]})", rows)
 
     def _on_heatmap_hover(self, mark, content):
-        point = content.get("point") or {}
+        point = content.get("data") or content.get("point") or {}
         if point.get("index") is None:
             return
         k = int(point["index"])
@@ -726,12 +742,12 @@ class Explorer(widgets.VBox):
         return _table(f"{self.layers[i]}, iterations [{s['start']}, {s['stop']})", rows)
 
     def _on_bar_hover(self, mark, content):
-        point = content.get("point") or {}
+        point = content.get("data") or content.get("point") or {}
         if point.get("index") is not None:
             mark.tooltip.value = self.tooltip_layer(int(point["index"]))
 
     def _on_histogram_hover(self, mark, content):
-        point = content.get("point") or {}
+        point = content.get("data") or content.get("point") or {}
         if point.get("index") is None:
             return
         centre = float(np.asarray(mark.x)[int(point["index"])])
@@ -856,6 +872,11 @@ def _at_least_two(x, y, c):
         y = np.array([y[0] if len(y) else 0.0, (y[0] if len(y) else 0.0) + 1.0])
         c = np.concatenate([c, np.zeros((2 - c.shape[0], c.shape[1]))], axis=0)
     return x, y, c
+
+
+def _label(text: str) -> widgets.Label:
+    """A control's name beside it (a ToggleButtons' own description wraps above its buttons in narrow rows)."""
+    return widgets.Label(text, layout=widgets.Layout(width="72px", justify_content="flex-end", padding="0 8px 0 0"))
 
 
 def _f32(a) -> np.ndarray:

@@ -63,18 +63,16 @@ def _figure(title, marks, axes, height, margin=None, min_width=340) -> Figure:
 
 
 def x_axis(scale, label="iteration", **kw) -> Axis:
-    return Axis(scale=scale, label=label, label_offset="32px", tick_format="d", num_ticks=6, **kw)
+    return Axis(scale=scale, label=label, label_offset="32px", tick_format="d", **kw)
 
 
 def y_axis(scale, label, tick_format=".3~g", offset="56px", **kw) -> Axis:
     return Axis(
         scale=scale,
-        orientation="vertical",
         side="left",
         label=label,
         label_offset=offset,
         tick_format=tick_format,
-        num_ticks=5,
         **kw,
     )
 
@@ -171,12 +169,10 @@ def residual_figure(height, x_scale):
 def _residual_axis(scale) -> Axis:
     return Axis(
         scale=scale,
-        orientation="vertical",
         side="left",
         label="residual",
         label_offset="56px",
         tick_format=".1~e",
-        num_ticks=3,
     )
 
 
@@ -263,11 +259,11 @@ def heatmap_figure(height):
     empty = empty_label()
     axes = [
         x_axis(xs),
-        Axis(scale=ys, orientation="vertical", side="left", label="unit", label_offset="46px", tick_format="d"),
-        Axis(scale=names, orientation="vertical", side="left", label="layer", label_offset="62px", visible=False),
-        ColorAxis(scale=cs, side="right", label="LCA", tick_format=".1~e", label_offset="54px"),
+        Axis(scale=ys, side="left", label="unit", label_offset="46px", tick_format="d"),
+        Axis(scale=names, side="left", label="layer", label_offset="62px", visible=False),
+        ColorAxis(scale=cs, side="bottom", label="LCA", tick_format=".2~g"),
     ]
-    fig = _figure("LCA per layer and iteration", [heat, hover, empty], axes, height, {"right": 86, "left": 82})
+    fig = _figure("LCA per layer and iteration", [heat, hover, empty], axes, height, {"bottom": 100, "left": 82})
     return fig, {"heatmap": heat, "heatmap_hover": hover, "heatmap_empty": empty, "heatmap_names": names}
 
 
@@ -291,7 +287,7 @@ def histogram_figure(height):
         )
     marks["histogram_empty"] = empty_label()
     axes = [
-        Axis(scale=xs, label="LCA in range (← helped, hurt →)", label_offset="32px", tick_format=".2~g", num_ticks=5),
+        Axis(scale=xs, label="LCA in range (← helped, hurt →)", label_offset="32px", tick_format=".2~g"),
         y_axis(ys, "count", tick_format="d", offset="50px"),
     ]
     fig = _figure("Distribution of LCA", list(marks.values()), axes, height, {"left": 66})
@@ -299,24 +295,42 @@ def histogram_figure(height):
     return fig, marks
 
 
+def nice_ticks(lo: float, hi: float, most: int = 5, integer: bool = False) -> np.ndarray:
+    """At most ``most`` round tick values in ``[lo, hi]``, 1, 2, 2.5 or 5 times a power of ten apart (whole
+    numbers only when ``integer``): bqplot's own ``num_ticks`` spaces ticks evenly, at unround values.
+
+    >>> nice_ticks(0.0395, 2.39).tolist(), nice_ticks(-0.92, 0.03).tolist()
+    ([0.5, 1.0, 1.5, 2.0], [-0.8, -0.6, -0.4, -0.2, 0.0])
+    """
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
+        return np.zeros(0)
+    span = hi - lo if hi > lo else max(abs(hi), 1e-30)
+    base = 10.0 ** np.floor(np.log10(span / max(1, most - 1)))
+    for m in (1.0, 2.0, 2.5, 5.0, 10.0, 20.0):
+        step = m * base
+        if integer:
+            step = max(1.0, np.round(step))
+        if np.floor(hi / step) - np.ceil(lo / step) + 1 <= most:
+            break
+    ticks = step * np.arange(np.ceil(lo / step - 1e-9), np.floor(hi / step + 1e-9) + 1)
+    ticks = np.round(ticks, 12) + 0.0  # no -0.0 or 0.30000000000000004 in the labels
+    return ticks.astype(np.int64) if integer else ticks
+
+
 def integer_ticks(lo: float, hi: float, most: int = 6) -> np.ndarray:
-    """At most ``most`` round integer tick values in ``[lo, hi]`` (1, 2 or 5 times a power of ten apart).
+    """At most ``most`` round whole-number tick values in ``[lo, hi]``.
 
     >>> integer_ticks(0, 3).tolist(), integer_ticks(10, 2000).tolist()
     ([0, 1, 2, 3], [500, 1000, 1500, 2000])
     """
+    return nice_ticks(lo, hi, most, integer=True)
+
+
+def padded(lo: float, hi: float, fraction: float = 0.04) -> tuple[float, float]:
+    """A scale's domain around data in ``[lo, hi]`` with a small margin (never empty)."""
     lo, hi = float(lo), float(hi)
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi < lo:
-        return np.zeros(0, dtype=np.int64)
-    span = max(hi - lo, 1.0)
-    step = 1
-    for power in range(0, 19):
-        for m in (1, 2, 5):
-            step = m * 10**power
-            if span / step <= most - 1:
-                break
-        else:
-            continue
-        break
-    first = int(np.ceil(lo / step) * step)
-    return np.arange(first, int(np.floor(hi)) + 1, step, dtype=np.int64)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return 0.0, 1.0
+    pad = (hi - lo) * fraction or max(abs(hi), 1e-12) * fraction or 1.0
+    return lo - pad, hi + pad
