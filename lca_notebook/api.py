@@ -20,7 +20,7 @@ from .result import LCAResult
 from .sinks import MemorySink, Sink
 from .sources import as_trajectory
 from .storage.results import StoreSink
-from .trajectory import stillness
+from .trajectory import stillness, unmoved
 
 
 def analyze(
@@ -159,6 +159,8 @@ def analyze(
         reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume
         run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress)
     result = sink.finish()
+    if why is None and (why := unmoved(result.loss.values, result.residual.values)) is not None:
+        warnings.warn(why, stacklevel=2)
     warn_if_stuck(result.residual.values, result.splits.values, options, error=result.error.values)
     return result
 

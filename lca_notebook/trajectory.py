@@ -157,3 +157,22 @@ def stillness(traj: Trajectory, first: Mapping, last: Mapping) -> str | None:
             f"over the whole run, so the LCA sums to 0. {_COPY_HINT}"
         )
     return None
+
+
+def unmoved(loss, residual) -> str | None:
+    """After a run: the iterations that changed nothing (the loss bit-identical at both ends and the LCA summing
+    to exactly 0, which a move of any tensor almost surely does not give), or None. Read from the per-checkpoint
+    loss and per-iteration residual only, so it costs nothing next to the run.
+
+    >>> unmoved([1.0, 0.5, 0.5, 0.5, 0.2], [1e-9, 0.0, 0.0, 2e-9]).split(":")[0]
+    'iterations 1..2 (2 of 4) changed nothing'
+    """
+    loss, residual = list(loss), list(residual)
+    still = [t for t, r in enumerate(residual) if r == 0.0 and loss[t] == loss[t + 1]]
+    if not still:
+        return None
+    return (
+        f"iterations {_spans(still)} ({len(still)} of {len(residual)}) changed nothing: the loss is bit-identical "
+        "before and after and their LCA is exactly 0, so those snapshots hold the same values as the next one "
+        f"(saved twice, or the same tensors). {_COPY_HINT}"
+    )

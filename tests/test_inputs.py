@@ -281,6 +281,14 @@ def test_snapshots_that_alias_the_live_model_warn_with_the_fix():
         lca.analyze(model, (x, y), copies, method="simpson", progress=False)
 
 
+def test_a_snapshot_saved_twice_is_named_after_the_run(small):
+    model, x, y, snaps = small
+    twice = [*snaps[:3], {k: v.clone() for k, v in snaps[2].items()}, *snaps[3:]]  # copies, equal values
+    with pytest.warns(UserWarning, match=r"iterations 2 \(1 of 7\) changed nothing: the loss is bit-identical"):
+        result = lca.analyze(model, (x, y), twice, method="simpson", progress=False)
+    assert np.abs(result.lca.values[2]).max() == 0 and np.abs(result.lca.values[3]).max() > 0
+
+
 def test_labels_out_of_range_name_the_batch_the_labels_and_the_classes(small):
     model, x, y, snaps = small
     _raises(r"data batch 0 \(samples 0..100\) has labels 1..3, but the model gives 3 outputs per sample "
