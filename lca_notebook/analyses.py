@@ -74,7 +74,9 @@ def _check_by(by: str, allowed=("total", "layer", "tensor", "unit", "parameter")
 
 
 # -- fractions ----------------------------------------------------------------------------------
-def fractions(result: LCAResult, by: str = "total", start: int | None = None, stop: int | None = None) -> xr.Dataset:
+def fractions(
+    result: LCAResult, by: str = "total", start: int | None = None, stop: int | None = None, *, uncertain: bool = False
+) -> xr.Dataset:
     """Fractions of parameters that help, hurt or do not move the loss at each iteration, with their means.
 
     A thin wrapper over :meth:`LCAResult.fractions` (``helped``, ``hurt``, ``zero``: ``(iteration[, group])``)
@@ -82,13 +84,16 @@ def fractions(result: LCAResult, by: str = "total", start: int | None = None, st
     ``helped_among_moving`` (helped / (helped + hurt): the paper's "barely over 50%" counts parameters that
     moved; with momentum almost all do).
 
+    ``uncertain=True`` counts parameters whose |LCA| is within the iteration's ``error`` as ``uncertain``
+    (see :meth:`LCAResult.fractions`) and adds ``mean_uncertain`` (over the iterations with an estimate).
+
     >>> import lca_notebook as lca
     >>> f = fractions(lca.LCAResult.example())
     >>> round(float(f["mean_helped"]), 3), f["helped"].dims
     (0.333, ('iteration',))
     """
     _check_by(by, ("total", "layer", "tensor", "unit"))
-    ds = result.fractions(by=by, start=start, stop=stop)
+    ds = result.fractions(by=by, start=start, stop=stop, uncertain=uncertain)
     moving = (ds["helped"] + ds["hurt"]).sum("iteration")
     out = ds.assign(
         mean_helped=ds["helped"].mean("iteration"),
@@ -96,8 +101,27 @@ def fractions(result: LCAResult, by: str = "total", start: int | None = None, st
         mean_zero=ds["zero"].mean("iteration"),
         helped_among_moving=(ds["helped"].sum("iteration") / moving.where(moving > 0)),
     )
+    if uncertain:
+        out["mean_uncertain"] = ds["uncertain"].mean("iteration")  # NaN iterations (no estimate) skipped
     out.attrs["by"] = by
     return out
+
+
+def _helped_band(result: LCAResult) -> str:
+    """How sure the fraction that helped is, from the result's per-iteration ``error``: a sentence."""
+    err = np.asarray(result.error.values, dtype=np.float64)
+    how = "analyze with method='adaptive' and param_tol=... for one"
+    if err.size and np.isfinite(err).all():
+        f = fractions(result, uncertain=True)
+        low, high = float(f["mean_helped"]), float((f["helped"] + f["uncertain"]).mean("iteration"))
+        return (
+            f"with the quadrature's error estimate, {100 * low:.1f}%-{100 * high:.1f}% help ("
+            f"{100 * float(f['mean_uncertain']):.2f}% of the parameters per iteration have |LCA| within the "
+            "iteration's largest estimated error, a conservative band)"
+        )
+    if np.isfinite(err).any():
+        return f"only {int(np.isfinite(err).sum())} of {err.size} iterations have an error estimate: {how}"
+    return f"no per-parameter error estimate ({result.attrs.get('method', 'this method')}): {how}"
 
 
 # -- layers -------------------------------------------------------------------------------------
@@ -582,7 +606,9 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
     """Every finding of the paper measured on one result, beside the paper's statement.
 
     ``trajectory`` adds direction reversals to the oscillation finding; ``rules`` (a table from
-    :func:`rule_accuracy`) adds the accuracy finding.
+    :func:`rule_accuracy`) adds the accuracy finding. When every iteration has an ``error`` estimate
+    (``analyze(..., param_tol=...)``), the fraction that helped comes with its band (see
+    :func:`fractions` with ``uncertain=True``): one more pass over ``lca``.
 
     >>> import lca_notebook as lca
     >>> f = findings(lca.LCAResult.example())
@@ -597,7 +623,8 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
             "barely over 50% of parameters help on any given iteration",
             f"{100 * float(fr['mean_helped']):.1f}% help on average "
             f"({100 * float(fr['helped_among_moving']):.1f}% of those that moved); "
-            f"range over iterations {100 * float(fr['helped'].min()):.1f}%-{100 * float(fr['helped'].max()):.1f}%",
+            f"range over iterations {100 * float(fr['helped'].min()):.1f}%-{100 * float(fr['helped'].max()):.1f}%; "
+            + _helped_band(result),
         )
     )
     lt = layer_totals(result)

@@ -11,7 +11,7 @@ from lca_notebook import analyses, models
 from lca_notebook.result import from_arrays
 
 
-def make(lca_rows, layers, *, loss=None, units=None):
+def make(lca_rows, layers, *, loss=None, units=None, error=None):
     """A result with one tensor per layer (``<layer>.weight``) from an (iteration, parameter) array."""
     lca_rows = np.asarray(lca_rows, dtype=np.float64)
     _t, p = lca_rows.shape
@@ -27,7 +27,7 @@ def make(lca_rows, layers, *, loss=None, units=None):
         "unit": list(units) if units is not None else list(index),
         "index": list(index),
     }
-    return from_arrays(lca_rows, loss, coords)
+    return from_arrays(lca_rows, loss, coords, error=error)
 
 
 # -- fractions -----------------------------------------------------------------------------------
@@ -51,6 +51,38 @@ def test_fractions_count_signs_overall_and_per_layer():
     np.testing.assert_allclose(per["helped"].sel(layer="b").values, [1 / 2, 0, 1])
     assert float(per["helped_among_moving"].sel(layer="b")) == pytest.approx(3 / 5)
     assert float(per["mean_hurt"].sel(layer="a")) == pytest.approx(3 / 9)
+
+
+def test_uncertain_counts_signs_within_the_iterations_error_estimate():
+    rows = [
+        [-0.5, -0.01, 0.02, 0.3, 0.0],  # error 0.05: 1 surely helps, 1 surely hurts, 2 uncertain, 1 still
+        [-0.5, -0.01, 0.02, 0.3, 0.0],  # no estimate: plain signs, uncertain unknown
+        [-0.5, -0.2, 0.02, -0.3, 0.1],  # error 0.25: 2 surely help, 3 uncertain
+    ]
+    r = make(rows, ["a", "a", "a", "b", "b"], error=[0.05, np.nan, 0.25])
+    f = analyses.fractions(r, uncertain=True)
+    np.testing.assert_allclose(f["helped"].values, [1 / 5, 2 / 5, 2 / 5])
+    np.testing.assert_allclose(f["hurt"].values, [1 / 5, 2 / 5, 0])
+    np.testing.assert_allclose(f["zero"].values, [1 / 5, 1 / 5, 0])
+    np.testing.assert_allclose(f["uncertain"].values, [2 / 5, np.nan, 3 / 5])
+    assert float(f["mean_uncertain"]) == pytest.approx(1 / 2)  # over the two iterations with an estimate
+    per = analyses.fractions(r, by="layer", uncertain=True)
+    np.testing.assert_allclose(per["uncertain"].sel(layer="a").values, [2 / 3, np.nan, 2 / 3])
+    np.testing.assert_allclose(per["uncertain"].sel(layer="b").values, [0, np.nan, 1 / 2])
+    plain = analyses.fractions(r)  # without the keyword: signs only, as before
+    assert "uncertain" not in plain and plain["helped"].values.tolist() == pytest.approx([2 / 5, 2 / 5, 3 / 5])
+
+
+def test_findings_give_the_helped_fraction_with_its_error_band():
+    rows = [[-0.5, -0.01, 0.02, 0.3], [-0.5, -0.2, 0.02, -0.3]]
+    with_band = analyses.findings(make(rows, ["a", "a", "b", "b"], error=[0.05, 0.25]))[0].this_run
+    # sure helpers 1/4 and 2/4 (mean 37.5%); plus the uncertain: 3/4 and 4/4 (mean 87.5%); uncertain 2/4, 2/4
+    assert "37.5%-87.5% help" in with_band and "50.00% of the parameters" in with_band
+    assert "62.5% help on average" in with_band  # the plain sign count lies inside the band
+    without = analyses.findings(make(rows, ["a", "a", "b", "b"]))[0].this_run
+    assert "no per-parameter error estimate" in without and "param_tol" in without
+    partial = analyses.findings(make(rows, ["a", "a", "b", "b"], error=[0.05, np.nan]))[0].this_run
+    assert "only 1 of 2 iterations have an error estimate" in partial
 
 
 def test_fractions_rejects_unknown_granularity():

@@ -1,5 +1,9 @@
 """engine: full-data gradients and the quadrature loop, against plain autograd on a copy of the model."""
 
+import itertools
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,7 @@ from helpers import digits, full_data_grad, train
 from torch import nn
 
 from lca_notebook import data, layout
-from lca_notebook.engine import Evaluator, Options, SnapshotReader, fixed_function, iterate
+from lca_notebook.engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from lca_notebook.quadrature import composite_simpson
 
 
@@ -96,3 +100,71 @@ def test_fixed_function_restores_every_flag_even_after_an_error():
         assert not model[1].training and model[2].training
         raise RuntimeError("boom")
     assert [m.training for m in model.modules()] == before
+
+
+def test_param_tol_refines_until_every_parameters_estimate_meets_it(run):
+    from lca_notebook.quadrature import simpson_error
+
+    import copy
+
+    model, x, y, snaps = run  # in float64: the estimates fall below float32's rounding of the gradients
+    model, x = copy.deepcopy(model).double(), x.double()
+    snaps = [{k: v.double() for k, v in s.items()} for s in snaps]
+    spec, evaluate = _parts((model, x, y), snaps)
+    # Composite Simpson LCA at 1, 2, 4, ... pieces from plain autograd, and the estimate of each level.
+    levels = {t: [_quadrature_lca(model, x, y, snaps[t], snaps[t + 1], 2**k) for k in range(5)] for t in range(3)}
+    estimates = {
+        t: [simpson_error([np.abs(b - a).max() for a, b in itertools.pairwise(rows[: k + 1])]) for k in range(1, 5)]
+        for t, rows in levels.items()
+    }
+    at_4 = sorted(e[1] for e in estimates.values())
+    param_tol = float(np.sqrt(at_4[0] * at_4[1]))  # met at 4 pieces on one iteration, later on the others
+    options = Options(method="adaptive", tol=1.0, param_tol=param_tol, max_splits=16)  # tol=1: the sum never asks
+    _, rows = iterate(evaluate, SnapshotReader(snaps, spec, "cpu"), 0, 3, options)
+    for r in rows:
+        want = next(k for k, e in enumerate(estimates[r.t], start=1) if e <= param_tol)  # the first level that meets it
+        assert r.splits == 2**want and r.evaluations == 2 * 2**want
+        assert r.error == pytest.approx(estimates[r.t][want - 1], rel=1e-6)
+        ref = levels[r.t][want]
+        np.testing.assert_allclose(r.lca.numpy(), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    assert len({r.splits for r in iterate(evaluate, SnapshotReader(snaps, spec, "cpu"), 0, 3, options)[1]}) > 1
+
+
+def test_error_is_nan_for_rules_with_one_level_and_adaptive_refines_once_for_it(run):
+    model, x, y, snaps = run
+    spec, evaluate = _parts((model, x, y), snaps)
+    for method in ("first_order", "trapezoid", "simpson"):
+        _, rows = iterate(evaluate, SnapshotReader(snaps, spec, "cpu"), 0, 2, Options(method=method))
+        assert all(math.isnan(r.error) for r in rows)
+    # tol met at one piece: no estimate; any param_tol, however loose, buys one refinement (2 evaluations).
+    loose = Options(method="adaptive", tol=1.0, param_tol=1.0)
+    for options, splits in ((Options(method="adaptive", tol=1.0), 1), (loose, 2)):
+        _, rows = iterate(evaluate, SnapshotReader(snaps, spec, "cpu"), 0, 2, options)
+        for r in rows:
+            assert r.splits == splits and r.evaluations == 2 * splits and math.isnan(r.error) == (splits == 1)
+
+
+def test_param_tol_is_checked_and_recorded():
+    for kwargs, match in [
+        ({"param_tol": 0}, "param_tol must be a positive finite number"),
+        ({"param_tol": -1e-6}, "param_tol must be a positive finite number"),
+        ({"param_tol": float("nan")}, "param_tol must be a positive finite number"),
+        ({"param_tol": float("inf")}, "param_tol must be a positive finite number"),
+        ({"param_tol": True}, "param_tol must be a positive finite number"),
+        ({"param_tol": "1e-6"}, "param_tol must be a positive finite number"),
+        ({"param_tol": 1e-6, "method": "simpson"}, "only method='adaptive' does; method='simpson'"),
+        ({"param_tol": 1e-6, "method": "first_order"}, "only method='adaptive'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Options(**kwargs)
+    assert Options(param_tol=1e-6).attrs()["param_tol"] == 1e-6
+    assert Options().attrs()["param_tol"] == 0.0  # not set (netCDF attributes cannot hold None)
+
+
+def test_a_param_tol_not_met_at_max_splits_is_warned_with_the_iteration():
+    options = Options(param_tol=1e-6, max_splits=4)
+    with pytest.warns(UserWarning, match=r"estimated error above param_tol=1e-06 on 1 of 3 iterations \(first: 2"):
+        warn_if_stuck(np.zeros(3), np.array([2, 4, 4]), options, error=np.array([1e-5, 1e-7, 2e-6]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_stuck(np.zeros(2), np.array([4, 4]), options, error=np.array([1e-7, 1e-6]))  # met: no warning
