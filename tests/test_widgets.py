@@ -3,10 +3,12 @@ here directly with numpy from ``result.lca.values`` (loops over labels, no prefi
 """
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 import xarray as xr
+from bqplot import LogScale
 
 import lca_notebook as lca
 from lca_notebook.result import from_arrays
@@ -96,6 +98,10 @@ def edges_from_centres(start, centres):
     return np.array(edges)
 
 
+def trailing(v, window):
+    return np.array([v[max(0, i - window + 1) : i + 1].mean() for i in range(len(v))])
+
+
 def check_all(ex: Explorer, truth: Truth):
     """Every mark's data against the independent sums, for the explorer's current controls."""
     m = ex.marks
@@ -103,78 +109,99 @@ def check_all(ex: Explorer, truth: Truth):
     by, sign, window = ex.granularity.value, ex.sign.value, ex.smoothing.value
     layer = None if ex.selected_layer is None else ex.layers[ex.selected_layer]
 
-    for mark in m.values():  # float32 on the wire, never more points than about the pixel width
+    for name, mark in m.items():  # float32 on the wire, never more points than about the pixel width
         for trait in ("x", "y", "color"):
             arr = getattr(mark, trait, None)
             if isinstance(arr, np.ndarray) and arr.dtype.kind == "f":
-                assert arr.dtype == np.float32, (mark, trait)
-        if hasattr(mark, "x") and mark.x is not None and np.asarray(mark.x).dtype.kind == "f":
-            assert len(mark.x) <= max(ex.max_points + 1, ex.histogram_bins, ex.heatmap_columns)
+                assert arr.dtype == np.float32, (name, trait)
+        if "hover" not in name and getattr(mark, "x", None) is not None and np.asarray(mark.x).dtype.kind == "f":
+            assert len(mark.x) <= max(ex.max_points + 1, ex.histogram_bins + 1, ex.heatmap_columns), name
 
     # loss: checkpoints at the bin edges; the rebuilt loss is loss[0] + cumulative LCA (+ lca_rest = 0 here)
     edges = m["loss"].x.astype(np.int64)
     np.testing.assert_array_equal(m["loss"].x, edges)
     assert edges[0] == start and edges[-1] == stop and np.all(np.diff(edges) > 0)
     np.testing.assert_allclose(m["loss"].y, truth.loss[edges].astype(np.float32))
-    np.testing.assert_array_equal(m["loss_points"].y, m["loss"].y)
     rebuilt = truth.loss[0] + np.array([truth.L[:e].sum() for e in edges])
     np.testing.assert_allclose(m["reconstructed"].y, rebuilt, rtol=1e-6)
     np.testing.assert_array_equal(m["reconstructed"].x, m["loss"].x)
+    # residual strip: per bin, the (smoothed) iteration residual of largest magnitude
     res_edges = edges_from_centres(start, m["residual"].x)
     np.testing.assert_array_equal(res_edges, edges)
-    want = [truth.residual[a:b].sum() for a, b in itertools.pairwise(edges)]
+    smoothed = trailing(np.nan_to_num(truth.residual), window)
+    want = []
+    for a, b in itertools.pairwise(edges):
+        vals = [smoothed[i] for i in range(a, b) if np.isfinite(truth.residual[i])]
+        want.append(max(vals, key=abs) if vals else np.nan)
     np.testing.assert_allclose(m["residual"].y, want, rtol=1e-5, atol=1e-12)
 
-    # fractions: smoothed per iteration (trailing window), averaged over each plotted bin
+    # fractions: the whole run, smoothed per iteration (trailing window), averaged over each plotted bin
     series = truth.fraction_series(by, layer, window)
+    run_edges = edges_from_centres(0, m["helped"].x)
+    assert run_edges[0] == 0 and run_edges[-1] == len(truth.L)
     for key in ("helped", "hurt", "zero"):
-        fedges = edges_from_centres(start, m[key].x)
-        np.testing.assert_array_equal(fedges, edges)
-        want = [series[key][a:b].mean() for a, b in itertools.pairwise(fedges)]
+        np.testing.assert_array_equal(edges_from_centres(0, m[key].x), run_edges)
+        want = [series[key][a:b].mean() for a, b in itertools.pairwise(run_edges)]
         np.testing.assert_allclose(m[key].y, want, atol=1e-6)
         assert m[key].visible == (sign in ("both", key))
-        np.testing.assert_array_equal(m[f"{key}_points"].y, m[key].y)
+    full = (start, stop) == (0, len(truth.L))
+    assert (ex.brush.selected is None) if full else list(ex.brush.selected) == [start, stop]
 
     # cumulative LCA per layer from the start of the range, at the edges
     np.testing.assert_array_equal(m["cumulative"].x, edges)
     for i, name in enumerate(truth.layers):
         cols = truth.layer == name
         want = [truth.L[start:e][:, cols].sum() for e in edges]
-        np.testing.assert_allclose(m["cumulative"].y[i], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.atleast_2d(m["cumulative"].y)[i], want, rtol=1e-5, atol=1e-7)
 
-    # bars: per layer, the sum of the elements' totals that helped and that hurt
+    # bars: per layer, the sum of the elements' totals that helped and that hurt; the label gives the layer's
+    # share of the loss change over the range
     elements = truth.elements(by)
     totals = truth.totals(by, start, stop)
+    change = truth.loss[stop] - truth.loss[start]
     for i, name in enumerate(truth.layers):
         mine = np.array([e[1] == name for e in elements])
         helped = totals[mine & (totals < 0)].sum() if sign != "hurt" else 0.0
         hurt = totals[mine & (totals > 0)].sum() if sign != "helped" else 0.0
         np.testing.assert_allclose([m["helped_bars"].y[i], m["hurt_bars"].y[i]], [helped, hurt], rtol=1e-5, atol=1e-7)
+        share = truth.L[start:stop][:, truth.layer == name].sum() / change
+        assert m["helped_bars"].x[i] == f"{name} · {share:.0%}"
     for key in ("helped_bars", "hurt_bars"):
-        assert list(m[key].x) == truth.layers
         assert (m[key].selected is None) == (layer is None)
         if layer is not None:
             assert list(m[key].selected) == [truth.layers.index(layer)]
 
-    # histogram of the selected elements' totals
+    # histogram of the selected elements' nonzero totals: bins of width (hi - lo) / bins with 0 on an edge,
+    # helped bins (left of 0) green, hurt bins red; exact zeros counted apart in the title
     keep = np.array([layer is None or e[1] == layer for e in elements])
     keep &= {"both": np.ones(len(totals), bool), "helped": totals < 0, "hurt": totals > 0}[sign]
     selected = totals[keep]
     sel = ex.selection()
     np.testing.assert_allclose(sel["lca"].values, selected, rtol=1e-6, atol=1e-9)
     assert list(sel["element"].values) == [e[0] for e, k in zip(elements, keep, strict=True) if k]
-    if len(selected):
-        counts, hedges = np.histogram(selected, bins=ex.histogram_bins)
-        np.testing.assert_array_equal(m["histogram"].y, counts)
-        np.testing.assert_allclose(m["histogram"].x, (hedges[:-1] + hedges[1:]) / 2, rtol=1e-5, atol=1e-9)
+    moved = selected[selected != 0]
+    zeros = int(np.sum(selected == 0))
+    assert f"{zeros:,} exactly 0" in ex.figures["histogram"].title
+    assert np.all(m["histogram_helped"].x < 0) and np.all(m["histogram_hurt"].x > 0)
+    centres = np.concatenate([m["histogram_helped"].x, m["histogram_hurt"].x]).astype(np.float64)
+    counts = np.concatenate([m["histogram_helped"].y, m["histogram_hurt"].y])
+    if len(moved):
+        width = (max(moved.max(), 0) - min(moved.min(), 0)) / ex.histogram_bins
+        assert counts.sum() == len(moved)
+        tol = 1e-4 * width  # the centres arrive as float32
+        for c, n in zip(centres, counts, strict=True):
+            inside = (moved >= c - width / 2 - tol) & (moved < c + width / 2 - tol)
+            if c == centres.max():
+                inside |= np.abs(moved - (c + width / 2)) <= tol
+            assert n == inside.sum(), (c, n, inside.sum())
     else:
-        assert len(m["histogram"].y) == 0
+        assert len(counts) == 0 and m["histogram_empty"].visible
 
-    # heat map: rows are the chosen layer's units (layers when none), columns contiguous bins of iterations
+    # heat map: rows are the chosen layer's units (layers when none), columns contiguous bins of iterations;
+    # colours clipped at the 99th percentile of |nonzero cell|, the scale symmetric about 0
     heat = m["heatmap"]
     heat_x, heat_color = heat.x, heat.color
     if stop - start == 1:  # bqplot's HeatMap needs two columns: a blank one is added
-        np.testing.assert_array_equal(heat_x, [start, start + 1])
         assert np.all(heat_color[:, 1] == 0)
         heat_x, heat_color = heat_x[:1], heat_color[:, :1]
     cedges = edges_from_centres(start, heat_x)
@@ -183,14 +210,20 @@ def check_all(ex: Explorer, truth: Truth):
         rows = [truth.layer == name for name in truth.layers]
     else:
         rows = [m_ for _, lay, m_ in truth.elements("unit") if lay == layer]
-    assert heat_color.shape == (len(rows), len(cedges) - 1)
-    for r, cols in enumerate(rows):
-        want = np.array([truth.L[a:b][:, cols].sum() for a, b in itertools.pairwise(cedges)])
-        want = {"both": want, "helped": np.minimum(want, 0), "hurt": np.maximum(want, 0)}[sign]
-        np.testing.assert_allclose(heat_color[r], want, rtol=1e-5, atol=1e-7)
-    limit = np.abs(heat.color).max()
-    assert heat.scales["color"].max == pytest.approx(limit, rel=1e-6)
-    assert heat.scales["color"].min == pytest.approx(-limit, rel=1e-6)
+    cells = np.array([[truth.L[a:b][:, cols].sum() for a, b in itertools.pairwise(cedges)] for cols in rows])
+    cells = {"both": cells, "helped": np.minimum(cells, 0), "hurt": np.maximum(cells, 0)}[sign]
+    if len(rows) == 1:  # ... and two rows
+        assert np.all(heat_color[1] == 0)
+        heat_color = heat_color[:1]
+    nonzero = np.abs(cells[cells != 0])
+    limit = np.sort(nonzero)[int(np.floor(0.99 * (len(nonzero) - 1)))] if len(nonzero) else 0.0
+    assert heat_color.shape == cells.shape
+    np.testing.assert_allclose(heat_color, np.clip(cells, -limit, limit), rtol=1e-5, atol=1e-7)
+    if limit:
+        assert heat.scales["color"].max == pytest.approx(limit, rel=1e-6)
+        assert heat.scales["color"].min == pytest.approx(-limit, rel=1e-6)
+        assert f"±{limit:.2g} = p99 |LCA|" in ex.figures["heatmap"].title
+    assert m["heatmap_empty"].visible == (not np.any(cells))
 
     # the summary line names the range and the selection
     assert f"iterations [{start}, {stop})" in ex.summary.value
@@ -260,7 +293,9 @@ def test_many_units_are_grouped_into_pixel_rows(truth, result):
     assert heat.color.shape[0] == 2
     units = [m_ for _, lay, m_ in truth.elements("unit") if lay == "fc1"]
     per_unit = np.array([[truth.L[:, c].sum()] for c in units])[:, 0]
-    np.testing.assert_allclose(heat.color.sum(1), [per_unit[:2].sum(), per_unit[2:].sum()], rtol=1e-5)
+    unclipped = ex.compute()["heatmap"][2]  # what the colours show before clipping at the colour bar's limit
+    np.testing.assert_allclose(unclipped.sum(1), [per_unit[:2].sum(), per_unit[2:].sum()], rtol=1e-5)
+    assert ex.compute()["heatmap_rows"] == ["units 0–1", "units 2–4"]
 
 
 def test_clicking_a_bar_chooses_its_layer(result, truth):
@@ -364,3 +399,145 @@ def test_explorer_on_a_result_opened_lazily_from_disk(result, truth, tmp_path):
         check_all(ex, truth)
     ex.granularity.value, ex.layer.value = "unit", "fc1"
     check_all(ex, truth)
+
+
+# -- edges (issue 16): each draws or says what is wrong ------------------------------------------------
+
+
+def one_layer_result(lca_values):
+    p = lca_values.shape[1]
+    coords = {"tensor": ["w"] * p, "layer": ["only"] * p, "unit": list(np.arange(p) // 2), "index": list(range(p))}
+    finite = np.where(np.isfinite(lca_values), lca_values, 0.0)
+    loss = 1.0 + np.concatenate([[0.0], np.cumsum(finite.sum(1, dtype=np.float64))])
+    return from_arrays(lca_values.astype(np.float32), loss, coords)
+
+
+def test_a_zero_width_range_says_so_and_keeps_the_last_drawing():
+    values = np.random.default_rng(3).normal(0, 1e-3, size=(12, 6))
+    result = one_layer_result(values)
+    ex = Explorer(result)
+    ex.range.value = (3, 7)
+    before = ex.marks["loss"].y.copy()
+    ex.range.value = (5, 5)  # a one-layer result used to raise a TraitError here
+    assert "iterations [5, 5) hold no iteration" in ex.summary.value
+    np.testing.assert_array_equal(ex.marks["loss"].y, before)
+    ex.range.value = (5, 6)
+    check_all(ex, Truth(result))
+
+
+def test_nan_and_inf_in_lca_are_named_and_drawn_as_zero():
+    values = np.random.default_rng(4).normal(0, 1e-3, size=(10, 6))
+    values[4, 2], values[7, 5], values[7, 0] = np.nan, np.inf, -np.inf
+    result = one_layer_result(values)
+    ex = Explorer(result)  # used to fail with numpy's "autodetected range of [nan, nan] is not finite"
+    assert "3 NaN or infinite values (first: iteration 4, w[2])" in ex.summary.value
+    clean = one_layer_result(np.where(np.isfinite(values), values, 0.0))
+    truth = Truth(clean)
+    truth.residual = np.asarray(result.residual.values)  # NaN at iterations 4 and 7: gaps in the strip
+    assert np.isnan(truth.residual[[4, 7]]).all()
+    check_all(ex, truth)
+    ex.granularity.value, ex.range.value = "unit", (3, 9)
+    check_all(ex, truth)
+    assert "NaN or infinite" in ex.summary.value  # said on every view, not once
+
+
+def test_a_result_without_parameters_is_refused_with_a_reason():
+    empty = from_arrays(
+        np.zeros((5, 0), np.float32), np.arange(6.0), {k: [] for k in ("tensor", "layer", "unit", "index")}
+    )
+    with pytest.raises(ValueError, match="no parameters.*at least one trainable tensor"):
+        Explorer(empty)
+
+
+# -- interactions: the brush, tooltips, the log count, empty states ---------------------------------------
+
+
+def test_a_drag_on_the_fractions_chart_sets_the_range_and_follows_the_slider(result, truth):
+    ex = Explorer(result)
+    ex.brush.selected = np.array([30.6, 10.4])  # what the front end sends, in iterations, either order
+    assert ex.range.value == (10, 31)
+    check_all(ex, truth)
+    ex.brush.selected = np.array([12.2, 12.3])  # narrower than an iteration: one iteration
+    assert ex.range.value == (12, 13)
+    ex.range.value = (5, 9)
+    assert list(ex.brush.selected) == [5, 9]
+    ex.range.value = (0, 53)
+    assert ex.brush.selected is None  # the whole run: no band
+
+
+def _hover(mark, index):
+    mark._handle_custom_msgs(mark, {"event": "hover", "data": {"index": index}}, [])
+    return mark.tooltip.value
+
+
+def _number(html_text, label):
+    m = re.search(re.escape(label) + r"</td><td[^>]*>([-+0-9.e%]+)", html_text)
+    assert m, (label, html_text)
+    text = m.group(1)
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def test_tooltips_list_every_series_at_the_pointer(result, truth):
+    ex = Explorer(result)
+    ex.range.value = (10, 40)
+    ex.smoothing.value = 3
+    hover = ex.marks["hover"]
+    col = 31  # a column in the middle of the plot
+    k = round(10 + float(hover.x[col]) * 30)
+    text = _hover(hover, col)
+    assert f"checkpoint {k}" in text
+    assert _number(text, "true loss") == pytest.approx(truth.loss[k], rel=1e-5)
+    rebuilt = truth.loss[0] + truth.L[:k].sum()
+    assert _number(text, "rebuilt from LCA") == pytest.approx(rebuilt, rel=1e-5)
+    residual = truth.residual[max(0, k - 2) : k + 1].mean()
+    assert _number(text, f"residual (iteration {k})") == pytest.approx(residual, rel=1e-2)
+    series = truth.fraction_series("parameter", None, 3)
+    for key in ("helped", "hurt", "zero"):
+        assert _number(text, key) == pytest.approx(series[key][k], abs=6e-4)
+
+    text = _hover(ex.marks["cumulative_hover"], col)
+    for name in truth.layers:
+        want = truth.L[10:k][:, truth.layer == name].sum()
+        assert float(re.search(re.escape(name) + r"</td><td[^>]*>([-+0-9.e]+)", text).group(1)) == pytest.approx(
+            want, rel=1e-3, abs=1e-9
+        )
+
+    text = _hover(ex.marks["hurt_bars"], 1)  # conv
+    cols = truth.layer == "conv"
+    net = truth.L[10:40][:, cols].sum()
+    assert _number(text, "net LCA") == pytest.approx(net, rel=1e-3)
+    share = _number(text, "share of the loss change")
+    assert share == pytest.approx(round(net / (truth.loss[40] - truth.loss[10]), 2), abs=0.006)
+
+    grid = ex.marks["heatmap_hover"]
+    point = int(np.argmin((grid.x - 0.5) ** 2 + (grid.y - 0.9) ** 2))  # top row (fc1), middle column
+    text = _hover(grid, point)
+    a, b = map(int, re.search(r"iterations \[(\d+), (\d+)\)", text).groups())
+    want = truth.L[a:b][:, truth.layer == "fc1"].sum()
+    assert "fc1" in text and 10 <= a < 25 <= b <= 40
+    assert float(re.search(r"fc1</td><td[^>]*>([-+0-9.e]+)", text).group(1)) == pytest.approx(want, rel=1e-3)
+
+
+def test_log_count_and_the_empty_histogram_say_what_they_show(truth):
+    values = -np.abs(np.random.default_rng(5).normal(0, 1e-3, size=(8, 6)))
+    values[:, 0] = 0.0  # one parameter never moves; none ever hurts
+    result = one_layer_result(values)
+    ex = Explorer(result, log_count=True)
+    hist = ex.marks["histogram_helped"]
+    assert isinstance(hist.scales["y"], LogScale) and ex.figures["histogram"].axes[1].scale is hist.scales["y"]
+    ticks = ex.figures["histogram"].axes[1].tick_values
+    assert list(ticks) == [1.0, 10.0][: len(ticks)] and all(np.log10(ticks) % 1 == 0)
+    assert "1 exactly 0, not drawn" in ex.figures["histogram"].title
+    assert hist.y.sum() >= 5 and np.all((hist.y >= 1) | (hist.y == hist.base))
+    ex.sign.value = "hurt"
+    assert ex.marks["histogram_empty"].visible
+    assert ex.marks["histogram_empty"].text[0] == "No element that hurt in iterations [0, 8)"
+    assert (
+        ex.marks["heatmap_empty"].visible and ex.marks["heatmap_empty"].text[0] == "Nothing hurt in iterations [0, 8)"
+    )
+    assert ex.marks["layers_empty"].visible
+    assert not any(a.visible for a in ex.figures["histogram"].axes)
+    ex.sign.value, ex.log_count.value = "both", False
+    assert not ex.marks["histogram_empty"].visible and ex.figures["histogram"].axes[1].tick_format == "d"
+    ticks = ex.figures["histogram"].axes[1].tick_values
+    assert np.all(np.asarray(ticks) == np.round(ticks))  # whole counts only

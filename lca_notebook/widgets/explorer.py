@@ -211,7 +211,7 @@ class Explorer(widgets.VBox):
 
         self._syncing = False
         self._from_brush = False
-        self._fraction_key = None
+        self._fraction_key: tuple | None = None
         for control in (self.range, self.granularity, self.layer, self.sign, self.smoothing, self.log_count):
             control.observe(self._on_control, names="value")
         for key in ("helped_bars", "hurt_bars"):
@@ -460,13 +460,7 @@ class Explorer(widgets.VBox):
             self._draw_heatmap(s, stack)
         self._state = s
         if not self._from_brush:
-            with self.brush.hold_sync():
-                self._syncing = True
-                try:
-                    full = (start, stop) == (0, self.n_iterations)
-                    self.brush.selected = None if full else np.array([float(start), float(stop)])
-                finally:
-                    self._syncing = False
+            self._sync_brush(start, stop)
         self.summary.value = self._summary_html(s)
 
     def _set_y(self, stack, figure: str, mark, values, pad: float = 0.04):
@@ -657,13 +651,22 @@ class Explorer(widgets.VBox):
         lo, hi = sorted(float(v) for v in sel)
         start = int(np.clip(round(lo), 0, t - 1))
         stop = int(np.clip(round(hi), start + 1, t))
-        if (start, stop) == tuple(self.range.value):
-            return
-        self._from_brush = True
+        if (start, stop) != tuple(self.range.value):
+            self._from_brush = True  # while the drag goes on, the band follows the pointer, not the slider
+            try:
+                self.range.value = (start, stop)
+            finally:
+                self._from_brush = False
+        if not self.brush.brushing:  # the drag ended: the band snaps to whole iterations
+            self._sync_brush(start, stop)
+
+    def _sync_brush(self, start, stop):
+        self._syncing = True
         try:
-            self.range.value = (start, stop)
+            full = (start, stop) == (0, self.n_iterations)
+            self.brush.selected = None if full else np.array([float(start), float(stop)])
         finally:
-            self._from_brush = False
+            self._syncing = False
 
     # -- tooltips (HTML filled on hover) -------------------------------------------------------------
     def _hover_column(self, content, mark) -> float | None:

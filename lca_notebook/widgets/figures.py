@@ -80,8 +80,8 @@ def y_axis(scale, label, tick_format=".3~g", offset="56px", **kw) -> Axis:
 def empty_label() -> Label:
     """A message in the middle of a figure, shown instead of an empty axis."""
     return Label(
-        x=[0.5],
-        y=[0.5],
+        x=np.array([0.5], np.float32),
+        y=np.array([0.5], np.float32),
         scales={"x": LinearScale(min=0.0, max=1.0), "y": LinearScale(min=0.0, max=1.0)},
         text=[""],
         align="middle",
