@@ -10,6 +10,12 @@
    ranges at each granularity (target < 50 ms).
 3. Training step time of a ~1.1M-parameter MLP with ``lca.record(path=...)`` at every step / without
    (median over interleaved blocks; target <= 1.2).
+4. Checksums (``--only-checksums``; ``--checksum-params P``, default 100k): write and read throughput of a
+   stored T=2000 x P result (``lca``, float32, the store's chunks, written and fsynced a chunk at a time as
+   ``analyze(store=...)`` does; read back chunk by chunk from the page cache) with and without the CRC32C
+   of every chunk, interleaved; the cost per iteration (the codec's CPU work, and the measured write
+   difference, plus the snapshot hash) against analyze's time per iteration on the ~100k-parameter MLP
+   (target: within 2%).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+import zarr
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -137,6 +144,114 @@ def bench_recording(tmp, blocks, steps_per_block):
     return n_params, np.median(plain), np.median(recorded), totals["recorded"] / totals["plain"]
 
 
+def bench_checksums(tmp, t=2000, p=100_000, repeats=3):
+    """Write/read seconds of a T x P float32 ``lca`` array, plain and checksummed (medians over interleaved
+    repeats), and what the checksums and snapshot hashes cost analyze per iteration."""
+    import google_crc32c
+
+    from lca_notebook.storage import files
+    from lca_notebook.storage.results import _chunking, snapshot_hash
+
+    ct, cp = _chunking(p)
+    block = np.random.default_rng(0).normal(size=(ct, p)).astype(np.float32)
+    times = {kind: {"write": [], "read": []} for kind in ("plain", "crc32c")}
+    for rep in range(repeats):
+        for kind in ("plain", "crc32c"):  # interleaved: drifts in machine load hit both
+            path = os.path.join(tmp, f"ck-{kind}-{rep}")
+            codecs = files.checksummed() if kind == "crc32c" else None
+
+            def create(d, codecs=codecs):
+                root = zarr.open_group(d, mode="w-", zarr_format=3)
+                root.create_array(
+                    "lca", shape=(t, p), chunks=(ct, cp), dtype=np.float32, compressors=codecs, fill_value=0
+                )
+
+            files.create_atomically(path, create)
+            arrays = files.Arrays(path, ["lca"])
+            t0 = time.perf_counter()
+            for a in range(0, t, ct):
+                arrays.write(a, {"lca": block[: min(ct, t - a)]})
+            times[kind]["write"].append(time.perf_counter() - t0)
+            arr = files.open_array(path, "lca", "r")
+            t0 = time.perf_counter()
+            for a in range(0, t, ct):
+                arr[a : a + ct]
+            times[kind]["read"].append(time.perf_counter() - t0)
+            shutil.rmtree(path)
+    med = {k: {op: float(np.median(v)) for op, v in ops.items()} for k, ops in times.items()}
+    raw = block.tobytes()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        google_crc32c.value(raw)
+    crc_gbs = 10 * len(raw) / (time.perf_counter() - t0) / 1e9
+
+    # analyze's own time per iteration on the 100k MLP (trapezoid: one gradient evaluation per iteration, the
+    # cheapest rule, so the largest relative overhead), and the snapshot hash the store adds per iteration.
+    x, y = digits()
+    model = mlp_100k()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with lca.record(model, opt) as rec:
+        for i in range(32):
+            idx = torch.arange(i * 128, i * 128 + 128) % len(x)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    snaps = [rec[k] for k in range(len(rec))]
+    lca.analyze(model, (x, y), snaps[:3], method="trapezoid", progress=False)  # warm up
+    t0 = time.perf_counter()
+    lca.analyze(model, (x, y), snaps, method="trapezoid", progress=False)
+    per_iteration = (time.perf_counter() - t0) / (len(snaps) - 1)
+    from lca_notebook.layout import build_spec
+
+    spec = build_spec(model, snaps[0])
+    t0 = time.perf_counter()
+    for s in snaps:
+        snapshot_hash(s, spec)
+    hash_s = (time.perf_counter() - t0) / len(snaps)
+
+    # The codec's own CPU work per chunk (what zarr's crc32c codec does: checksum, then append it), free of disk noise.
+    t0 = time.perf_counter()
+    for _ in range(10):
+        data = np.frombuffer(raw, np.uint8)
+        np.append(data, np.array([google_crc32c.value(data)], dtype=np.uint32).view("B"))
+    codec_s = (time.perf_counter() - t0) / 10
+    return {
+        "t": t, "p": p, "ct": ct, "mb": t * p * 4 / 1e6, "med": med, "crc_gbs": crc_gbs,
+        "analyze_per_iteration": per_iteration, "hash_per_snapshot": hash_s,
+        "model_params": sum(q.numel() for q in model.parameters()),
+        "codec_per_chunk": codec_s,
+    }  # fmt: skip
+
+
+def _print_checksums(c):
+    mb, med = c["mb"], c["med"]
+    print(f"4. checksums: a stored {c['t']} x {c['p']} float32 lca ({mb:.0f} MB, chunks of {c['ct']} iterations)")
+    print(f"   {'':>8} {'write s':>8} {'MB/s':>7} {'read s':>8} {'MB/s':>7}")
+    for kind in ("plain", "crc32c"):
+        w, r = med[kind]["write"], med[kind]["read"]
+        print(f"   {kind:>8} {w:>8.2f} {mb / w:>7.0f} {r:>8.2f} {mb / r:>7.0f}")
+    dw = med["crc32c"]["write"] - med["plain"]["write"]
+    dr = med["crc32c"]["read"] - med["plain"]["read"]
+    print(
+        f"   checksum cost: write {100 * dw / med['plain']['write']:+.1f}%, read {100 * dr / med['plain']['read']:+.1f}%"
+        f" (crc32c alone: {c['crc_gbs']:.1f} GB/s)"
+    )
+    codec = c["codec_per_chunk"]
+    print(
+        f"   the codec's CPU work per chunk ({c['ct']} iterations, {c['ct'] * c['p'] * 4 / 1e6:.1f} MB): {1e3 * codec:.1f} ms"
+        f" = {1e3 * codec / c['ct']:.3f} ms per iteration"
+    )
+    a = c["analyze_per_iteration"]
+    # A result store writes 12 P bytes per iteration (lca float32 and prefix_parameter float64), 3x lca's.
+    for label, cost in (("codec CPU, whole store", 3 * codec / c["ct"]), ("measured lca write", max(dw, 0.0) / c["t"])):
+        per_it = cost + c["hash_per_snapshot"]
+        print(
+            f"   per iteration ({label}): {1e3 * cost:.3f} ms + snapshot hash {1e3 * c['hash_per_snapshot']:.3f} ms"
+            f" = {1e3 * per_it:.3f} ms against analyze {1e3 * a:.1f} ms (trapezoid, digits, MLP of"
+            f" {c['model_params']} params): {100 * per_it / a:.2f}% (target: within 2%)"
+        )
+
+
 def _print_rss(rss, t_rss):
     print("1. peak RSS of analyze(store=...), trajectory from a recorder store, fresh process each")
     print(f"   {'T':>6} {'params':>8} {'base MB':>9} {'peak MB':>9} {'seconds':>8}")
@@ -151,9 +266,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child-rss", nargs=2, metavar=("TRAJ", "OUT"))
     ap.add_argument("--only-rss", action="store_true", help="part 1 only")
+    ap.add_argument("--only-checksums", action="store_true", help="part 4 only")
+    ap.add_argument("--checksum-params", type=int, default=100_000, help="P of part 4 (T is 2000)")
     args = ap.parse_args()
     if args.child_rss:
         child_rss(*args.child_rss)
+        return
+    if args.only_checksums:
+        tmp = tempfile.mkdtemp(prefix="lca_bench_store_")
+        try:
+            _print_checksums(bench_checksums(tmp, 400 if args.quick else 2000, args.checksum_params))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     ts = (50, 400) if args.quick else (250, 2000)
     tmp = tempfile.mkdtemp(prefix="lca_bench_store_")
@@ -168,6 +292,7 @@ def main():
         for t in ts:
             shutil.rmtree(os.path.join(tmp, f"lca{t}"))
         n_params, plain, recorded, total_ratio = bench_recording(tmp, 3, 8 if args.quick else 20)
+        checksums = bench_checksums(tmp, 400 if args.quick else 2000, args.checksum_params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(
@@ -184,6 +309,8 @@ def main():
         f"   median step: {plain * 1e3:.1f} ms without, {recorded * 1e3:.1f} ms with recording; ratio {recorded / plain:.3f} (target <= 1.2)"
     )
     print(f"   whole blocks incl. the final flush: ratio {total_ratio:.3f}")
+    print()
+    _print_checksums(checksums)
 
 
 if __name__ == "__main__":
