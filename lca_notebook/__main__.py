@@ -186,17 +186,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kernel_dir() -> str:
-    """A Jupyter data directory holding a ``python3`` kernel of THIS interpreter, put first on the server's
-    JUPYTER_PATH: a python3 kernel the user installed for another interpreter could not import lca_notebook."""
-    data = tempfile.mkdtemp(prefix="lca_kernel_")
-    spec = Path(data) / "kernels" / "python3"
+def _server_dirs() -> str:
+    """A folder for this server only, put first on its Jupyter paths: ``kernels/python3`` runs THIS interpreter
+    (a python3 kernel installed for another one could not import lca_notebook), and ``labconfig`` turns off
+    the "Jupyter news?" prompt that would cover the explorer. The user's own JupyterLab is left as it is."""
+    folder = tempfile.mkdtemp(prefix="lca_lab_")
+    spec = Path(folder) / "kernels" / "python3"
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(
         json.dumps({"argv": argv, "display_name": KERNELSPEC["display_name"], "language": "python"})
     )
-    return data
+    (Path(folder) / "labconfig").mkdir()
+    (Path(folder) / "labconfig" / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
+    return folder
 
 
 class Lab:
@@ -208,7 +213,7 @@ class Lab:
         self.port = port or _free_port()
         self.token = secrets.token_hex(16)
         self.proc: subprocess.Popen | None = None
-        self._kernels = ""
+        self._dirs = ""
 
     def api(self, method: str, path: str, body: dict | None = None, timeout: float = 30):
         data = None if body is None else json.dumps(body).encode()
@@ -229,9 +234,10 @@ class Lab:
             return "(no log)"
 
     def start(self, timeout: float = 180) -> None:
-        self._kernels = _kernel_dir()
+        self._dirs = _server_dirs()
         env = dict(os.environ)
-        env["JUPYTER_PATH"] = os.pathsep.join(p for p in (self._kernels, env.get("JUPYTER_PATH")) if p)
+        for var in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH"):
+            env[var] = os.pathsep.join(p for p in (self._dirs, env.get(var)) if p)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         cmd = [
             sys.executable,
@@ -243,7 +249,6 @@ class Lab:
             "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={self.root}",
             f"--IdentityProvider.token={self.token}",
-            "--LabApp.news_url=",  # no "receive Jupyter news?" toast over the explorer
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -293,8 +298,8 @@ class Lab:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self._kernels:
-            shutil.rmtree(self._kernels, ignore_errors=True)
+        if self._dirs:
+            shutil.rmtree(self._dirs, ignore_errors=True)
 
 
 def execute_in(nb, connection_file: Path, timeout: float = 600) -> str:
