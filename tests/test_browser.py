@@ -236,6 +236,12 @@ def test_drag_on_the_fractions_chart_chooses_the_range_and_follows_the_slider(la
         _open_and_run_all(lab, page)
     _reset_controls(page)
     t = _run_length(page)
+    # the whole run first (Home / End on the slider's handles): no band yet, so the drag draws a new one
+    page.locator(".noUi-handle-lower").first.focus()
+    page.keyboard.press("Home")
+    page.locator(".noUi-handle-upper").first.focus()
+    page.keyboard.press("End")
+    _wait_for(page, lambda: _summary(page) == (0, t), f"iterations [0, {t})")
     overlay = page.locator(".lca-figure-fractions rect.overlay").first  # d3-brush's drag surface = the plot area
     overlay.scroll_into_view_if_needed()
     box = overlay.bounding_box()

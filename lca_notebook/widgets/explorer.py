@@ -737,9 +737,9 @@ class Explorer(widgets.VBox):
         n_helped, n_hurt = s["bar_counts"][:, i]
         net = s["layer_net"][i]
         rows = [
-            ("helped (sum < 0)", f"{helped:+.4g} ({n_helped:,} elements)"),
-            ("hurt (sum > 0)", f"{hurt:+.4g} ({n_hurt:,} elements)"),
-            ("net LCA", f"{net:+.4g}"),
+            ("helped (sum < 0)", f"{helped:+.6g} ({n_helped:,} elements)"),
+            ("hurt (sum > 0)", f"{hurt:+.6g} ({n_hurt:,} elements)"),
+            ("net LCA", f"{net:+.6g}"),
             ("share of the loss change", _share(net, s["loss_change"])),
         ]
         return _table(f"{self.layers[i]}, iterations [{s['start']}, {s['stop']})", rows)

@@ -35,10 +35,11 @@ from bqplot import (
 from bqplot.interacts import BrushIntervalSelector
 
 HELPED, HURT, ZERO = "#1a9850", "#d73027", "#8c8c8c"
-LOSS, REBUILT, RESIDUAL, MUTED = "#3b7dd8", "#f28e2b", "#9467bd", "#8c8c8c"
+LOSS, REBUILT, RESIDUAL, MUTED = "#3b7dd8", "#d97706", "#9467bd", "#8c8c8c"
 HEAT_MID = "#f2f2f2"  # the heat map's zero: light, so green and red cells stand out on either theme
-# mid-tone layer colours that read on white and on JupyterLab's dark grey; no green or red (they mean helped/hurt)
-LAYER_COLOURS = ["#3b7dd8", "#f28e2b", "#9467bd", "#b07a4f", "#e377c2", "#17becf", "#bcbd22", "#6f8fb5"]
+# mid-tone layer colours, relative luminance 0.2-0.28: contrast >= 3 on white and on JupyterLab's dark
+# background alike (the browser test measures it); no green or red, which mean helped and hurt
+LAYER_COLOURS = ["#3b7dd8", "#d97706", "#9467bd", "#b07a4f", "#d6409f", "#0f8b8d", "#8a8a1e", "#6f8fb5"]
 _EMPTY = np.zeros(0, dtype=np.float32)
 _MARGIN = {"top": 32, "bottom": 44, "left": 74, "right": 30}
 HELPED_DOWN = "↓ helped"
