@@ -1,6 +1,7 @@
 """storage: the zarr helpers both stores share, and the trajectory store's packing, checked file by file."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -161,6 +162,11 @@ def test_one_writer_per_path_in_this_process(tmp_path):
         files.lock(target, "LCAResult.save")
     assert target in str(err.value) and "this process (record(path=...)" in str(err.value)
     held.reclaimable = True  # an idle holder (a result store between runs) hands over to a writer here ...
+    outcome = []
+    other = threading.Thread(target=lambda: outcome.append(_try_lock(target)))
+    other.start()
+    other.join()
+    assert outcome == ["StoreInUseError"]  # ... in its own thread only: another thread may be about to run it
     again = files.lock(target, "analyze(store=...)")
     held.release()  # ... and its own release no longer frees the path
     with pytest.raises(files.StoreInUseError):
@@ -168,6 +174,14 @@ def test_one_writer_per_path_in_this_process(tmp_path):
     again.release()
     files.lock(target, "LCAResult.save").release()
     assert os.listdir(tmp_path) == []  # the lock file goes with the lock
+
+
+def _try_lock(target):
+    try:
+        files.lock(target, "a thread").release()
+        return "locked"
+    except files.StoreInUseError:
+        return "StoreInUseError"
 
 
 LOCKER = """

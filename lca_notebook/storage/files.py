@@ -338,12 +338,14 @@ class PathLock:
     process dies (even by SIGKILL), so a killed writer never blocks the next one; the file records the
     holder's pid and what it does, for the other writer's error.
 
-    ``reclaimable``: the holder is idle (a result store between runs), so a new writer in this same
-    process may take the lock over; other processes are still kept out."""
+    ``reclaimable``: the holder is idle (a result store between runs, kept alive by a traceback in a
+    notebook), so a new writer in the same thread, or after the holder's thread ended, may take the lock
+    over; other threads and processes are still kept out."""
 
     def __init__(self, path: str, fd: int, lock_file: str, doing: str):
         self.path, self.fd, self.lock_file, self.doing = path, fd, lock_file, doing
         self.reclaimable = False
+        self.thread = threading.current_thread()
 
     def release(self):
         with _HELD_GUARD:
@@ -387,6 +389,8 @@ def _take_over(lock_file: str, doing: str) -> PathLock | None:
         old = ref() if ref is not None else None
         if old is None or not old.reclaimable or old.fd < 0:
             return None
+        if old.thread is not threading.current_thread() and old.thread.is_alive():
+            return None  # another thread may still be about to run it
         new = PathLock(old.path, old.fd, lock_file, doing)
         old.fd = -1
         _HELD[lock_file] = weakref.ref(new)
