@@ -6,6 +6,7 @@ see "What you will see" there for the command that refreshes docs/explorer.png).
 
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_the_url_shows_the_runs_explorer_drawn_and_live_with_no_click(tmp_path):
                 page.screenshot(path=str(ARTIFACTS / "landing-last.png"))
                 browser.close()
     finally:
-        code = stop_main_job(proc)
+        code = stop_main_job(proc, signal.SIGTERM)  # as CI or a process manager stops it (test_main: Ctrl-C)
     assert code == 0, "".join(seen)
     after = _checkout_state()
     if before is not None:
