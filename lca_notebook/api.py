@@ -62,10 +62,10 @@ def analyze(
         causal LM, ``labels[..., 1:]``); a ``loss_fn`` given then gets ``(outputs, labels)``.
     method: "adaptive" (default; Simpson refined until ``|residual| <= tol`` or ``max_splits``
         pieces), "simpson" (alias "rk4"), "trapezoid" or "first_order".
-    param_tol: adaptive only: also refine until every parameter's estimated LCA error (Richardson, from the
-        last two composite Simpson levels: no extra evaluations) is <= param_tol, in loss units, or
-        ``max_splits``. The sum meeting ``tol`` says nothing of single parameters, whose errors cancel in it.
-        Each iteration's largest estimate is the result's ``error`` (NaN where only one level was computed).
+    param_tol: adaptive only: also refine (at least once) until every parameter's estimated LCA error is
+        <= param_tol, in loss units, or ``max_splits``. The estimate comes from the levels refinement computes
+        anyway (``quadrature.simpson_error``). The sum meeting ``tol`` says nothing of single parameters,
+        whose errors cancel in it. Each iteration's largest estimate is the result's ``error``.
     batch_size: split the data into batches of this size (memory only; the result does not change, except
         with ``batchnorm="batch"``, whose statistics are those of each batch).
     device: where to compute (default: the model's device).

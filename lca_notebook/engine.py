@@ -120,8 +120,8 @@ class IterationResult:
     splits: int
     loss_end: float
     evaluations: int
-    #: Largest estimated quadrature error of a selected parameter's LCA (Richardson, from the last two
-    #: composite Simpson levels); NaN where only one level was computed (see :func:`iterate`).
+    #: Largest estimated quadrature error of a selected parameter's LCA (from successive composite Simpson
+    #: levels, see :func:`~lca_notebook.quadrature.simpson_error`); NaN where only one level was computed.
     error: float = math.nan
 
 
