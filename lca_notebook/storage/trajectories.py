@@ -19,6 +19,7 @@ from ..trajectory import Trajectory
 from .files import (
     FORMAT,
     KIND,
+    PathLock,
     check_format,
     check_rows,
     checksummed,
@@ -101,7 +102,7 @@ class TrajectoryWriter:
         self.path = os.path.abspath(os.fspath(path))
         self.layout, self.subset = layout, subset
         self.n = 0
-        self.lock = lock(self.path, "record(path=...)")
+        self.lock: PathLock | None = lock(self.path, "record(path=...)")
         try:
             attrs = refuse_foreign(self.path, "trajectory")
             if attrs is not None and not overwrite:
@@ -207,7 +208,7 @@ class RecordedTrajectory(Trajectory):
                 f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})"
             )
         check_format(self.path, attrs)
-        self.layout = attrs.get("tensors")
+        self.layout: list = attrs.get("tensors")  # type: ignore[assignment]  # checked just below
         try:
             keys = list(_widths(self.layout))
             for e in self.layout:
