@@ -81,7 +81,7 @@ class Explorer(widgets.VBox):
         heatmap_columns: int | None = None,
         heatmap_rows: int = 128,
         histogram_bins: int = 40,
-        parameter_budget_bytes: int = 256 << 20,
+        parameter_budget_bytes: int = 64 << 20,
     ):
         self.result = result
         r = result
@@ -260,22 +260,29 @@ class Explorer(widgets.VBox):
         helped = {"parameter": np.zeros((t, n_layers))}
         hurt = {"parameter": np.zeros((t, n_layers))}
 
+        coarse = ("unit", "tensor", "layer")
+        stored = all(f"prefix_{by}" in r.dataset for by in coarse)  # else summed here, in the same pass
+        per_iteration = {} if stored else {by: np.zeros((t + 1, len(groups.labels(by)))) for by in coarse}
+
         def count(t0, block):  # folded into the single pass that builds the parameter prefix
             rows = slice(t0, t0 + len(block))
             for i, cols in enumerate(self._columns):
                 part = block[:, cols]
                 helped["parameter"][rows, i] = np.count_nonzero(part < 0, axis=1)
                 hurt["parameter"][rows, i] = np.count_nonzero(part > 0, axis=1)
+            for by, sums in groups.sums(block, per_iteration).items():
+                per_iteration[by][t0 + 1 : t0 + 1 + len(sums)] = sums
 
         lca = r.lca.data if isinstance(r.lca.data, np.ndarray) else r.lca
         self._parameters = ParameterRanges(lca, budget_bytes=budget, on_block=count)
         if np.isfinite(self._parameters.total(0, t)).all():  # a NaN or inf anywhere shows in its column's sum
-            for by in ("unit", "tensor", "layer"):
-                self._prefix[by] = np.asarray(r.prefix(by), dtype=np.float64)
-            rebuilt = np.asarray(r.reconstructed_loss().values, dtype=np.float64)
+            for by in coarse:
+                self._prefix[by] = (
+                    np.asarray(r.prefix(by), dtype=np.float64) if stored else np.cumsum(per_iteration[by], axis=0)
+                )
         else:  # read again with them as 0 and say so: the rest of the run is still worth seeing
             finite = _Finite(lca)
-            self._prefix = finite.group_prefixes(groups, ("unit", "tensor", "layer"))
+            self._prefix = finite.group_prefixes(groups, coarse)
             self._parameters = ParameterRanges(finite, budget_bytes=budget, on_block=count)
             tensor, index = np.asarray(r.lca["tensor"].values), np.asarray(r.lca["index"].values)
             it, col = finite.first_bad
@@ -284,8 +291,10 @@ class Explorer(widgets.VBox):
                 f"{tensor[col]}[{index[col]}]); they are drawn as 0 and left out of every sum. "
                 "Look for the iteration where the loss or the parameters diverged."
             )
-            rebuilt = self._loss[0] + np.concatenate([[0.0], np.cumsum(np.diff(self._prefix["layer"].sum(1)))])
-            rebuilt[1:] += np.cumsum(np.nan_to_num(self._rest, posinf=0.0, neginf=0.0))
+        # the loss rebuilt from the first loss plus cumulative LCA (parameters and lca_rest), as the result's own
+        # reconstructed_loss, from the prefix already at hand
+        rest = np.concatenate([[0.0], np.cumsum(np.nan_to_num(self._rest, posinf=0.0, neginf=0.0))])
+        rebuilt = self._loss[0] + self._prefix["layer"].sum(axis=1) + rest
         self._reconstructed = rebuilt
         for name, series in (("loss", self._loss), ("residual", self._residual)):
             bad = ~np.isfinite(series)
@@ -947,7 +956,7 @@ def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, fl
     lo, hi = min(float(moved.min()), 0.0), max(float(moved.max()), 0.0)
     width = (hi - lo) / max(1, bins)
     edges = width * np.arange(np.floor(lo / width), np.ceil(hi / width) + 1)
-    counts, _ = np.histogram(moved, bins=edges)
+    counts, _ = np.histogram(moved, bins=len(edges) - 1, range=(edges[0], edges[-1]))  # equal bins: no sort
     return (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64), float(width), zeros
 
 

@@ -103,20 +103,31 @@ class ParameterRanges:
         self.lca = lca  # numpy (iteration, parameter) or anything whose row slices numpy can read
         t, p = lca.shape
         self.n_iterations, self.n_parameters = t, p
-        self.stride = max(1, int(np.ceil((t + 1) * p * 8 / max(1, budget_bytes))))
-        marks = np.arange(0, t + 1, self.stride)
-        self.checkpoints = np.zeros((len(marks), p))
+        self.stride = stride = max(1, int(np.ceil((t + 1) * p * 8 / max(1, budget_bytes))))
+        n_marks = t // stride + 1
+        self.checkpoints = np.empty((n_marks, p))
+        self.checkpoints[0] = 0.0
         running = np.zeros(p)
-        block_rows = max(self.stride, block_rows // self.stride * self.stride)
-        for t0 in range(0, t, block_rows):
-            block = np.asarray(lca[t0 : min(t, t0 + block_rows)])
-            if on_block is not None:  # callers fold other one-pass reductions into this single read
-                on_block(t0, block)
-            for k in range(0, len(block), self.stride):
-                running += block[k : k + self.stride].sum(axis=0, dtype=np.float64)
-                mark = (t0 + k) // self.stride + 1
-                if mark < len(marks):
-                    self.checkpoints[mark] = running
+        # read ``block_rows`` at a time (a lazy store reads whole chunks), work on pieces of about 4 MB that stay
+        # in cache while every reduction (the prefix here, the caller's ``on_block``) reads them
+        read_rows = max(stride, block_rows // stride * stride)
+        piece_rows = max(stride, (4 << 20) // max(1, 4 * p) // stride * stride)
+        for r0 in range(0, t, read_rows):
+            chunk = np.asarray(lca[r0 : min(t, r0 + read_rows)])
+            for c0 in range(0, len(chunk), piece_rows):
+                t0 = r0 + c0
+                block = chunk[c0 : c0 + piece_rows]
+                if on_block is not None:  # callers fold other one-pass reductions into this single read
+                    on_block(t0, block)
+                n_full = len(block) // stride
+                if not n_full:
+                    continue
+                sums = block[: n_full * stride].reshape(n_full, stride, p).sum(axis=1, dtype=np.float64)
+                sums[0] += running
+                np.cumsum(sums, axis=0, out=sums)
+                first = t0 // stride + 1  # t0 is a multiple of stride: sums[k] is the prefix at (first + k) * stride
+                self.checkpoints[first : first + n_full] = sums
+                running = sums[-1]
 
     def _rows(self, a: int, b: int, columns) -> np.ndarray:
         if b <= a:
