@@ -250,3 +250,24 @@ def test_relu_cnn_error_estimate_is_honest():
                 f"param_tol {fraction:g}, iteration {t}: error made {actual / scale[t]:.2e}, estimate "
                 f"{float(result.error[t]) / scale[t]:.2e} of max |LCA|"
             )
+
+
+@pytest.mark.slow
+def test_sharded_runs_store_the_same_error(tmp_path, monkeypatch):
+    distributed = pytest.importorskip("dask.distributed")
+    from lca_notebook import models
+    from lca_notebook.storage import results as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK_ITERATIONS", 4)  # 3 shards of 4 iterations
+    x, y = models.digits_data()
+    x, y = x[:300], y[:300]
+    snaps = models.train(models.mlp(), (x, y), steps=12, lr=0.1)
+    single = lca.analyze(models.mlp(), (x, y), snaps, param_tol=1e-6, store=tmp_path / "single", progress=False)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as client:
+        sharded = lca.analyze(
+            models.mlp(), (x, y), snaps, param_tol=1e-6, store=tmp_path / "sharded", client=client, progress=False
+        )
+    assert np.isfinite(single.error.values).all()
+    np.testing.assert_array_equal(sharded.error.values, single.error.values)
+    np.testing.assert_array_equal(sharded.splits.values, single.splits.values)
