@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 #: Batch size used when the data comes as tensors or a Dataset and ``batch_size`` is not given.
 DEFAULT_BATCH_SIZE = 2048
@@ -130,7 +130,9 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
             data, batch_size = rows, None  # already batch_size rows a batch, each padded to its own length
         if isinstance(data, DataLoader):
             data = _whole_loader(data)
-        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        elif isinstance(data, IterableDataset) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
+            # A Dataset yields samples, not batches: collate them (read one by one, a sample's first
+            # dimension would be taken for its batch size).
             data = DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE)
         elif isinstance(data, (itertools.cycle, itertools.repeat, itertools.count)):
             raise ValueError(
@@ -299,144 +301,6 @@ def batch_weights(batch_list: list[Batch], loss_fn) -> list[float]:
             rows = counts
     total = sum(rows)
     return [r / total for r in rows]
-
-
-# -- batches whose labels are inside (Hugging Face), scored by the model's own loss --------------------------------
-LABEL_KEYS = ("labels", "label")  # a collated batch has "labels"; a dataset's rows often "label"
-
-
-def labels_inside(item) -> bool:
-    """A batch or row that is a mapping with its labels among the model's keyword inputs (``{"input_ids": ...,
-    "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``), not a pair ``(inputs, targets)``."""
-    return isinstance(item, Mapping) and "labels" in item and not {"inputs", "targets"} <= item.keys()
-
-
-def _labelled_batch(item, where: str) -> Batch:
-    """Every value a keyword input of the model, labels included (the model computes its own loss);
-    the target is the labels, for :func:`batch_weights` and for a ``loss_fn`` given explicitly."""
-    return _as_batch((dict(item), item["labels"]), where)
-
-
-def _is_row(item) -> bool:
-    """One sample with its label, as a ``datasets.Dataset`` or a list of rows gives it: a mapping whose label is
-    a number or a 0-dim tensor (classification), or whose ``input_ids`` are one sequence (language modelling)."""
-    if not isinstance(item, Mapping) or not any(k in item for k in LABEL_KEYS):
-        return False
-    label = item["labels"] if "labels" in item else item["label"]
-    ids = item.get("input_ids")
-    if isinstance(ids, torch.Tensor):
-        return ids.dim() == 1
-    if ids is not None:
-        return isinstance(ids, (list, tuple)) and not (ids and isinstance(ids[0], (list, tuple)))
-    return not isinstance(label, torch.Tensor) or label.dim() == 0
-
-
-def labelled_rows(data, batch_size: int | None):
-    """A ``datasets.Dataset`` (anything with ``column_names``, ``len()`` and rows by index) or a list of rows
-    holding their labels, as a ``DataLoader`` collating them with :func:`collate_rows`; None for other data.
-
-    >>> rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]},
-    ...         {"input_ids": [4, 5], "attention_mask": [1, 1], "labels": [4, 5]}]
-    >>> b = batches(rows)[0]
-    >>> b.kwargs["labels"].tolist(), b.kwargs["attention_mask"].tolist(), b.size
-    ([[1, 2, 3], [4, 5, -100]], [[1, 1, 1], [1, 1, 0]], 2)
-    """
-    dataset_like = hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__")
-    if not (isinstance(data, (list, tuple)) or dataset_like) or not len(data) or not _is_row(data[0]):
-        return None
-    return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, collate_fn=collate_rows)
-
-
-#: What a shorter sequence is padded with, by key; any other key is padded with 0.
-PAD_VALUES = {"labels": -100, "attention_mask": 0}
-
-
-def collate_rows(rows: list) -> dict:
-    """Rows (mappings) into one batch: each key's values stacked; sequences of unequal length padded on the
-    right (``labels`` with -100, which the loss ignores, the rest with 0), which needs an ``attention_mask``
-    so the padding is not read. ``label`` becomes ``labels``, as Hugging Face's collators do.
-
-    >>> collate_rows([{"x": [1.0, 2.0], "label": 0}, {"x": [3.0, 4.0], "label": 1}])["labels"]
-    tensor([0, 1])
-    """
-    out: dict[str, Any] = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        name = "labels" if key == "label" and "labels" not in rows[0] else key
-        if any(isinstance(v, (str, bytes)) for v in values):
-            out[name] = values  # text the model may not take: select the model's columns to drop it
-            continue
-        tensors = [torch.as_tensor(v) for v in values]
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) > 1:
-            if "attention_mask" not in rows[0] or any(t.dim() != 1 for t in tensors):
-                raise ValueError(
-                    f"data rows have {key!r} of different shapes {sorted(shapes)[:3]} and no attention_mask to "
-                    "mask padding: pad them (a tokenizer with padding=True, or a DataLoader with a collator such as "
-                    "transformers.DataCollatorWithPadding)"
-                )
-            longest = max(len(t) for t in tensors)
-            fill = PAD_VALUES.get(name, 0)
-            tensors = [torch.cat([t, t.new_full((longest - len(t),), fill)]) for t in tensors]
-        out[name] = torch.stack(tensors)
-    return out
-
-
-class ModelLoss:
-    """The model's own mean loss, ``outputs.loss``: the default for batches whose labels are inside (a Hugging
-    Face model given ``labels=`` computes it). Batches are weighted as that loss averages: by their labels that
-    are not -100 (the ignored index), counting ``labels[..., shift:]`` for a causal language model, which
-    predicts token t+1 from tokens up to t (``shift=1``); float labels (regression) by their number.
-
-    >>> out = type("Out", (), {"loss": torch.tensor(0.5)})()
-    >>> float(ModelLoss()(out, None))
-    0.5
-    """
-
-    def __init__(self, shift: int = 0):
-        self.shift = shift
-
-    def __call__(self, outputs, targets):
-        loss = getattr(outputs, "loss", None)
-        if loss is None and isinstance(outputs, Mapping):
-            loss = outputs.get("loss")
-        if loss is None:
-            raise TypeError(
-                f"the model's output ({type(outputs).__name__}) has no .loss, so with labels inside the batches and "
-                "no loss_fn there is no loss to use: give the model labels= it computes a loss from, or pass "
-                "loss_fn=lambda out, labels: torch.nn.functional.cross_entropy(out.logits, labels)"
-            )
-        return loss
-
-    def __repr__(self):
-        return f"ModelLoss(shift={self.shift})"
-
-
-def model_loss(model) -> ModelLoss:
-    """:class:`ModelLoss` for ``model``: shifted for a Hugging Face causal language model (its ``loss_type`` is
-    ``"ForCausalLM"``, or None, for which transformers falls back to the causal LM loss as well).
-
-    >>> model_loss(torch.nn.Linear(2, 2)).shift
-    0
-    """
-    return ModelLoss(shift=1 if getattr(model, "loss_type", "") in ("ForCausalLM", None) else 0)
-
-
-def model_loss_counts(batch_list: list[Batch], loss_fn: ModelLoss) -> list[float] | None:
-    """What :class:`ModelLoss` averages over in each batch: its labels not -100 (shifted for a causal LM), or all
-    of them for float labels; None where a batch's labels are not a tensor."""
-    counts = []
-    for b in batch_list:
-        t = b.target
-        if not isinstance(t, torch.Tensor):
-            return None
-        if t.is_floating_point():
-            counts.append(float(t.numel()))
-            continue
-        if loss_fn.shift and t.dim() >= 1:
-            t = t[..., loss_fn.shift :]
-        counts.append(float((t != -100).sum()))
-    return counts if sum(counts) > 0 else None
 
 
 # -- what the loss must be, and clear errors for what torch reports obscurely -------------------------------------
@@ -623,3 +487,141 @@ def check_averages(whole: float, parts: tuple[float, float], sizes: tuple[int, i
             "measures the mean loss over all of the data and combines batches by their size, so a summed loss would "
             "make every number depend on batch_size: average instead (reduction='mean', or .mean() for .sum())."
         )
+
+
+# -- batches whose labels are inside (Hugging Face), scored by the model's own loss --------------------------------
+LABEL_KEYS = ("labels", "label")  # a collated batch has "labels"; a dataset's rows often "label"
+
+
+def labels_inside(item) -> bool:
+    """A batch or row that is a mapping with its labels among the model's keyword inputs (``{"input_ids": ...,
+    "attention_mask": ..., "labels": ...}``, a ``BatchEncoding``), not a pair ``(inputs, targets)``."""
+    return isinstance(item, Mapping) and "labels" in item and not {"inputs", "targets"} <= item.keys()
+
+
+def _labelled_batch(item, where: str) -> Batch:
+    """Every value a keyword input of the model, labels included (the model computes its own loss);
+    the target is the labels, for :func:`batch_weights` and for a ``loss_fn`` given explicitly."""
+    return _as_batch((dict(item), item["labels"]), where)
+
+
+def _is_row(item) -> bool:
+    """One sample with its label, as a ``datasets.Dataset`` or a list of rows gives it: a mapping whose label is
+    a number or a 0-dim tensor (classification), or whose ``input_ids`` are one sequence (language modelling)."""
+    if not isinstance(item, Mapping) or not any(k in item for k in LABEL_KEYS):
+        return False
+    label = item["labels"] if "labels" in item else item["label"]
+    ids = item.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids.dim() == 1
+    if ids is not None:
+        return isinstance(ids, (list, tuple)) and not (ids and isinstance(ids[0], (list, tuple)))
+    return not isinstance(label, torch.Tensor) or label.dim() == 0
+
+
+def labelled_rows(data, batch_size: int | None):
+    """A ``datasets.Dataset`` (anything with ``column_names``, ``len()`` and rows by index) or a list of rows
+    holding their labels, as a ``DataLoader`` collating them with :func:`collate_rows`; None for other data.
+
+    >>> rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]},
+    ...         {"input_ids": [4, 5], "attention_mask": [1, 1], "labels": [4, 5]}]
+    >>> b = batches(rows)[0]
+    >>> b.kwargs["labels"].tolist(), b.kwargs["attention_mask"].tolist(), b.size
+    ([[1, 2, 3], [4, 5, -100]], [[1, 1, 1], [1, 1, 0]], 2)
+    """
+    dataset_like = hasattr(data, "column_names") and hasattr(data, "__getitem__") and hasattr(data, "__len__")
+    if not (isinstance(data, (list, tuple)) or dataset_like) or not len(data) or not _is_row(data[0]):
+        return None
+    return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, collate_fn=collate_rows)
+
+
+#: What a shorter sequence is padded with, by key; any other key is padded with 0.
+PAD_VALUES = {"labels": -100, "attention_mask": 0}
+
+
+def collate_rows(rows: list) -> dict:
+    """Rows (mappings) into one batch: each key's values stacked; sequences of unequal length padded on the
+    right (``labels`` with -100, which the loss ignores, the rest with 0), which needs an ``attention_mask``
+    so the padding is not read. ``label`` becomes ``labels``, as Hugging Face's collators do.
+
+    >>> collate_rows([{"x": [1.0, 2.0], "label": 0}, {"x": [3.0, 4.0], "label": 1}])["labels"]
+    tensor([0, 1])
+    """
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        name = "labels" if key == "label" and "labels" not in rows[0] else key
+        if any(isinstance(v, (str, bytes)) for v in values):
+            out[name] = values  # text the model may not take: select the model's columns to drop it
+            continue
+        tensors = [torch.as_tensor(v) for v in values]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            if "attention_mask" not in rows[0] or any(t.dim() != 1 for t in tensors):
+                raise ValueError(
+                    f"data rows have {key!r} of different shapes {sorted(shapes)[:3]} and no attention_mask to "
+                    "mask padding: pad them (a tokenizer with padding=True, or a DataLoader with a collator such as "
+                    "transformers.DataCollatorWithPadding)"
+                )
+            longest = max(len(t) for t in tensors)
+            fill = PAD_VALUES.get(name, 0)
+            tensors = [torch.cat([t, t.new_full((longest - len(t),), fill)]) for t in tensors]
+        out[name] = torch.stack(tensors)
+    return out
+
+
+class ModelLoss:
+    """The model's own mean loss, ``outputs.loss``: the default for batches whose labels are inside (a Hugging
+    Face model given ``labels=`` computes it). Batches are weighted as that loss averages: by their labels that
+    are not -100 (the ignored index), counting ``labels[..., shift:]`` for a causal language model, which
+    predicts token t+1 from tokens up to t (``shift=1``); float labels (regression) by their number.
+
+    >>> out = type("Out", (), {"loss": torch.tensor(0.5)})()
+    >>> float(ModelLoss()(out, None))
+    0.5
+    """
+
+    def __init__(self, shift: int = 0):
+        self.shift = shift
+
+    def __call__(self, outputs, targets):
+        loss = getattr(outputs, "loss", None)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = outputs.get("loss")
+        if loss is None:
+            raise TypeError(
+                f"the model's output ({type(outputs).__name__}) has no .loss, so with labels inside the batches and "
+                "no loss_fn there is no loss to use: give the model labels= it computes a loss from, or pass "
+                "loss_fn=lambda out, labels: torch.nn.functional.cross_entropy(out.logits, labels)"
+            )
+        return loss
+
+    def __repr__(self):
+        return f"ModelLoss(shift={self.shift})"
+
+
+def model_loss(model) -> ModelLoss:
+    """:class:`ModelLoss` for ``model``: shifted for a Hugging Face causal language model (its ``loss_type`` is
+    ``"ForCausalLM"``, or None, for which transformers falls back to the causal LM loss as well).
+
+    >>> model_loss(torch.nn.Linear(2, 2)).shift
+    0
+    """
+    return ModelLoss(shift=1 if getattr(model, "loss_type", "") in ("ForCausalLM", None) else 0)
+
+
+def model_loss_counts(batch_list: list[Batch], loss_fn: ModelLoss) -> list[float] | None:
+    """What :class:`ModelLoss` averages over in each batch: its labels not -100 (shifted for a causal LM), or all
+    of them for float labels; None where a batch's labels are not a tensor."""
+    counts = []
+    for b in batch_list:
+        t = b.target
+        if not isinstance(t, torch.Tensor):
+            return None
+        if t.is_floating_point():
+            counts.append(float(t.numel()))
+            continue
+        if loss_fn.shift and t.dim() >= 1:
+            t = t[..., loss_fn.shift :]
+        counts.append(float((t != -100).sum()))
+    return counts if sum(counts) > 0 else None

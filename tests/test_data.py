@@ -92,3 +92,18 @@ def test_halves_split_every_batched_tensor_and_nothing_else():
     assert data.halves(data.Batch((x,), {"table": torch.ones(3, 2)}, y, 5)) is None  # not one row per sample
     assert data.halves(data.Batch((x[:1],), {}, y[:1], 1)) is None
     assert data.halves(data.Batch((x,), {}, ["a"] * 5, 5)) is None  # targets that are not tensors
+
+
+def test_an_iterable_dataset_given_directly_is_collated_into_batches():
+    """Its items are samples: each must weigh one sample, as in the whole-tensor pair (not its feature count)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 5), torch.randint(0, 3, (37,))
+
+    class Samples(IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y, strict=True))
+
+    read = data.batches(Samples(), batch_size=8)
+    assert [b.size for b in read] == [8, 8, 8, 8, 5]
+    assert torch.equal(torch.cat([b.target for b in read]), y)
+    assert torch.equal(torch.cat([b.args[0] for b in read]), x)
