@@ -11,7 +11,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, start_main_job, stop_main_job, wait_for_url, wait_until
+from browser_utils import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    REPO,
+    JupyterLab,
+    start_main_job,
+    stop_main_job,
+    wait_for_url,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
@@ -100,3 +109,16 @@ def test_the_url_shows_the_runs_explorer_drawn_and_live_with_no_click(tmp_path):
         gone = sorted(set(before.splitlines()) - set(after.splitlines()))
         assert not appeared and not gone, f"the checkout changed: new {appeared}, gone {gone}"
     assert re.search(rf"{STEPS} iterations x 17,226 parameters", "".join(seen))
+
+    # Later, with that kernel gone: a plain JupyterLab on the run folder still draws the explorer from the
+    # widget state saved in the notebook (static until Run All), as --help promises.
+    with JupyterLab(run, log=tmp_path / "reopen.log") as lab, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1450})
+            page.goto(f"{lab.url}/lab/tree/explorer.ipynb?reset&token={lab.token}")
+            page.wait_for_selector(".lca-explorer div.bqplot.figure", state="attached", timeout=300_000)
+            wait_until(lambda: page.locator(".lca-explorer div.bqplot.figure").count() >= 6, "the saved figures")
+            assert page.locator(".widget-readout").first.inner_text() == f"0 – {STEPS}"  # as the notebook was run
+        finally:
+            browser.close()
