@@ -103,9 +103,9 @@ def test_fixed_function_restores_every_flag_even_after_an_error():
 
 
 def test_param_tol_refines_until_every_parameters_estimate_meets_it(run):
-    from lca_notebook.quadrature import simpson_error
-
     import copy
+
+    from lca_notebook.quadrature import simpson_error
 
     model, x, y, snaps = run  # in float64: the estimates fall below float32's rounding of the gradients
     model, x = copy.deepcopy(model).double(), x.double()
