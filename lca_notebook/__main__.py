@@ -403,7 +403,8 @@ def main(argv=None) -> int:
         return 2
     folder = run_folder(args.out)
     result = train_and_analyze(args.steps)
-    result_path = Path(result.save(folder / RESULT_NAME))
+    # A rerun into the same --out replaces its own earlier result (save still refuses anything that is not one).
+    result_path = Path(result.save(folder / RESULT_NAME, overwrite=True))
     summary = summarize(result)
     print(summary)
     print(f"\nsaved: {result_path}  (in Python: lca_notebook.open({str(result_path)!r}))")

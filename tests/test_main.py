@@ -89,6 +89,15 @@ def test_no_lab_saves_the_run_folder_under_home_and_nothing_where_it_starts(tmp_
     opened = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert opened.stdout.split() == ["4", "['fc1',", "'fc2',", "'fc3']"], opened.stderr
 
+    # Run again into that same folder (--out): the job replaces its own result, and nothing else is there.
+    again = subprocess.run(
+        [sys.executable, "-m", "lca_notebook", "--no-lab", "--steps", "3", "--out", str(run)],
+        cwd=cwd, env=_env(HOME=str(home)), capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 iterations x 17,226 parameters" in again.stdout
+    assert sorted(p.name for p in run.iterdir()) == ["digits_mlp.nc", "explorer.ipynb"]
+
 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
