@@ -223,7 +223,7 @@ class Explorer(widgets.VBox):
         self.marks["heatmap_hover"].on_hover(self._on_heatmap_hover)
         for key in ("histogram_helped", "histogram_hurt"):
             self.marks[key].on_hover(self._on_histogram_hover)
-        self.figures["fractions"].axes[0].tick_values = figures.integer_ticks(0, t)
+        _put(self.figures["fractions"].axes[0], "tick_values", figures.integer_ticks(0, t))
         fx = self.figures["fractions"].marks[0].scales["x"]
         fx.min, fx.max = 0.0, float(t)
         self.update()
@@ -448,19 +448,13 @@ class Explorer(widgets.VBox):
         with ExitStack() as stack:
             for mark in m.values():
                 stack.enter_context(mark.hold_sync())
-            xs = m["loss"].scales["x"]
-            stack.enter_context(xs.hold_sync())
-            xs.min, xs.max = float(start), float(stop)
             for key in ("loss", "reconstructed"):
                 m[key].x, m[key].y = f32(s[key][0]), f32(s[key][1])
             self._set_y(stack, "loss", m["loss"], np.concatenate([s["loss"][1], s["reconstructed"][1]]))
             for name in ("loss", "residual", "cumulative"):
-                figs[name].axes[0].tick_values = ticks
+                _put(figs[name].axes[0], "tick_values", ticks)
             self._draw_residual(s)
             self._draw_fractions(s, sign)
-            cx = m["cumulative"].scales["x"]
-            stack.enter_context(cx.hold_sync())
-            cx.min, cx.max = float(start), float(stop)
             m["cumulative"].x, m["cumulative"].y = f32(s["cumulative"][0]), f32(s["cumulative"][1])
             self._set_y(stack, "cumulative", m["cumulative"], s["cumulative"][1])
             self._set_y(stack, "layers", m["helped_bars"], np.concatenate([s["bars"].ravel(), [0.0]]), pad=0.06)
@@ -479,8 +473,10 @@ class Explorer(widgets.VBox):
         lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
         scale = mark.scales["y"]
         stack.enter_context(scale.hold_sync())
-        scale.min, scale.max = figures.padded(lo, hi, pad)
-        self.figures[figure].axes[1].tick_values = figures.nice_ticks(*figures.padded(lo, hi, pad), 5)
+        lo, hi = figures.padded(lo, hi, pad)
+        _put(scale, "min", lo)
+        _put(scale, "max", hi)
+        _put(self.figures[figure].axes[1], "tick_values", figures.nice_ticks(lo, hi, 5))
 
     def _draw_residual(self, s):
         m = self.marks
@@ -497,7 +493,7 @@ class Explorer(widgets.VBox):
             m["tolerance"].y = _f32([[self._tol, self._tol], [-self._tol, -self._tol]])
         axis = self.figures["residual"].axes[1]
         mark = self._tol if self._tol and self._tol * 1.15 >= top * 0.5 else top / 1.15
-        axis.tick_values = np.array([-mark, 0.0, mark])
+        _put(axis, "tick_values", np.array([-mark, 0.0, mark]))
 
     def _draw_fractions(self, s, sign):
         m = self.marks
@@ -527,7 +523,8 @@ class Explorer(widgets.VBox):
         figs["layers"].axes[0].tick_rotate = -25 if len(labels) > 4 else 0
         nothing = not np.any(s["bars"])
         what = {"both": "moved", "helped": "helped", "hurt": "hurt"}[self.sign.value]
-        m["layers_empty"].text = [f"No layer {what} in iterations [{s['start']}, {s['stop']})"]
+        if nothing:  # the message is sent only when it shows
+            _put(m["layers_empty"], "text", [f"No layer {what} in iterations [{s['start']}, {s['stop']})"])
         m["layers_empty"].visible = bool(nothing)
 
     def _draw_histogram(self, s):
@@ -547,15 +544,15 @@ class Explorer(widgets.VBox):
             lo, hi = float(centres[0]) - _width / 2, float(centres[-1]) + _width / 2
             xs = m["histogram_helped"].scales["x"]
             xs.min, xs.max = lo, hi
-            fig.axes[0].tick_values = figures.nice_ticks(lo, hi, 5)
+            _put(fig.axes[0], "tick_values", figures.nice_ticks(lo, hi, 5))
         axis = fig.axes[1]
         axis.scale = scale
         if log:
-            axis.tick_values = 10.0 ** np.arange(0, int(np.ceil(np.log10(max(top, 1.0)))) + 1)
+            _put(axis, "tick_values", 10.0 ** np.arange(0, int(np.ceil(np.log10(max(top, 1.0)))) + 1))
             axis.label, axis.tick_format = "count (log)", "~s"
             scale.max = float(max(top, 1.0) * 1.5)
         else:
-            axis.tick_values = figures.integer_ticks(0, top, 5)
+            _put(axis, "tick_values", figures.integer_ticks(0, top, 5))
             axis.label, axis.tick_format = "count", "d"
             scale.max = float(max(top, 1.0))
         n = int(counts.sum())
@@ -567,7 +564,7 @@ class Explorer(widgets.VBox):
         if empty:
             where = "" if self.selected_layer is None else f" of {self.layer.value}"
             verb = "moved" if self.sign.value == "both" else "in"
-            m["histogram_empty"].text = [f"No {what}{where} {verb} iterations [{s['start']}, {s['stop']})"]
+            _put(m["histogram_empty"], "text", [f"No {what}{where} {verb} iterations [{s['start']}, {s['stop']})"])
         fig.title = f"Distribution of LCA ({n:,} elements; {zeros:,} exactly 0, not drawn)"
 
     def _draw_heatmap(self, s, stack):
@@ -587,26 +584,29 @@ class Explorer(widgets.VBox):
         ys.min, ys.max = float(y[0]) - step / 2, float(y[-1]) + step / 2
         n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
         unit_axis, name_axis, colour_axis = fig.axes[1], fig.axes[2], fig.axes[3]
-        fig.axes[0].tick_values = figures.integer_ticks(s["start"], s["stop"])
+        _put(fig.axes[0], "tick_values", figures.integer_ticks(s["start"], s["stop"]))
         colour_axis.label = "LCA"
-        colour_axis.tick_values = np.array([-limit, 0.0, limit]) if limit else None
+        _put(colour_axis, "tick_values", np.array([-limit, 0.0, limit]) if limit else None)
         clip = f" · colour ±{limit:.2g} = p99 |LCA|" if limit else ""
         rows = s["heatmap_rows"]
         if self.selected_layer is None:
             names = m["heatmap_names"]
             names.domain = list(reversed(rows)) if len(rows) >= 2 else [rows[0], " "][::-1]
             name_axis.visible, unit_axis.visible = True, False
-            name_axis.tick_values = None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
+            _put(
+                name_axis, "tick_values", None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
+            )
             fig.title = f"LCA per layer and iteration{clip}"
         else:
             name_axis.visible, unit_axis.visible = False, True
-            unit_axis.tick_values = figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6)
+            _put(unit_axis, "tick_values", figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6))
             grouped = len(rows) and rows[0].startswith("units")
             unit_axis.label = "unit (rows sum neighbours)" if grouped else "unit"
             fig.title = f"{self.layer.value}: LCA per unit and iteration{clip}"
         nothing = not np.any(s["heatmap"][2])
         what = {"both": "moved", "helped": "helped", "hurt": "hurt"}[self.sign.value]
-        m["heatmap_empty"].text = [f"Nothing {what} in iterations [{s['start']}, {s['stop']})"]
+        if nothing:
+            _put(m["heatmap_empty"], "text", [f"Nothing {what} in iterations [{s['start']}, {s['stop']})"])
         m["heatmap_empty"].visible = bool(nothing)
         heatmap.visible = not nothing
 
@@ -884,6 +884,17 @@ def _at_least_two(x, y, c):
         y = np.array([y[0] if len(y) else 0.0, (y[0] if len(y) else 0.0) + 1.0])
         c = np.concatenate([c, np.zeros((2 - c.shape[0], c.shape[1]))], axis=0)
     return x, y, c
+
+
+def _put(widget, name: str, value) -> None:
+    """Set a trait only when it changes (arrays compared by value): each change is a message and a redraw."""
+    old = getattr(widget, name)
+    if isinstance(value, np.ndarray) or isinstance(old, np.ndarray):
+        if old is not None and value is not None and np.shape(old) == np.shape(value) and np.array_equal(old, value):
+            return
+    elif old == value:
+        return
+    setattr(widget, name, value)
 
 
 def _label(text: str) -> widgets.Label:
