@@ -117,11 +117,17 @@ def _helped_band(result: LCAResult) -> str:
         return (
             f"with the quadrature's error estimate, {100 * low:.1f}%-{100 * high:.1f}% help ("
             f"{100 * float(f['mean_uncertain']):.2f}% of the parameters per iteration have |LCA| within the "
-            "iteration's largest estimated error, a conservative band)"
+            "iteration's largest estimated error, a conservative band; a lower param_tol narrows it)"
         )
     if np.isfinite(err).any():
         return f"only {int(np.isfinite(err).sum())} of {err.size} iterations have an error estimate: {how}"
-    return f"no per-parameter error estimate ({result.attrs.get('method', 'this method')}): {how}"
+    method = result.attrs.get("method")
+    why = (
+        "every iteration met tol with one Simpson piece"
+        if method == "adaptive"
+        else f"method={method!r} computes one level per iteration"
+    )
+    return f"no per-parameter error estimate ({why}): {how}"
 
 
 # -- layers -------------------------------------------------------------------------------------

@@ -240,8 +240,11 @@ class LCAResult:
         and ``hurt`` then count only ``LCA < -error[t]`` and ``LCA > error[t]``, and the four add up to 1. The
         true fraction that helped lies between ``helped`` and ``helped + uncertain`` (as far as the estimate
         holds). The band is conservative: ``error`` is the LARGEST parameter's estimate, applied to every
-        parameter of the iteration. On iterations without an estimate (``error`` NaN) ``uncertain`` is NaN
-        and the other three are the plain sign counts. Cost: one more comparison per value read.
+        parameter of the iteration, so its width is what ``param_tol`` asked for. Single parameters' own
+        estimates are not kept: on a ReLU network two levels of one parameter can agree by chance while both
+        are off (measured: by up to 10,000 times the difference), so only the largest is honest. On iterations
+        without an estimate (``error`` NaN) ``uncertain`` is NaN and the other three are the plain sign counts.
+        Cost: one more comparison per value read.
 
         >>> import lca_notebook as lca
         >>> r = lca.LCAResult.example()
