@@ -212,6 +212,9 @@ def test_error_is_nan_where_no_estimate_exists_and_travels_with_the_result(tmp_p
         assert reopened.attrs["param_tol"] == 1e-7
     with pytest.raises(ValueError, match="computed from other inputs.*param_tol"):  # a store remembers param_tol
         lca.analyze(model, (x, y), snaps, param_tol=1e-6, progress=False, store=tmp_path / "run.zarr")
+    with pytest.warns(UserWarning, match=r"max_splits=2 with a parameter's estimated error above param_tol=1e-12"):
+        stuck = lca.analyze(model, (x, y), snaps, param_tol=1e-12, max_splits=2, progress=False)
+    assert (stuck.splits.values == 2).all() and (stuck.error.values > 1e-12).all()
 
 
 @pytest.mark.slow
