@@ -58,7 +58,12 @@ class Explorer(widgets.VBox):
     fractions and the residual) and ``log_count`` (the histogram's count axis); set their ``.value`` from
     Python or use them in the page. ``marks`` maps names to the bqplot marks, ``figures`` names to figures,
     :meth:`selection` gives what is on screen as an ``xarray.Dataset`` and :meth:`export` writes it (CSV,
-    netCDF) or the figures (PNG, SVG).
+    netCDF) or the figures (PNG, SVG). Figures fill the width they are given (two columns from about 900 px);
+    ``width`` is about one plot's pixel width, the most points a line sends (``max_points`` overrides it).
+
+    Edges draw or say what is wrong: a zero-width range keeps the last drawing and says so; NaN or inf in
+    ``lca`` are drawn as 0 and named in the summary (count, first iteration and parameter); a result without
+    iterations or parameters is refused with the reason.
 
     >>> import lca_notebook as lca
     >>> ex = lca.explore(lca.LCAResult.example(), granularity="unit")
@@ -541,9 +546,10 @@ class Explorer(widgets.VBox):
             bars.x, bars.y = _f32(centres[part]), _f32(shown[part])
         top = float(counts.max()) if len(counts) else 1.0
         if len(centres):
-            lo, hi = float(centres[0]) - _width / 2, float(centres[-1]) + _width / 2
+            lo, hi = figures.padded(float(centres[0]) - _width / 2, float(centres[-1]) + _width / 2, 0.02)
             xs = m["histogram_helped"].scales["x"]
-            xs.min, xs.max = lo, hi
+            with xs.hold_sync():
+                xs.min, xs.max = lo, hi
             _put(fig.axes[0], "tick_values", figures.nice_ticks(lo, hi, 5))
         axis = fig.axes[1]
         axis.scale = scale

@@ -173,7 +173,7 @@ def _residual_axis(scale) -> Axis:
         side="left",
         label="residual",
         label_offset="56px",
-        tick_format=".1~e",
+        tick_format=".2~g",
     )
 
 
