@@ -8,7 +8,7 @@ import torch
 from lca_notebook import models
 
 #: Per-iteration and per-checkpoint variables every result has.
-RESULT_VARIABLES = ("residual", "lca_rest", "splits", "evaluations")
+RESULT_VARIABLES = ("residual", "lca_rest", "splits", "evaluations", "error")  # error: NaN where none (equal as NaN)
 
 
 def digits(n: int | None = None, *, image: bool = False):
