@@ -218,10 +218,12 @@ def check_all(ex: Explorer, truth: Truth):
     nonzero = np.abs(cells[cells != 0])
     limit = np.sort(nonzero)[int(np.floor(0.99 * (len(nonzero) - 1)))] if len(nonzero) else 0.0
     assert heat_color.shape == cells.shape
-    np.testing.assert_allclose(heat_color, np.clip(cells, -limit, limit), rtol=1e-5, atol=1e-7)
+    # the cells carry LCA / limit, saturated at +-1 (the colour bar's own scale is in LCA units)
+    np.testing.assert_allclose(heat_color, np.clip(cells / (limit or 1.0), -1, 1), rtol=1e-5, atol=1e-6)
     if limit:
-        assert heat.scales["color"].max == pytest.approx(limit, rel=1e-6)
-        assert heat.scales["color"].min == pytest.approx(-limit, rel=1e-6)
+        bar = ex.figures["heatmap"].axes[3].scale
+        assert bar.max == pytest.approx(limit, rel=1e-6) and bar.min == pytest.approx(-limit, rel=1e-6)
+        assert (heat.scales["color"].min, heat.scales["color"].max) == (-1.0, 1.0)
         assert f"±{limit:.2g} = p99 |LCA|" in ex.figures["heatmap"].title
     assert m["heatmap_empty"].visible == (not np.any(cells))
 

@@ -453,6 +453,11 @@ class Explorer(widgets.VBox):
         with ExitStack() as stack:
             for mark in m.values():
                 stack.enter_context(mark.hold_sync())
+            for key in ("loss", "cumulative"):  # one domain message; each mark then redraws only itself
+                xs = m[key].scales["x"]
+                stack.enter_context(xs.hold_sync())
+                _put(xs, "min", float(start))
+                _put(xs, "max", float(stop))
             for key in ("loss", "reconstructed"):
                 m[key].x, m[key].y = f32(s[key][0]), f32(s[key][1])
             self._set_y(stack, "loss", m["loss"], np.concatenate([s["loss"][1], s["reconstructed"][1]]))
@@ -521,7 +526,8 @@ class Explorer(widgets.VBox):
         try:
             xs.domain = labels
             for row, key in enumerate(("helped_bars", "hurt_bars")):
-                m[key].x, m[key].y = labels, _f32(s["bars"][row])
+                _put(m[key], "x", np.asarray(labels))
+                m[key].y = _f32(s["bars"][row])
                 m[key].selected = None if self.selected_layer is None else [self.selected_layer]
         finally:
             self._syncing = False
@@ -578,18 +584,21 @@ class Explorer(widgets.VBox):
         x, y, heat = _at_least_two(*s["heatmap"])
         limit = s["heatmap_limit"]
         heatmap = m["heatmap"]
-        clipped = np.clip(heat, -limit, limit) if limit > 0 else heat
-        heatmap.x, heatmap.y, heatmap.color = _f32(x), _f32(y), _f32(clipped)
-        cs, xs, ys = heatmap.scales["color"], heatmap.scales["x"], heatmap.scales["y"]
-        for sc in (cs, xs, ys):
-            stack.enter_context(sc.hold_sync())
-        cs.min, cs.max = -(limit or 1.0), limit or 1.0
-        edges = s["heatmap_edges"]
-        xs.min, xs.max = float(edges[0]) - 0.5, float(edges[-1]) - 0.5
-        step = float(y[1] - y[0])
-        ys.min, ys.max = float(y[0]) - step / 2, float(y[-1]) + step / 2
-        n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
+        relative = np.clip(heat / limit, -1.0, 1.0) if limit > 0 else heat  # saturated beyond the limit
+        heatmap.x, heatmap.y, heatmap.color = _f32(x), _f32(y), _f32(relative)
         unit_axis, name_axis, colour_axis = fig.axes[1], fig.axes[2], fig.axes[3]
+        bar, xs, ys = colour_axis.scale, heatmap.scales["x"], heatmap.scales["y"]
+        for sc in (bar, xs, ys):
+            stack.enter_context(sc.hold_sync())
+        _put(bar, "min", -(limit or 1.0))
+        _put(bar, "max", limit or 1.0)
+        edges = s["heatmap_edges"]
+        _put(xs, "min", float(edges[0]) - 0.5)
+        _put(xs, "max", float(edges[-1]) - 0.5)
+        step = float(y[1] - y[0])
+        _put(ys, "min", float(y[0]) - step / 2)
+        _put(ys, "max", float(y[-1]) + step / 2)
+        n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
         _put(fig.axes[0], "tick_values", figures.integer_ticks(s["start"], s["stop"]))
         colour_axis.label = "LCA"
         _put(colour_axis, "tick_values", np.array([-limit, 0.0, limit]) if limit else None)

@@ -247,7 +247,10 @@ def heatmap_figure(height):
     bar. Named rows come from an ordinal axis over the same band; a hover grid reports the cell under the
     pointer (bqplot 0.13's ``HeatMap`` itself binds no data to its image, so it cannot)."""
     xs, ys = LinearScale(), LinearScale(reverse=True)
+    # the cells carry LCA / limit in [-1, 1] on a fixed scale, so a new limit redraws the colour bar, not the canvas;
+    # the bar has a scale of its own in LCA units
     cs = ColorScale(colors=[HELPED, HEAT_MID, HURT], mid=0.0, min=-1.0, max=1.0)
+    bar = ColorScale(colors=[HELPED, HEAT_MID, HURT], mid=0.0, min=-1.0, max=1.0)
     heat = HeatMap(
         x=np.arange(2, dtype=np.float32),
         y=np.arange(2, dtype=np.float32),
@@ -262,7 +265,7 @@ def heatmap_figure(height):
         x_axis(xs),
         Axis(scale=ys, side="left", label="unit", label_offset="46px", tick_format="d"),
         Axis(scale=names, side="left", label="layer", label_offset="62px", visible=False),
-        ColorAxis(scale=cs, side="bottom", label="LCA", tick_format=".2~g"),
+        ColorAxis(scale=bar, side="bottom", label="LCA", tick_format=".2~g"),
     ]
     fig = _figure("LCA per layer and iteration", [heat, hover, empty], axes, height, {"bottom": 100, "left": 82})
     return fig, {"heatmap": heat, "heatmap_hover": hover, "heatmap_empty": empty, "heatmap_names": names}
