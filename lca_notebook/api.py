@@ -8,6 +8,7 @@ or a result store in ``storage``) and runs the engine, in this process or sharde
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -18,7 +19,8 @@ from .engine import Evaluator, Options, SnapshotReader, fixed_function, run, war
 from .layout import build_spec
 from .result import LCAResult
 from .sinks import MemorySink, Sink
-from .sources import as_trajectory
+from .sources import POLL_SECONDS, Follower, as_trajectory
+from .storage.files import read_attrs
 from .storage.results import StoreSink
 from .trajectory import stillness, unmoved
 
@@ -41,6 +43,9 @@ def analyze(
     batched_points: bool = False,
     progress: bool = True,
     client=None,
+    follow: bool = False,
+    poll: float = POLL_SECONDS,
+    timeout: float | None = None,
 ) -> LCAResult:
     """Loss Change Allocation of every parameter at every iteration of a recorded training run.
 
@@ -81,6 +86,15 @@ def analyze(
     client: a ``dask.distributed.Client`` (or a :class:`lca_notebook.distributed.Sharding` around one, to
         set the shard size): shard the iterations over its workers, each writing its rows of ``store``
         (required); same result. See :mod:`lca_notebook.distributed`.
+    follow: the trajectory is a recorder store still being written (``lca.record(..., path=...)`` in this
+        process or another, even on another machine sharing the file system): compute each iteration as soon
+        as its snapshot is on disk, and return once the recorder has closed the store and every iteration is
+        done; the same result as a plain run on the finished recording. Needs ``store=``: the rows computed
+        so far are readable there at every moment (``lca.open``, ``lca.explore(store, follow=True)``). If the
+        recorder dies, a :class:`~lca_notebook.RecordingError` names its last complete snapshot; the store keeps
+        every iteration computed, and the same call without ``follow`` finishes it.
+    poll: with ``follow``, seconds between looks at the recorder store (default ``sources.POLL_SECONDS``).
+    timeout: with ``follow``, seconds to wait for the next snapshot before a ``TimeoutError`` (None: no limit).
 
     Example
     -------
@@ -107,7 +121,8 @@ def analyze(
     )  # fmt: skip
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    traj = as_trajectory(trajectory)
+    follower = _follower(trajectory, store, client, poll, timeout) if follow else None
+    traj = follower.open(upto=_stored_snapshots(store)) if follower is not None else as_trajectory(trajectory)
     if len(traj) < 2:
         raise ValueError(
             f"the trajectory has {len(traj)} snapshot(s): LCA needs at least two (T+1 snapshots give T iterations)"
@@ -127,7 +142,7 @@ def analyze(
         model, first, parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=last,
         subset=traj.subset,
     )  # fmt: skip
-    if (why := stillness(traj, first, last)) is not None:
+    if (why := stillness(traj, first, last) if follower is None else None) is not None:
         warnings.warn(why, stacklevel=2)
     _warn_if_half_precision(model)
     batches = data_mod.batches(data, batch_size=batch_size, device=device)
@@ -157,12 +172,54 @@ def analyze(
     with fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
         reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume
-        run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress)
+        more = _more(follower, sink) if follower is not None else None
+        run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress, more=more)
     result = sink.finish()
     if why is None and (why := unmoved(result.loss.values, result.residual.values)) is not None:
         warnings.warn(why, stacklevel=2)
     warn_if_stuck(result.residual.values, result.splits.values, options, error=result.error.values)
     return result
+
+
+def _follower(trajectory, store, client, poll, timeout) -> Follower:
+    if client is not None:
+        raise ValueError("follow=True computes in this process as the snapshots arrive; leave out client=")
+    if store is None:
+        raise ValueError(
+            "follow=True needs store=PATH: the result grows there, readable while it is computed "
+            "(lca.explore(PATH, follow=True)), and is kept if the recorder stops"
+        )
+    path = getattr(trajectory, "path", trajectory)  # a recorder with path=, or the store's path
+    if not (isinstance(path, str) or hasattr(path, "__fspath__")):
+        raise TypeError(
+            f"follow=True follows a recorder store: give its path (lca.record(..., path=PATH)), not a "
+            f"{type(trajectory).__name__}"
+        )
+    return Follower(path, poll=poll, timeout=timeout)
+
+
+def _stored_snapshots(store) -> int | None:
+    """The snapshots an existing result store was computed from: a follower continues it from there."""
+    try:
+        n = read_attrs(os.path.abspath(os.fspath(store))).get("n_snapshots")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
+
+
+def _more(follower: Follower, sink):
+    """``engine.run``'s ``more``: wait for snapshot k, growing the store to every snapshot recorded. Readers
+    see the rows computed so far whenever it waits; a dead recorder's last snapshots are counted first, so
+    a plain analyze continues the store."""
+    follower.on_wait = getattr(sink, "flush", None)
+
+    def more(k: int) -> bool:
+        try:
+            return follower.wait(k)
+        finally:
+            sink.grow()
+
+    return more
 
 
 def _warn_if_half_precision(model: torch.nn.Module):

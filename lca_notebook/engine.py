@@ -396,7 +396,7 @@ def _same(x: dict, y: dict) -> bool:
 
 
 def iterate(
-    evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options
+    evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, more=None
 ) -> tuple[float, Iterator[IterationResult]]:
     """The loss at snapshot ``start`` (evaluated now), and an iterator of one :class:`IterationResult` per
     iteration in ``[start, stop)`` (each computed when asked for).
@@ -411,13 +411,24 @@ def iterate(
     Where only one level was computed (first order, trapezoid, Simpson, and adaptive iterations that met
     ``tol`` with one piece) it is NaN: an estimate would need evaluations the rule does not make. With
     ``options.param_tol``, adaptive refines at least once (2 more evaluations), then until
-    ``error <= param_tol`` as well as ``|residual| <= tol``, or ``max_splits``."""
+    ``error <= param_tol`` as well as ``|residual| <= tol``, or ``max_splits``.
+
+    ``more`` (following a trajectory still being recorded): instead of stopping at ``stop``, iteration t
+    is computed when ``more(t + 1)`` returns True (it waits until snapshot t + 1 is readable) and the rows
+    end when it returns False."""
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
-    return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a))
+    return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
 
 
-def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first):
+def _growing(start: int, more) -> Iterator[int]:
+    t = start
+    while more(t + 1):
+        yield t
+        t += 1
+
+
+def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, more=None):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
     param_tol = options.param_tol
     p_sel = evaluate.spec.n_selected
@@ -432,7 +443,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             total = g if total is None else total.add_(g)
         return total
 
-    for t in range(start, stop):
+    for t in range(start, stop) if more is None else _growing(start, more):
         before = evaluate.evaluations
         b, extras_b = read(t + 1)
         d = b - a
@@ -495,8 +506,9 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
 
-def run(evaluate, read, sink, options: Options, *, progress=True, start=None, stop=None):
-    """Drive :func:`iterate` from the sink's first missing iteration and hand each row to the sink.
+def run(evaluate, read, sink, options: Options, *, progress=True, start=None, stop=None, more=None):
+    """Drive :func:`iterate` from the sink's first missing iteration and hand each row to the sink
+    (``more``: until it says the trajectory ends, see :func:`iterate`).
 
     On any error (Ctrl-C included) the sink keeps what was computed, and the exception gets a note
     saying where (and a ``partial_result`` when the sink has one)."""
@@ -504,13 +516,13 @@ def run(evaluate, read, sink, options: Options, *, progress=True, start=None, st
 
     start = sink.resume_from() if start is None else start
     stop = sink.n_iterations if stop is None else stop
-    if start >= stop:
+    if start >= stop and more is None:
         return
     t0 = time.perf_counter()
-    bar = tqdm(total=stop - start, desc="LCA", unit="it", disable=not progress, leave=False)
+    bar = tqdm(total=stop - start if more is None else None, desc="LCA", unit="it", disable=not progress, leave=False)
     done = start
     try:
-        loss, rows = iterate(evaluate, read, start, stop, options)
+        loss, rows = iterate(evaluate, read, start, stop, options, more)
         sink.write_loss(start, loss)
         for row in rows:
             sink.write(row)

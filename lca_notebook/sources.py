@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order
+from .errors import RecordingError
 from .storage.files import KIND, read_attrs
 from .storage.trajectories import RecordedTrajectory
 from .trajectory import SnapshotList, Trajectory
@@ -76,3 +78,98 @@ def open_path(path) -> Trajectory:
             )
         return CheckpointFiles(files)
     return CheckpointFiles([path])
+
+
+#: Seconds between two looks at a growing recorder store (``analyze(..., follow=True)``, ``poll=``).
+POLL_SECONDS = 0.1
+
+
+class Follower:
+    """A recorder store that may still be growing (its recorder in this process or another one): waits for
+    its snapshots, and tells a finished recording (the recorder closed the store) from a dead one (no
+    ``closed`` mark and nobody holds the writer lock: the kernel drops it when the recorder dies).
+
+    Only snapshots the store's ``n_snapshots`` counts are read: their files are complete (FORMAT.md).
+    ``poll``: seconds between looks; ``timeout``: seconds to wait for the next snapshot (None: no limit).
+
+    >>> import torch, tempfile, os, lca_notebook as lca
+    >>> m = torch.nn.Linear(2, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> with lca.record(m, opt, path=path):
+    ...     opt.zero_grad(); m(torch.ones(4, 2)).sum().backward(); opt.step()
+    >>> f = Follower(path); traj = f.open()
+    >>> f.wait(1), f.wait(2)
+    (True, False)
+    """
+
+    def __init__(self, path, *, poll: float = POLL_SECONDS, timeout: float | None = None):
+        if not (isinstance(poll, (int, float)) and poll > 0):
+            raise ValueError(f"poll must be a number of seconds > 0, got {poll!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.poll, self.timeout = float(poll), timeout
+        self.traj: RecordedTrajectory | None = None
+        #: Called (no arguments) each time the follower is about to wait: a sink shows what it has so far.
+        self.on_wait = None
+
+    def open(self, upto: int | None = None) -> RecordedTrajectory:
+        """The trajectory as recorded so far, once the store exists and holds two snapshots (or is finished);
+        ``upto``: at most that many snapshots (a result store computed from fewer is continued, then grown)."""
+        deadline = self._deadline()
+        while True:
+            if os.path.exists(os.path.join(self.path, "zarr.json")):
+                if read_attrs(self.path).get(KIND) != "trajectory":
+                    raise ValueError(
+                        f"follow=True follows a recorder store (lca.record(..., path=...)); {self.path!r} is not one"
+                    )
+                self.traj = RecordedTrajectory(self.path, upto=upto)
+                if len(self.traj) < 2 and upto is None:
+                    self.wait(1)  # False: finished with fewer than two snapshots, and analyze says so
+                return self.traj
+            self._sleep(deadline, "the recorder to create the store")
+
+    def wait(self, k: int) -> bool:
+        """Block until snapshot ``k`` is readable (True), or the recording ended before it (False). A recorder
+        that died first raises :class:`~lca_notebook.RecordingError` naming the last complete snapshot."""
+        assert self.traj is not None, "open() first"
+        traj = self.traj
+        if k < len(traj):
+            return True
+        deadline = self._deadline()
+        waited = False
+        while True:
+            if traj.refresh() > k:
+                return True
+            if traj.closed:
+                return False
+            if traj.writer_alive() is False:  # `closed` is written before the lock goes: look once more
+                if traj.refresh() > k:
+                    return True
+                if traj.closed:
+                    return False
+                n = len(traj)
+                last = f"snapshot {n - 1} (step {list(traj.steps or [n - 1])[-1]})" if n else "none"
+                raise RecordingError(
+                    f"the recorder writing {self.path!r} stopped without closing it (its process ended or was "
+                    f"killed): no more snapshots will come. The last complete one is {last}. Everything computed "
+                    "so far is kept; run the same lca.analyze(...) again without follow=True to finish the LCA up "
+                    "to that snapshot, or record the training again."
+                )
+            if not waited and self.on_wait is not None:
+                self.on_wait()
+            waited = True
+            self._sleep(deadline, f"snapshot {k}")
+
+    def _deadline(self) -> float | None:
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def _sleep(self, deadline: float | None, what: str):
+        if deadline is not None and time.monotonic() >= deadline:
+            n = len(self.traj) if self.traj is not None else 0
+            raise TimeoutError(
+                f"waited {self.timeout:g} s for {what} in {self.path!r} (it holds {n} snapshot(s)); is the recorder "
+                "still training? Everything computed so far is kept: run the same call again to continue, or raise "
+                "timeout= (None: wait as long as it takes)"
+            )
+        time.sleep(self.poll)

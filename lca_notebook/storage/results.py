@@ -320,6 +320,40 @@ class StoreSink:
         self.arrays = Arrays(path, ITERATION_VARS + CHECKPOINT_VARS + (HASH_VAR,), what="row")
         self._load_buffers(ckpts)
 
+    def grow(self):
+        """The trajectory grew (a recorder still writing it: ``analyze(..., follow=True)``): lengthen every
+        iteration and checkpoint array and coordinate to its snapshots, then record its new ``n_snapshots``
+        and ``trajectory_fingerprint``. Arrays first: a kill in between leaves arrays longer than the count,
+        which reads (and resumes) as before."""
+        t_old, t = self.n_iterations, len(self.traj) - 1
+        if t <= t_old:
+            return
+        sizes = {"iteration": t, "checkpoint": t + 1, "boundary": t // self.ct + 1}
+        for arr in self.arrays.arrays.values():
+            dim = (arr.array.metadata.dimension_names or [None])[0]  # type: ignore[union-attr]
+            if dim in sizes:
+                arr.resize((sizes[dim], *arr.shape[1:]))
+        self.steps = list(self.traj.steps) if self.traj.steps is not None else None
+        coords = {"iteration": np.arange(t), "checkpoint": np.arange(t + 1)}
+        if self.steps is not None and os.path.isdir(os.path.join(self.path, "step")):
+            coords["step"] = np.asarray(self.steps, dtype=np.int64)
+        for name, values in coords.items():
+            arr = CheckedArray(self.path, name, what="coordinate")
+            start = arr.shape[0]
+            arr.resize(values.shape)
+            arr[start:] = values[start:]
+        self.n_iterations = t
+        self.inputs["n_snapshots"] = t + 1
+        self.inputs["trajectory_fingerprint"] = trajectory_fingerprint(self.traj, self.spec)
+        update_attrs(self.path, n_snapshots=t + 1, trajectory_fingerprint=self.inputs["trajectory_fingerprint"])
+
+    def flush(self):
+        """Write the rows of the chunk being filled (the chunk is rewritten whole when it fills), so readers of
+        the store see every iteration computed so far: a follower does it each time it waits for the recorder."""
+        n = self.done - self.b0
+        if n and getattr(self, "stored", -1) < self.done:
+            self._flush(n, n + 1)
+
     def close(self):
         """Let other writers at the store (``finish`` and ``interrupted`` do it too)."""
         if self.lock is not None:

@@ -7,6 +7,7 @@ root attributes (see ``FORMAT.md``).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -35,7 +36,35 @@ from .files import (
     update_attrs,
 )
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 _REPAIR = "restore the store from a backup, or record the training again."
+
+
+def lock_held(path: str) -> bool | None:
+    """Whether someone holds the writer lock of ``path`` (``files.lock``); None where ``flock`` is missing.
+    Probed with a shared lock taken and dropped at once (an exclusive holder refuses it)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    lock_file = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.lock")
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # a clean release removes the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _storage(dtype: torch.dtype):
@@ -139,8 +168,11 @@ class TrajectoryWriter:
         )
         update_attrs(
             tmp,
-            **{KIND: "trajectory", "format": FORMAT, "tensors": self.layout, "n_snapshots": 0, "subset": self.subset},
-        )
+            **{
+                KIND: "trajectory", "format": FORMAT, "tensors": self.layout, "n_snapshots": 0, "subset": self.subset,
+                "closed": False,
+            },
+        )  # fmt: skip
 
     def append(self, step: int, packed: dict):
         if self.n == self.capacity:  # grow by doubling: metadata rewritten rarely
@@ -159,7 +191,8 @@ class TrajectoryWriter:
             for key in self.widths:
                 sync_rows(self.path, f"snapshots_{key}", 0, self.n)
             sync_rows(self.path, "steps", 0, self.n)
-            update_attrs(self.path, n_snapshots=self.n)
+            # `closed` before the lock goes: a follower that finds the lock free and no `closed` knows the writer died.
+            update_attrs(self.path, n_snapshots=self.n, closed=True)
         finally:
             self.release()
 
@@ -200,9 +233,10 @@ class RecordedTrajectory(Trajectory):
     (4, [0, 1, 2, 3])
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, upto: int | None = None):
         self.path = os.path.abspath(os.fspath(path))
         attrs = read_attrs(self.path)
+        self.closed = attrs.get("closed", True) is True
         if attrs.get(KIND) != "trajectory":
             raise ValueError(
                 f"{self.path!r} is not a recorded trajectory (its {KIND!r} attribute is {attrs.get(KIND)!r})"
@@ -227,12 +261,56 @@ class RecordedTrajectory(Trajectory):
             raise
         except Exception as exc:
             raise StoreDamagedError(f"the store {self.path!r} is damaged ({type(exc).__name__}: {exc})") from exc
-        capacity = min([steps.shape[0], *(a.shape[0] for a in self.arrays.values())])
-        self.n = int_attr(self.path, attrs, "n_snapshots", high=capacity)
-        for key in keys:
-            check_rows(self.path, f"snapshots_{key}", self.n, "snapshot")
-        check_rows(self.path, "steps", self.n, "snapshot")
-        self.steps = np.asarray(steps[: self.n]).tolist()
+        self._steps_array = steps
+        self.n, self.steps = 0, []
+        self._grow(attrs, upto)
+
+    def _grow(self, attrs: dict, upto: int | None):
+        capacity = min([self._steps_array.shape[0], *(a.shape[0] for a in self.arrays.values())])
+        n = int_attr(self.path, attrs, "n_snapshots", high=capacity)
+        n = min(n, upto) if upto is not None else n
+        if n <= self.n:
+            return
+        for key in self.arrays:
+            check_rows(self.path, f"snapshots_{key}", n, "snapshot")
+        check_rows(self.path, "steps", n, "snapshot")
+        self.steps = self.steps + np.asarray(self._steps_array[self.n : n]).tolist()
+        self.n = n
+
+    #: Whether the recorder marked the store finished (``close``); stores recorded before this attribute
+    #: existed (None) were finished too: nothing else wrote them.
+    closed: bool = True
+
+    def refresh(self, upto: int | None = None) -> int:
+        """Take in the snapshots the recorder has written since (those its ``n_snapshots`` counts: their files
+        are complete), at most ``upto``; the number of snapshots now. A half-written snapshot is never read.
+
+        >>> import torch, tempfile, os, lca_notebook as lca
+        >>> m = torch.nn.Linear(2, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.zarr")
+        >>> rec = lca.record(m, opt, path=path).start()
+        >>> opt.zero_grad(); m(torch.ones(4, 2)).sum().backward(); opt.step(); rec.flush()
+        >>> traj = RecordedTrajectory(path); len(traj), traj.closed
+        (2, False)
+        >>> opt.step(); rec.close()
+        >>> traj.refresh(), traj.closed
+        (3, True)
+        """
+        attrs = read_attrs(self.path)
+        self.closed = attrs.get("closed", True) is True
+        capacity = min([self._steps_array.shape[0], *(a.shape[0] for a in self.arrays.values())])
+        if int_attr(self.path, attrs, "n_snapshots") > capacity:  # the recorder doubled its arrays: open them anew
+            self.arrays = {
+                key: open_array(self.path, f"snapshots_{key}", "r", "snapshot", _REPAIR) for key in self.arrays
+            }
+            self._steps_array = open_array(self.path, "steps", "r", "snapshot", _REPAIR)
+        self._grow(attrs, upto)
+        return self.n
+
+    def writer_alive(self) -> bool | None:
+        """Whether a recorder (in this process or another) still holds the store's writer lock; None where
+        locks are not available (Windows). The kernel drops the lock when its holder dies, even by SIGKILL."""
+        return lock_held(self.path)
 
     def __len__(self):
         return self.n
