@@ -22,6 +22,7 @@ from .sinks import MemorySink, Sink
 from .sources import POLL_SECONDS, Follower, as_trajectory
 from .storage.files import read_attrs
 from .storage.results import StoreSink
+from .storage.trajectories import RecordedTrajectory
 from .trajectory import stillness, unmoved
 
 
@@ -123,6 +124,10 @@ def analyze(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     follower = _follower(trajectory, store, client, poll, timeout) if follow else None
     traj = follower.open(upto=_stored_snapshots(store)) if follower is not None else as_trajectory(trajectory)
+    grown = None  # a recorder store that grew past the snapshots a result store was computed from: continue, grow
+    m = _stored_snapshots(store) if follower is None and isinstance(traj, RecordedTrajectory) else None
+    if m is not None and m < len(traj):
+        grown, traj = traj, RecordedTrajectory(traj.path, upto=m)  # type: ignore[attr-defined]
     if len(traj) < 2:
         raise ValueError(
             f"the trajectory has {len(traj)} snapshot(s): LCA needs at least two (T+1 snapshots give T iterations)"
@@ -172,7 +177,10 @@ def analyze(
     with fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
         reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume
-        more = _more(follower, sink) if follower is not None else None
+        if grown is not None and not getattr(sink, "complete", True):
+            traj.refresh()  # type: ignore[attr-defined]  # a RecordedTrajectory (grown is set only then)
+            sink.grow()  # type: ignore[union-attr]
+        more = _more(follower, sink) if follower is not None and not getattr(sink, "complete", False) else None
         run(evaluate, SnapshotReader(reading, spec, device), sink, options, progress=progress, more=more)
     result = sink.finish()
     if why is None and (why := unmoved(result.loss.values, result.residual.values)) is not None:
@@ -199,10 +207,16 @@ def _follower(trajectory, store, client, poll, timeout) -> Follower:
 
 
 def _stored_snapshots(store) -> int | None:
-    """The snapshots an existing result store was computed from: a follower continues it from there."""
+    """The snapshots an unfinished result store was computed from: it is continued from there, then grown to
+    the recording's snapshots (its recorder was followed, and the follower stopped while it recorded on)."""
+    if store is None:
+        return None
     try:
-        n = read_attrs(os.path.abspath(os.fspath(store))).get("n_snapshots")
+        attrs = read_attrs(os.path.abspath(os.fspath(store)))
     except (FileNotFoundError, NotADirectoryError):
+        return None
+    n = attrs.get("n_snapshots")
+    if attrs.get("complete") is not False or attrs.get("saved"):
         return None
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
 

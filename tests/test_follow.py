@@ -215,3 +215,33 @@ def test_follow_in_one_process_with_the_recorder_open(tmp_path):
     assert out["r"].n_iterations == 3
     assert_results_equal(out["r"], want)
     np.testing.assert_array_equal(out["r"].residual.values, want.residual.values)
+
+
+def test_a_follower_that_stopped_is_continued_by_a_plain_analyze_once_the_recording_grew(tmp_path):
+    """The follower gives up (timeout) while the recorder is open; the recorder goes on and closes. The same
+    analyze without follow continues the store from where it was and grows it to the whole recording."""
+    model, (x, y) = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
+    rec = lca.record(model, opt, path=path).start()
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    step()
+    rec.flush()
+    with pytest.raises(TimeoutError, match="snapshot 3") as info:
+        lca.analyze(_model(), (x, y), path, store=store, follow=True, progress=False, poll=0.01, timeout=0.05)
+    assert "run the same call again to continue" in str(info.value)
+    assert open_store(store).n_iterations == 2 and read_attrs(store)["n_snapshots"] == 3
+    for _ in range(3):
+        step()
+    rec.close()
+    got = lca.analyze(_model(), (x, y), path, store=store, progress=False)
+    traj = RecordedTrajectory(path)
+    want = lca.analyze(_model(), (x, y), [traj[k] for k in range(len(traj))], progress=False)
+    assert got.n_iterations == 5
+    assert_results_equal(got, want)
