@@ -172,4 +172,4 @@ def test_the_cards_flow_in_a_real_kernel_ends_with_the_explorer():
         nb.cells.append(probe)
         client.execute_cell(probe, len(nb.cells) - 1)
     text = "".join(o.get("text", "") for o in probe.outputs)
-    assert text.split() == ["lca_notebook.widgets.explorer", "Explorer", "True", "20", "6"], probe.outputs
+    assert text.split() == ["lca_notebook.widgets.explorer", "Explorer", "True", "20", "7"], probe.outputs
