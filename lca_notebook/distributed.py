@@ -246,21 +246,25 @@ def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
     ``computed`` (this shard's compute task) and ``previous`` (the prefix task before) are passed only so
     that Dask runs this after both: the prefix tasks form one chain, so none ever writes beside another.
     """
-    arrays = Arrays(job.path, ("lca", *PREFIX_VARS.values()))
+    arrays = Arrays(job.path, ("lca", *PREFIX_VARS.values(), "prefix_parameter"))
     try:
         # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task
-        # before.
-        start = (
-            None if a == 0 else {by: np.asarray(arrays[name][a], dtype=np.float64) for by, name in PREFIX_VARS.items()}
-        )
+        # before, and a (a chunk boundary) has its parameter prefix row.
+        start = None
+        if a:
+            start = {by: np.asarray(arrays[name][a], dtype=np.float64) for by, name in PREFIX_VARS.items()}
+            start["parameter"] = np.asarray(arrays["prefix_parameter"][a // job.chunk], dtype=np.float64)
         for c0 in range(a, b, job.chunk):
             c1 = min(c0 + job.chunk, b)
             block = PrefixBlock(job.groups(), c1 - c0)
             if start is not None:
                 block.seed(start)
+            boundary = block.parameter.copy()
             for i, row in enumerate(np.asarray(arrays["lca"][c0:c1])):
                 block.advance(i, row)
             arrays.write(c0, {name: block.rows[by] for by, name in PREFIX_VARS.items()})
+            ends = [boundary] + ([block.parameter] if c1 - c0 == job.chunk else [])
+            arrays.write(c0 // job.chunk, {"prefix_parameter": np.stack(ends)})
             start = block.last(c1 - c0)
     except BaseException as exc:
         if hasattr(exc, "add_note"):

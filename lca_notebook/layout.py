@@ -32,6 +32,29 @@ import torch
 GRANULARITIES = ("parameter", "unit", "tensor", "layer", "total")
 #: The granularities coarser than a parameter: sums over groups of parameters.
 COARSE = GRANULARITIES[1:]
+#: What a result can keep (``analyze(keep=...)``): every parameter, or sums at a coarser granularity.
+KEEPS = ("parameter", "unit", "tensor", "layer")
+#: The dimension of each coarse granularity in a dataset (plural: ``unit``, ``tensor`` and ``layer`` are
+#: coordinates on ``parameter``).
+GROUP_DIMS = {"unit": "units", "tensor": "tensors", "layer": "layers", "total": "total"}
+
+
+def check_keep(keep) -> str:
+    """``keep`` itself when it is one of :data:`KEEPS` (``"auto"`` is resolved before, by the caller)."""
+    if keep not in KEEPS:
+        raise ValueError(
+            f"keep must be one of {', '.join(repr(k) for k in (*KEEPS, 'auto'))}, got {keep!r}: 'parameter' keeps "
+            "every parameter's LCA at every iteration (T x P float32), a coarser one keeps per-iteration sums at that "
+            "granularity and coarser, exact helped/hurt counts per group and per-parameter totals over the run"
+        )
+    return keep
+
+
+def kept(keep: str) -> tuple[str, ...]:
+    """The granularities a result with ``keep`` has per iteration: ``keep`` and every coarser one."""
+    return GRANULARITIES[GRANULARITIES.index(keep) :]
+
+
 #: What ``batchnorm=`` accepts: running statistics of each snapshot, or each data batch's statistics.
 BATCHNORM_MODES = ("eval", "batch")
 
@@ -288,6 +311,22 @@ class Groups:
         out = np.zeros(len(self.labels(by)), dtype=np.int64)
         out[self.ids(by)] = layer_ids
         return out
+
+    def group_map(self, fine: str, coarse: str) -> np.ndarray:
+        """The group id at ``coarse`` of each group at ``fine`` (``coarse`` no finer than ``fine``)."""
+        out = np.zeros(len(self.labels(fine)), dtype=np.int64)
+        out[self.ids(fine)] = self.ids(coarse)
+        return out
+
+    def regroup(self, values: np.ndarray, fine: str, coarse: str) -> np.ndarray:
+        """Sum ``(..., groups at fine)`` into ``(..., groups at coarse)`` (exact for integer counts)."""
+        values = np.asarray(values)
+        if fine == coarse:
+            return values
+        m = self.group_map(fine, coarse)
+        perm = np.argsort(m, kind="stable")
+        starts = np.searchsorted(m[perm], np.arange(len(self.labels(coarse))))
+        return np.add.reduceat(values[..., perm], starts, axis=-1)
 
     @cached_property
     def _table(self):

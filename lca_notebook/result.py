@@ -20,7 +20,21 @@ output neuron or channel) and ``index`` (position in ``tensor.flatten()``).
 
 Sums over iteration ranges use prefix sums (``(T+1, groups)`` cumulative arrays, float64), so any
 range costs one subtraction. A stored result keeps them on disk; an in-memory one builds them on
-first use.
+first use. At parameter granularity they are compact (:class:`CompactPrefix`): float64 rows only every
+``stride`` iterations (the store's chunk of iterations), the rows between added from ``lca`` itself.
+
+A reduced result (``analyze(keep="unit" | "tensor" | "layer")``) has no ``lca``. It holds, exactly:
+
+- ``lca_<by>`` (iteration, units / tensors / layers / total): LCA summed per iteration at the kept
+  granularity and every coarser one (float64);
+- ``helped``, ``hurt`` (iteration, kept groups): how many parameters of each kept group had LCA < 0 and
+  > 0 at each iteration (int32; the rest did not move), so :meth:`LCAResult.fractions` at the kept
+  granularity and coarser equal a ``keep="parameter"`` run's exactly;
+- ``parameter_total`` (parameter,): each parameter's LCA summed over the whole run (float64), and
+  ``parameter_helped`` (parameter,): at how many iterations it helped (int32).
+
+What needs each parameter at each iteration (``lca``, ``sel``, ``total(by="parameter")`` over part of the
+run, ``fractions(uncertain=True)``, sums finer than kept) raises a :class:`ReducedResultError` naming ``keep=``.
 """
 
 from __future__ import annotations
@@ -31,9 +45,95 @@ from functools import cached_property
 import numpy as np
 import xarray as xr
 
-from .layout import GRANULARITIES, Groups, check_granularity
+from .layout import GRANULARITIES, GROUP_DIMS, Groups, check_granularity, kept
 
-__all__ = ["GRANULARITIES", "LCAResult", "from_arrays"]
+__all__ = ["GRANULARITIES", "CompactPrefix", "LCAResult", "ReducedResultError", "from_arrays", "reduced_from_arrays"]
+
+#: Iterations between the float64 parameter prefix rows of a result built in memory.
+PREFIX_STRIDE = 64
+
+
+class ReducedResultError(ValueError):
+    """A method needs each parameter's LCA at each iteration, which a reduced result (``keep=``) does not have."""
+
+
+class CompactPrefix:
+    """Prefix sums over iterations at parameter granularity without a float64 copy of every row.
+
+    ``boundaries[j]`` is the sum of iterations ``[0, j * stride)`` (float64); row ``k`` is
+    ``boundaries[k // stride]`` plus the ``lca`` rows from there to ``k`` (float32, added in float64 one
+    row at a time, as the store's writer adds them). Indexed like the ``(T+1, P)`` array it stands for:
+    ``p[k]`` (a row) or ``p[a:b]`` (rows a..b-1).
+
+    >>> import numpy as np
+    >>> lca = np.arange(12, dtype=np.float32).reshape(6, 2)
+    >>> p = CompactPrefix(lca, np.array([[0.0, 0.0], [6.0, 9.0], [30.0, 33.0]]), 3)
+    >>> p[4].tolist(), p.shape
+    ([12.0, 16.0], (7, 2))
+    """
+
+    def __init__(self, lca, boundaries, stride: int):
+        self.lca, self.boundaries, self.stride = lca, boundaries, int(stride)
+        self.shape = (lca.shape[0] + 1, lca.shape[1])
+
+    @staticmethod
+    def build(lca, stride: int = PREFIX_STRIDE) -> np.ndarray:
+        """The boundary rows of ``lca`` (``(T, P)``, anything whose row slices numpy reads)."""
+        t, p = lca.shape
+        out = np.zeros((t // stride + 1, p))
+        acc = np.zeros(p)
+        for j in range(1, len(out)):
+            for row in np.asarray(lca[(j - 1) * stride : j * stride]):
+                np.add(acc, row, out=acc)
+            out[j] = acc
+        return out
+
+    def _row(self, k: int) -> np.ndarray:
+        j, t = k // self.stride, self.shape[0] - 1
+        if k > j * self.stride + self.stride // 2 and (j + 1) * self.stride <= t:  # nearer the next boundary
+            acc = np.array(self.boundaries[j + 1], dtype=np.float64)
+            for row in np.asarray(self.lca[k : (j + 1) * self.stride]):
+                np.subtract(acc, row, out=acc)
+            return acc
+        acc = np.array(self.boundaries[j], dtype=np.float64)
+        if k > j * self.stride:
+            for row in np.asarray(self.lca[j * self.stride : k]):
+                np.add(acc, row, out=acc)
+        return acc
+
+    def range_sum(self, a: int, b: int) -> np.ndarray:
+        """The sum of iterations ``[a, b)`` (float64): the ``lca`` rows themselves when the range is within one
+        stride (one read), else two rows of the prefix (two boundary rows and at most two strides of ``lca``)."""
+        if b - a <= self.stride:
+            acc = np.zeros(self.shape[1])
+            for row in np.asarray(self.lca[a:b]):
+                np.add(acc, row, out=acc)
+            return acc
+        return self._row(b) - self._row(a)
+
+    def __getitem__(self, key):
+        n = self.shape[0]
+        if isinstance(key, slice):
+            a, b, step = key.indices(n)
+            if step != 1:
+                raise IndexError("a compact prefix takes plain slices (no step)")
+            if b <= a:
+                return np.zeros((0, self.shape[1]))
+            out = np.empty((b - a, self.shape[1]))
+            out[0] = self._row(a)
+            for i, row in enumerate(np.asarray(self.lca[a : b - 1]), start=1):
+                np.add(out[i - 1], row, out=out[i])
+            return out
+        k = int(key)
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError(f"prefix row {key} is outside [0, {n - 1}]")
+        return self._row(k)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:], dtype=dtype)
+
 
 _ROWS = 256  # iterations per block when streaming over (iteration, parameter)
 
@@ -50,7 +150,8 @@ class LCAResult:
     """
 
     def __init__(self, dataset: xr.Dataset):
-        missing = {"lca", "loss", "residual"} - set(dataset.data_vars)
+        need = {"loss", "residual"} | ({"lca_total"} if "lca" not in dataset.data_vars else {"lca"})
+        missing = need - set(dataset.data_vars)
         if missing:
             raise ValueError(f"not an LCA result: the dataset has no {', '.join(sorted(missing))}")
         self.dataset = dataset
@@ -58,7 +159,29 @@ class LCAResult:
 
     # -- plain access ---------------------------------------------------------------------------
     @property
+    def keep(self) -> str:
+        """What the result keeps: ``"parameter"`` (every parameter at every iteration) or the granularity of a
+        reduced result (``"unit"``, ``"tensor"``, ``"layer"``): see ``analyze(keep=...)``."""
+        if "lca" in self.dataset.data_vars:
+            return "parameter"
+        return next(by for by in GRANULARITIES[1:] if f"lca_{by}" in self.dataset.data_vars)
+
+    def _needs(self, what: str, by: str = "parameter"):
+        """Raise unless the result has per-iteration data at ``by``."""
+        keep = self.keep
+        if GRANULARITIES.index(by) < GRANULARITIES.index(keep):
+            finer = "each parameter" if by == "parameter" else f"each {by}"
+            raise ReducedResultError(
+                f"{what} needs {finer}'s LCA at each iteration, but this result was computed with keep={keep!r}: it "
+                f"has per-iteration sums by {', '.join(kept(keep))}, helped/hurt counts per {keep} and per-parameter "
+                f"totals over the whole run. Use by={keep!r} or coarser, or compute it again with "
+                f"analyze(..., keep={'parameter' if by == 'parameter' else by!r})"
+                + (" (T x P float32: mind the size)" if by == "parameter" else "")
+            )
+
+    @property
     def lca(self) -> xr.DataArray:
+        self._needs("result.lca")
         return self.dataset["lca"]
 
     @property
@@ -95,6 +218,22 @@ class LCAResult:
     def n_parameters(self) -> int:
         return self.dataset.sizes["parameter"]
 
+    def parameter_total(self) -> xr.DataArray:
+        """Each parameter's LCA summed over the whole run (any result; a reduced one keeps it exactly)."""
+        if "parameter_total" in self.dataset:
+            return self._wrap(np.asarray(self.dataset["parameter_total"].values, dtype=np.float64), "parameter")
+        return self.total("parameter")
+
+    def iterations_helped(self) -> xr.DataArray:
+        """At how many iterations each parameter helped (LCA < 0): ``(parameter,)``."""
+        if "parameter_helped" in self.dataset:
+            values = np.asarray(self.dataset["parameter_helped"].values, dtype=np.int64)
+        else:
+            values = np.zeros(self.n_parameters, np.int64)
+            for _, block in self._blocks():
+                values += np.count_nonzero(block < 0, axis=0)
+        return self._wrap(values, "parameter").rename("iterations_helped")
+
     @property
     def attrs(self) -> dict:
         return self.dataset.attrs
@@ -130,6 +269,7 @@ class LCAResult:
         >>> lca.LCAResult.example().sel(layer="fc1", unit=0).dims
         ('iteration', 'parameter')
         """
+        self._needs("result.sel(...)")
         da = self.lca
         mask = np.ones(self.n_parameters, dtype=bool)
         for key in ("layer", "tensor", "unit", "index"):
@@ -179,16 +319,20 @@ class LCAResult:
         A stored result reads them from disk, lazily. In memory they are built on first use: the
         parameter level alone (``(T+1) x P`` float64), the four coarser levels together in one pass."""
         check_granularity(by)
+        self._needs(f"prefix sums by {by!r}", by)
         if by not in self._prefix_cache:
             name = f"prefix_{by}"
-            if name in self.dataset:  # a stored result keeps them (rows are read on demand)
+            if by == "parameter":
+                self._prefix_cache[by] = self._parameter_prefix()
+            elif name in self.dataset:  # a stored result keeps them (rows are read on demand)
                 self._prefix_cache[by] = self.dataset[name].data
+            elif f"lca_{by}" in self.dataset:  # a reduced result: per-iteration sums, small
+                sums = np.asarray(self.dataset[f"lca_{by}"].values, dtype=np.float64)
+                p = np.zeros((sums.shape[0] + 1, sums.shape[1]))
+                np.cumsum(sums, axis=0, out=p[1:])
+                self._prefix_cache[by] = p
             else:
-                bys = (
-                    ("parameter",)
-                    if by == "parameter"
-                    else tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
-                )
+                bys = tuple(b for b in GRANULARITIES[1:] if f"prefix_{b}" not in self.dataset)
                 arrays = {b: np.zeros((self.n_iterations + 1, len(self.groups.labels(b)))) for b in bys}
                 for t0, block in self._blocks():
                     for b, sums in self.groups.sums(block, bys).items():
@@ -197,6 +341,23 @@ class LCAResult:
                         rows += arrays[b][t0]
                 self._prefix_cache.update(arrays)
         return self._prefix_cache[by]
+
+    def _parameter_prefix(self):
+        """The parameter level: a store's compact prefix (or, written before it was compact, every row);
+        in memory, compact boundary rows built on first use."""
+        stored = self.dataset.get("prefix_parameter")
+        lca: object = self.lca.data if isinstance(self.lca.data, np.ndarray) else self.lca
+        if stored is not None and stored.dims[0] == "checkpoint":  # format 2 before compact prefix sums
+            return stored.data
+        if stored is not None:
+            boundaries, source = stored.data, self.dataset.encoding.get("source")
+            if source is not None and os.path.isdir(os.path.join(source, "prefix_parameter")):
+                from .storage.files import CheckedArray  # read straight from the store: no dask graph per read
+
+                lca = CheckedArray(source, "lca", "r", "iteration")
+                boundaries = CheckedArray(source, "prefix_parameter", "r", "boundary")
+            return CompactPrefix(lca, boundaries, int(self.attrs.get("prefix_stride", 1)))
+        return CompactPrefix(lca, CompactPrefix.build(lca), PREFIX_STRIDE)
 
     def _range(self, start, stop) -> tuple[int, int]:
         t = self.n_iterations
@@ -214,7 +375,13 @@ class LCAResult:
         """Sum of LCA over iterations ``[start, stop)`` at a granularity: "parameter", "unit" (neuron or
         channel of a layer), "tensor", "layer" or "total". One subtraction of prefix sums."""
         start, stop = self._range(start, stop)
+        if by == "parameter" and self.keep != "parameter":
+            if (start, stop) == (0, self.n_iterations):
+                return self.parameter_total()
+            self._needs(f"total(by='parameter') over iterations [{start}, {stop}) (part of the run)")
         p = self.prefix(by)
+        if isinstance(p, CompactPrefix):
+            return self._wrap(p.range_sum(start, stop), by)
         values = np.asarray(p[stop], dtype=np.float64) - np.asarray(p[start], dtype=np.float64)
         return self._wrap(values, by)
 
@@ -254,6 +421,8 @@ class LCAResult:
         ([0.333, 0.333, 0.167], [0.333, 0.167, 0.167])
         """
         start, stop = self._range(start, stop)
+        if self.keep != "parameter":
+            return self._reduced_fractions(by, start, stop, uncertain)
         counts = self.groups.sizes(by).astype(np.float64)
         names = ("helped", "hurt", "zero", "uncertain") if uncertain else ("helped", "hurt", "zero")
         out = {k: np.zeros((stop - start, len(counts))) for k in names}
@@ -271,6 +440,22 @@ class LCAResult:
             out["uncertain"][~known] = np.nan
         else:
             out["zero"] = 1.0 - out["helped"] - out["hurt"]
+        it = np.arange(start, stop)
+        ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
+        return ds.squeeze("total", drop=True) if by == "total" else ds
+
+    def _reduced_fractions(self, by: str, start: int, stop: int, uncertain: bool) -> xr.Dataset:
+        """fractions() from the kept helped/hurt counts: the same numbers as from every parameter."""
+        check_granularity(by)
+        if uncertain:
+            self._needs("fractions(uncertain=True) (each parameter's LCA against the iteration's error)")
+        self._needs(f"fractions(by={by!r})", by)
+        keep, counts = self.keep, self.groups.sizes(by).astype(np.float64)
+        out = {}
+        for name in ("helped", "hurt"):
+            kept_counts = np.asarray(self.dataset[name][start:stop].values, dtype=np.int64)
+            out[name] = self.groups.regroup(kept_counts, keep, by).astype(np.float64) / counts
+        out["zero"] = 1.0 - out["helped"] - out["hurt"]
         it = np.arange(start, stop)
         ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
         return ds.squeeze("total", drop=True) if by == "total" else ds
@@ -421,6 +606,59 @@ def from_arrays(
             },
         },
         attrs=dict(attrs or {}),
+    )
+    if steps is not None:
+        ds = ds.assign_coords(step=("checkpoint", np.asarray(steps, dtype=np.int64)))
+    return LCAResult(ds)
+
+
+def reduced_from_arrays(
+    keep: str, sums, helped, hurt, parameter_total, parameter_helped, loss, coords, *, residual=None, lca_rest=None,
+    splits=None, evaluations=None, error=None, steps=None, attrs=None,
+) -> LCAResult:  # fmt: skip
+    """Build a reduced :class:`LCAResult` (``keep`` coarser than parameter) from plain arrays: ``sums[by]``
+    ``(T, groups)`` for ``by`` in ``keep`` and coarser, ``helped`` / ``hurt`` ``(T, groups at keep)`` counts,
+    ``parameter_total`` / ``parameter_helped`` ``(P,)``."""
+    loss = np.asarray(loss, dtype=np.float64)
+    t = len(loss) - 1
+    groups = Groups({k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")})
+    rest = np.zeros(t) if lca_rest is None else np.asarray(lca_rest, dtype=np.float64)
+    total = np.asarray(sums["total"], dtype=np.float64).reshape(t, 1)
+    if residual is None:
+        residual = total[:, 0] + rest - np.diff(loss)
+    dim = GROUP_DIMS[keep]
+    data = {
+        "loss": (("checkpoint",), loss),
+        "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
+        "lca_rest": (("iteration",), rest),
+        "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
+        "evaluations": (
+            ("iteration",),
+            np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
+        ),
+        "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
+        "helped": (("iteration", dim), np.asarray(helped, np.int32)),
+        "hurt": (("iteration", dim), np.asarray(hurt, np.int32)),
+        "parameter_total": (("parameter",), np.asarray(parameter_total, np.float64)),
+        "parameter_helped": (("parameter",), np.asarray(parameter_helped, np.int32)),
+    }
+    extra = {}
+    for by in kept(keep):
+        data[f"lca_{by}"] = (("iteration", GROUP_DIMS[by]), np.asarray(sums[by], np.float64).reshape(t, -1))
+        extra[GROUP_DIMS[by]] = np.asarray(groups.labels(by)).astype(str)
+    ds = xr.Dataset(
+        data,
+        coords={
+            "iteration": np.arange(t),
+            "checkpoint": np.arange(t + 1),
+            "parameter": np.arange(groups.n_parameters),
+            **{
+                k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
+                for k in ("tensor", "layer", "unit", "index")
+            },
+            **extra,
+        },
+        attrs=dict(attrs or {}, keep=keep),
     )
     if steps is not None:
         ds = ds.assign_coords(step=("checkpoint", np.asarray(steps, dtype=np.int64)))

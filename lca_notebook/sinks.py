@@ -2,10 +2,13 @@
 
 - :class:`Rows`: a block of consecutive iterations' rows as numpy arrays (``lca`` and the per-iteration
   variables), filled from the engine's :class:`~lca_notebook.engine.IterationResult`.
-- :class:`PrefixBlock`: prefix sums over iterations at every granularity, advanced one iteration at a
-  time by THE prefix step (:meth:`PrefixBlock.advance`). The result store and the Dask shards both call
-  it, so their float64 additions happen in the same order and give the same bits.
+- :class:`PrefixBlock`: prefix sums over iterations at the coarse granularities and the running sum at
+  parameter granularity, advanced one iteration at a time by THE prefix step (:meth:`PrefixBlock.advance`).
+  The result store and the Dask shards both call it, so their float64 additions happen in the same order
+  and give the same bits.
+- :class:`Totals`: per-parameter totals over the run and counts of iterations helped (a reduced result).
 - :class:`MemorySink`: collects a whole run in memory (``analyze`` without ``store=``).
+- :func:`resolve_keep`: what ``keep="auto"`` picks (the finest granularity whose store fits :data:`KEEP_BUDGET`).
 
 A sink has ``n_iterations``, ``seconds`` and ``evaluations`` (added to by the engine), ``partial`` (a
 result of what was computed when a run stopped early, or None) and the methods of :class:`Sink`.
@@ -16,8 +19,8 @@ result of what was computed when a run stopped early, or None) and the methods o
 ...             "index": np.array([0, 1])})
 >>> block = PrefixBlock(g, 2)
 >>> block.advance(0, np.array([1.0, 2.0], np.float32)); block.advance(1, np.array([3.0, 4.0], np.float32))
->>> block.rows["parameter"].tolist(), block.rows["total"][:, 0].tolist()
-([[0.0, 0.0], [1.0, 2.0], [4.0, 6.0]], [0.0, 3.0, 10.0])
+>>> block.parameter.tolist(), block.rows["total"][:, 0].tolist()
+([4.0, 6.0], [0.0, 3.0, 10.0])
 """
 
 from __future__ import annotations
@@ -29,11 +32,45 @@ import numpy as np
 import torch
 
 from .engine import IterationResult, Options
-from .layout import COARSE, GRANULARITIES, Groups, PathSpec, parameter_coords
-from .result import LCAResult, from_arrays
+from .layout import COARSE, Groups, PathSpec, check_keep, kept, parameter_coords
+from .result import LCAResult, from_arrays, reduced_from_arrays
 
 #: Per-iteration variables of a result, in the order they are stored.
 ITERATION_VARS = ("lca", "residual", "lca_rest", "splits", "evaluations", "error")
+#: Per-iteration variables of every result (``lca`` or the reduced ones besides).
+SCALAR_VARS = ITERATION_VARS[1:]
+#: The store size ``keep="auto"`` stays within (bytes; settable: ``lca_notebook.sinks.KEEP_BUDGET = ...``).
+KEEP_BUDGET = 4 << 30
+
+
+def reduced_vars(keep: str) -> tuple[str, ...]:
+    """The per-iteration variables of a reduced result besides the scalars: sums at ``keep`` and coarser, counts."""
+    return (*(f"lca_{by}" for by in kept(keep)), "helped", "hurt")
+
+
+def iteration_vars(keep: str) -> tuple[str, ...]:
+    """Every per-iteration variable a result with ``keep`` stores."""
+    return ITERATION_VARS if keep == "parameter" else (*reduced_vars(keep), *SCALAR_VARS)
+
+
+def estimated_bytes(keep: str, groups: Groups, n_iterations: int, stride: int = 64) -> int:
+    """About what a store with ``keep`` takes (the per-iteration scalars and coordinates left out)."""
+    p, t = groups.n_parameters, n_iterations
+    if keep == "parameter":
+        return t * p * 4 + (t // stride + 1) * p * 8 + t * 8 * sum(len(groups.labels(b)) for b in COARSE)
+    return t * 8 * sum(len(groups.labels(b)) for b in kept(keep)) + t * 8 * len(groups.labels(keep)) + p * 24
+
+
+def resolve_keep(keep, groups: Groups, n_iterations: int, budget: int | None = None) -> str:
+    """``keep`` checked; ``"auto"``: the finest granularity whose store fits ``budget`` (default
+    :data:`KEEP_BUDGET`), else ``"layer"``."""
+    if keep != "auto":
+        return check_keep(keep)
+    budget = KEEP_BUDGET if budget is None else budget
+    for candidate in ("parameter", "unit", "tensor"):
+        if estimated_bytes(candidate, groups, n_iterations) <= budget:
+            return candidate
+    return "layer"
 
 
 class Sink(Protocol):
@@ -62,11 +99,18 @@ class Sink(Protocol):
 
 
 class Rows:
-    """``n`` consecutive iterations' rows: ``lca`` ``(n, P)`` and the per-iteration scalars."""
+    """``n`` consecutive iterations' rows: ``lca`` ``(n, P)`` (with ``keep`` coarser, its sums ``lca_<by>`` at
+    ``keep`` and coarser and the ``helped`` / ``hurt`` counts per kept group instead) and the per-iteration
+    scalars."""
 
-    def __init__(self, n: int, n_parameters: int, lca_dtype=np.float32):
-        self.arrays = {
-            "lca": np.zeros((n, n_parameters), lca_dtype),
+    def __init__(self, n: int, n_parameters: int, lca_dtype=np.float32, keep: str = "parameter", groups=None):
+        self.keep, self.groups = keep, groups
+        if keep == "parameter":
+            rows: dict[str, np.ndarray] = {"lca": np.zeros((n, n_parameters), lca_dtype)}
+        else:
+            rows = {f"lca_{by}": np.zeros((n, len(groups.labels(by)))) for by in kept(keep)}
+            rows |= {name: np.zeros((n, len(groups.labels(keep))), np.int32) for name in ("helped", "hurt")}
+        self.arrays = rows | {
             "residual": np.zeros(n),
             "lca_rest": np.zeros(n),
             "splits": np.zeros(n, np.int32),
@@ -78,11 +122,28 @@ class Rows:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
-    def put(self, i: int, row: IterationResult):
-        self.arrays["lca"][i] = row.lca.detach().to("cpu", self._torch_dtype).numpy()
+    def put(self, i: int, row: IterationResult) -> np.ndarray:
+        """Row ``i`` from the engine's; returns the iteration's LCA as numpy ``(P,)`` (with ``keep`` coarser,
+        reduced here and not kept)."""
+        lca = row.lca.detach().to("cpu", self._torch_dtype).numpy()
+        if self.keep == "parameter":
+            self.arrays["lca"][i] = lca
+            lca = self.arrays["lca"][i]
+        else:
+            self.reduce(i, lca)
         self.arrays["residual"][i], self.arrays["lca_rest"][i] = row.residual, row.rest
         self.arrays["splits"][i], self.arrays["evaluations"][i] = row.splits, row.evaluations
         self.arrays["error"][i] = row.error
+        return lca
+
+    def reduce(self, i: int, lca: np.ndarray):
+        """Row ``i`` of the reduced variables from one iteration's LCA ``(P,)``: one pass for the sums, one for
+        each count (each over the parameters once, in float64)."""
+        bys = kept(self.keep)
+        for by, sums in self.groups.sums(lca[None], bys).items():
+            self.arrays[f"lca_{by}"][i] = sums[0]
+        self.arrays["helped"][i] = self.groups.sum((lca < 0)[None], self.keep)[0]
+        self.arrays["hurt"][i] = self.groups.sum((lca > 0)[None], self.keep)[0]
 
     def head(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of every variable."""
@@ -90,38 +151,60 @@ class Rows:
 
 
 class PrefixBlock:
-    """Prefix sums over ``n`` consecutive iterations at every granularity: ``rows[by]`` is ``(n + 1, groups)``
-    float64, row ``i + 1`` = row ``i`` + iteration ``i``'s LCA summed at ``by``. Row 0 is where the block
-    starts (zeros at iteration 0, else the row a block before ended on)."""
+    """Prefix sums over ``n`` consecutive iterations: ``rows[by]`` is ``(n + 1, groups)`` float64 for each
+    coarse granularity, row ``i + 1`` = row ``i`` + iteration ``i``'s LCA summed at ``by``; row 0 is where the
+    block starts (zeros at iteration 0, else the row a block before ended on). At parameter granularity only
+    the running sum is kept (``parameter``, ``(P,)`` float64: the prefix row after the last iteration
+    advanced), never a row per iteration."""
 
-    def __init__(self, groups: Groups, n: int):
-        self.groups = groups
-        self.rows = {by: np.zeros((n + 1, len(groups.labels(by)))) for by in GRANULARITIES}
+    def __init__(self, groups: Groups, n: int, coarse=COARSE):
+        self.groups, self.coarse = groups, tuple(coarse)
+        self.rows = {by: np.zeros((n + 1, len(groups.labels(by)))) for by in self.coarse}
+        self.parameter = np.zeros(groups.n_parameters)
 
     def seed(self, start: Mapping[str, np.ndarray]):
-        """Row 0: the prefix at the block's first iteration."""
+        """Row 0 (and the running parameter sum): the prefix at the block's first iteration."""
         for by, row in self.rows.items():
             row[0] = start[by]
+        self.parameter[:] = start["parameter"]
 
     def last(self, i: int) -> dict[str, np.ndarray]:
-        return {by: row[i] for by, row in self.rows.items()}
+        """Row ``i`` of the coarse prefixes and the running parameter sum (``i``: the last row advanced to)."""
+        return {by: row[i] for by, row in self.rows.items()} | {"parameter": self.parameter.copy()}
 
     def advance(self, i: int, lca_row: np.ndarray):
         """Row ``i + 1`` from row ``i`` and iteration ``i``'s LCA: the one prefix step of every path
         (the float32 row added in float64, every granularity from the same pass over it)."""
-        np.add(self.rows["parameter"][i], lca_row, out=self.rows["parameter"][i + 1], dtype=np.float64)
-        sums = self.groups.sums(lca_row[None], COARSE)
-        for by in COARSE:
-            np.add(self.rows[by][i], sums[by][0], out=self.rows[by][i + 1])
+        np.add(self.parameter, lca_row, out=self.parameter)
+        if self.coarse:
+            sums = self.groups.sums(lca_row[None], self.coarse)
+            for by in self.coarse:
+                np.add(self.rows[by][i], sums[by][0], out=self.rows[by][i + 1])
+
+
+class Totals:
+    """Per-parameter totals over the iterations added (float64) and counts of iterations helped (LCA < 0)."""
+
+    def __init__(self, n_parameters: int):
+        self.total = np.zeros(n_parameters)
+        self.helped = np.zeros(n_parameters, np.int32)
+
+    def add(self, lca_row: np.ndarray):
+        np.add(self.total, lca_row, out=self.total)
+        self.helped += lca_row < 0
 
 
 class MemorySink:
     """Collects iterations in memory for ``analyze`` without ``store=``."""
 
-    def __init__(self, spec: PathSpec, n_snapshots: int, options: Options, steps=None):
+    def __init__(self, spec: PathSpec, n_snapshots: int, options: Options, steps=None, keep: str = "parameter"):
         self.n_iterations = t = n_snapshots - 1
         self.coords = parameter_coords(spec)
-        self.rows = Rows(t, spec.n_selected, np.float64 if spec.dtype == torch.float64 else np.float32)
+        self.keep = check_keep(keep)
+        groups = Groups(self.coords) if keep != "parameter" else None
+        dtype = np.float64 if spec.dtype == torch.float64 else np.float32
+        self.rows = Rows(t, spec.n_selected, dtype, keep, groups)
+        self.totals = Totals(spec.n_selected) if keep != "parameter" else None
         self.loss = np.full(t + 1, np.nan)
         self.options, self.steps = options, steps
         self.seconds, self.evaluations = 0.0, 0
@@ -134,7 +217,9 @@ class MemorySink:
         self.loss[k] = value
 
     def write(self, row: IterationResult):
-        self.rows.put(row.t, row)
+        lca = self.rows.put(row.t, row)
+        if self.totals is not None:
+            self.totals.add(lca)
         self.loss[row.t + 1] = row.loss_end
 
     def interrupted(self, done: int):
@@ -148,6 +233,13 @@ class MemorySink:
         attrs = dict(self.options.attrs(), gradient_evaluations=int(self.evaluations), seconds=float(self.seconds))
         steps = self.steps[: t + 1] if self.steps is not None else None
         r = self.rows.head(t)
+        if self.totals is not None:
+            return reduced_from_arrays(
+                self.keep, {by: r[f"lca_{by}"] for by in kept(self.keep)}, r["helped"], r["hurt"],
+                self.totals.total, self.totals.helped, self.loss[: t + 1], self.coords, residual=r["residual"],
+                lca_rest=r["lca_rest"], splits=r["splits"], evaluations=r["evaluations"], error=r["error"],
+                steps=steps, attrs=attrs,
+            )  # fmt: skip
         return from_arrays(
             r["lca"], self.loss[: t + 1], self.coords, residual=r["residual"], lca_rest=r["lca_rest"],
             splits=r["splits"], evaluations=r["evaluations"], error=r["error"], steps=steps, attrs=attrs,

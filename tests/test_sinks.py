@@ -32,8 +32,13 @@ def test_prefix_block_is_the_float64_cumulative_sum_at_every_granularity():
     for by in GRANULARITIES:
         per_iteration = np.stack([[row[m].astype(np.float64).sum() for m in members[by]] for row in lca])
         want = start[by] + np.concatenate([np.zeros((1, per_iteration.shape[1])), np.cumsum(per_iteration, 0)])
+        if by == "parameter":  # only the running sum: the last row, never a row per iteration
+            assert "parameter" not in block.rows
+            np.testing.assert_allclose(block.parameter, want[-1], rtol=1e-12, atol=1e-12)
+            continue
         np.testing.assert_allclose(block.rows[by], want, rtol=1e-12, atol=1e-12, err_msg=by)
-    assert all(np.array_equal(block.last(7)[by], block.rows[by][7]) for by in GRANULARITIES)
+    assert all(np.array_equal(block.last(7)[by], block.rows[by][7]) for by in GRANULARITIES[1:])
+    assert np.array_equal(block.last(7)["parameter"], block.parameter)
 
 
 def _row(t, values, loss):

@@ -56,11 +56,17 @@ def test_store_equals_memory_and_every_aggregation_agrees(run, tmp_path):
         for var in ("helped", "hurt", "zero"):
             np.testing.assert_array_equal(stored.fractions(by)[var].values, memory.fractions(by)[var].values)
     np.testing.assert_allclose(stored.reconstructed_loss().values, memory.reconstructed_loss().values, rtol=1e-12)
-    # The stored prefix sums are the sums of the stored float32 rows (computed independently here).
+    # The stored prefix sums are the sums of the stored float32 rows (computed independently here): at parameter
+    # granularity one float64 row per chunk boundary (every 4 iterations), any other row from them and lca.
     lca32 = memory.lca.values.astype(np.float64)
-    np.testing.assert_allclose(
-        np.asarray(stored.dataset["prefix_parameter"].values)[1:], np.cumsum(lca32, axis=0), rtol=1e-12
-    )
+    cumsum = np.concatenate([np.zeros((1, lca32.shape[1])), np.cumsum(lca32, axis=0)])
+    boundaries = np.asarray(stored.dataset["prefix_parameter"].values)
+    assert boundaries.shape == (T // 4 + 1, lca32.shape[1])
+    np.testing.assert_allclose(boundaries, cumsum[::4], rtol=1e-12, atol=1e-15)
+    prefix = stored.prefix("parameter")
+    for k in range(T + 1):
+        np.testing.assert_allclose(prefix[k], cumsum[k], rtol=1e-12, atol=1e-15, err_msg=f"row {k}")
+    np.testing.assert_allclose(prefix[2:9], cumsum[2:9], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(stored.dataset["prefix_total"].values[1:, 0], np.cumsum(lca32.sum(1)), rtol=1e-10)
     # lca.open sees the same thing, and a result computed into a store needs no recomputation next time.
     assert_results_equal(lca.open(tmp_path / "s"), memory)

@@ -1,8 +1,11 @@
 """The result store: what ``analyze(..., store=PATH)`` streams into (resumable), and opening saved results.
 
 The variables of :class:`~lca_notebook.LCAResult` plus float64 prefix sums over iterations at every
-granularity (row k = the sum of iterations ``[0, k)``), so any iteration-range sum is one subtraction
-of two rows. The on-disk layout is in ``FORMAT.md``.
+coarse granularity (row k = the sum of iterations ``[0, k)``), so any iteration-range sum is one
+subtraction of two rows; at parameter granularity only at chunk boundaries (``prefix_parameter``: row j =
+the sum of iterations ``[0, j * ct)``), the rows after a boundary added from ``lca``. A reduced store
+(``keep=`` coarser than parameter) has no ``lca``: per-iteration sums and counts, and per-parameter totals
+kept in two slots written in turn. The on-disk layout is in ``FORMAT.md``.
 
 >>> import lca_notebook as lca, tempfile, os
 >>> p = lca.LCAResult.example().save(os.path.join(tempfile.mkdtemp(), "r.zarr"))
@@ -26,9 +29,9 @@ import torch
 import xarray as xr
 
 from ..engine import IterationResult, Options
-from ..layout import GRANULARITIES, Groups, PathSpec, parameter_coords
+from ..layout import COARSE, GROUP_DIMS, Groups, PathSpec, check_keep, kept, parameter_coords
 from ..result import LCAResult
-from ..sinks import ITERATION_VARS, PrefixBlock, Rows
+from ..sinks import ITERATION_VARS, PrefixBlock, Rows, Totals, iteration_vars  # noqa: F401 (ITERATION_VARS: tests read it here)
 from ..trajectory import Trajectory
 from .files import (
     FORMAT,
@@ -53,11 +56,11 @@ from .files import (
 
 #: Iterations per chunk of a result store (None: chosen from the number of parameters). Tests set it low.
 CHUNK_ITERATIONS: int | None = None
-_PREFIX_ROWS = 4  # rows per chunk of prefix_parameter: a range sum reads two small chunks, not two big ones
-#: Dimension of each coarse prefix (plural: ``unit``, ``tensor`` and ``layer`` are coordinates on ``parameter``).
-GROUP_DIMS = {"unit": "units", "tensor": "tensors", "layer": "layers", "total": "total"}
-PREFIX_VARS = {by: f"prefix_{by}" for by in GRANULARITIES}
+#: Prefix sums per checkpoint (coarse granularities; ``prefix_parameter`` has a row per chunk boundary only).
+PREFIX_VARS = {by: f"prefix_{by}" for by in COARSE}
 CHECKPOINT_VARS = ("loss", *PREFIX_VARS.values())
+#: Per-parameter totals of a reduced store: (slot, parameter), the slot in ``parameter_slot`` holds them.
+TOTAL_VARS = ("parameter_total", "parameter_helped")
 #: A hash of each snapshot the rows were computed from (0: not known), compared when a store is resumed.
 HASH_VAR = "snapshot_hash"
 
@@ -181,14 +184,15 @@ def inputs(spec: PathSpec, traj, data_fingerprint: str, options: Options) -> dic
 
 
 def _chunking(n_params: int) -> tuple[int, int]:
-    """(iterations per chunk, parameters per chunk): about 32 MB of float32 per lca chunk."""
+    """(iterations per chunk, parameters per chunk): about 32 MB of float32 per lca chunk, at least 16
+    iterations (the float64 prefix row at each chunk boundary then costs at most 1/8 of ``lca``)."""
     cp = max(1, min(n_params, 1 << 21))
     if CHUNK_ITERATIONS is not None:
         return int(CHUNK_ITERATIONS), cp
     ct = 64
-    while ct > 8 and ct * cp * 4 > (32 << 20):
+    while ct > 16 and ct * cp * 4 > (32 << 20):
         ct //= 2
-    return ct, cp
+    return ct, max(1, min(cp, (32 << 20) // (4 * ct)))
 
 
 def _describe_difference(key, stored, given) -> str:
@@ -210,9 +214,11 @@ class StoreSink:
     """
 
     def __init__(
-        self, path, *, spec: PathSpec, traj, data_fingerprint: str, options: Options, batches=None
+        self, path, *, spec: PathSpec, traj, data_fingerprint: str, options: Options, batches=None,
+        keep: str = "parameter",
     ):  # fmt: skip
         self.path = os.path.abspath(os.fspath(path))
+        self.keep = check_keep(keep)
         self.n_iterations = len(traj) - 1
         self.coords = parameter_coords(spec)
         self.groups = Groups(self.coords)
@@ -259,6 +265,17 @@ class StoreSink:
                 "analyze another store path to compute anew."
             )
         int_attr(path, attrs, "n_snapshots", low=2)
+        stored_keep = attrs.get("keep", "parameter")
+        if stored_keep != self.keep:
+            raise ValueError(
+                f"the store {path!r} was computed with keep={stored_keep!r}, this call asks for keep={self.keep!r}: "
+                f"pass keep={stored_keep!r} to continue it (or to read it: lca.open), or give another store path"
+            )
+        if self.keep == "parameter" and "prefix_stride" not in attrs:
+            raise ValueError(
+                f"the store {path!r} was written before compact prefix sums (a float64 prefix row per iteration), so "
+                "this version cannot continue it; lca.open still reads it. Give analyze another store path."
+            )
         diffs = {k: _describe_difference(k, attrs.get(k), v) for k, v in self.inputs.items() if attrs.get(k) != v}
         if "data_fingerprint" in diffs and self.batch and attrs.get("data_contents") == self.batch["data_contents"]:
             stored = str(attrs.get("batch_sizes"))
@@ -312,13 +329,24 @@ class StoreSink:
         if complete and (self.done != t or ckpts != t + 1):
             raise damaged_attribute(path, "complete", complete, f"false, as it holds {self.done} of {t} iterations")
         self._before = {k: number_attr(path, attrs, k) for k in ("seconds", "gradient_evaluations")}
-        self.ct = chunk_rows(path, "lca")
-        for name in ITERATION_VARS:
+        self.ct = chunk_rows(path, "residual")
+        self.slot = int_attr(path, attrs, "parameter_slot", default=0, high=1)
+        for name in iteration_vars(self.keep):
             check_rows(path, name, self.done, "iteration")
-        for name in CHECKPOINT_VARS:
+        for name in self._checkpoint_vars:
             check_rows(path, name, min(ckpts, self.done + 1), "checkpoint")
-        self.arrays = Arrays(path, ITERATION_VARS + CHECKPOINT_VARS + (HASH_VAR,), what="row")
+        if self.keep == "parameter":
+            check_rows(path, "prefix_parameter", self.done // self.ct + 1 if self.done else 0, "boundary")
+            extra: tuple[str, ...] = ("prefix_parameter",)
+        else:
+            extra = TOTAL_VARS
+        names = iteration_vars(self.keep) + self._checkpoint_vars + (HASH_VAR, *extra)
+        self.arrays = Arrays(path, names, what="row")
         self._load_buffers(ckpts)
+
+    @property
+    def _checkpoint_vars(self) -> tuple[str, ...]:
+        return CHECKPOINT_VARS if self.keep == "parameter" else ("loss",)
 
     def grow(self):
         """The trajectory grew (a recorder still writing it: ``analyze(..., follow=True)``): lengthen every
@@ -366,12 +394,12 @@ class StoreSink:
 
         t, p = self.n_iterations, len(self.coords["tensor"])
         ct, cp = _chunking(p)
+        ct = max(1, min(ct, t))  # as the chunks read back (a chunk longer than the array is cut to it)
 
         def lazy(shape, chunks, dtype):  # never computed: only the metadata is written
             return da.zeros(shape, chunks=chunks, dtype=dtype)
 
-        data = {
-            "lca": (("iteration", "parameter"), lazy((t, p), (ct, cp), np.float32)),
+        data: dict[str, tuple[tuple[str, ...], object]] = {
             "residual": (("iteration",), lazy(t, ct, np.float64)),
             "lca_rest": (("iteration",), lazy(t, ct, np.float64)),
             "splits": (("iteration",), lazy(t, ct, np.int32)),
@@ -379,10 +407,6 @@ class StoreSink:
             "error": (("iteration",), lazy(t, ct, np.float64)),
             "loss": (("checkpoint",), lazy(t + 1, ct, np.float64)),
             HASH_VAR: (("checkpoint",), lazy(t + 1, ct, np.uint64)),
-            "prefix_parameter": (
-                ("checkpoint", "parameter"),
-                lazy((t + 1, p), (min(_PREFIX_ROWS, ct), cp), np.float64),
-            ),
         }
         coords = {
             "iteration": np.arange(t),
@@ -395,13 +419,32 @@ class StoreSink:
         }
         if self.steps is not None:
             coords["step"] = ("checkpoint", np.asarray(self.steps, dtype=np.int64))
-        for by, dim in GROUP_DIMS.items():
-            labels = self.groups.labels(by)
-            data[PREFIX_VARS[by]] = (("checkpoint", dim), lazy((t + 1, len(labels)), (ct, len(labels)), np.float64))
-            coords[dim] = np.asarray(labels).astype(object)
+        if self.keep == "parameter":
+            data["lca"] = (("iteration", "parameter"), lazy((t, p), (ct, cp), np.float32))
+            data["prefix_parameter"] = (("boundary", "parameter"), lazy((t // ct + 1, p), (1, cp), np.float64))
+            for by, dim in GROUP_DIMS.items():
+                labels = self.groups.labels(by)
+                data[PREFIX_VARS[by]] = (
+                    ("checkpoint", dim), lazy((t + 1, len(labels)), (ct, len(labels)), np.float64),
+                )  # fmt: skip
+                coords[dim] = np.asarray(labels).astype(object)
+            layout = {"prefix_stride": ct}
+        else:
+            for by in kept(self.keep):
+                n = len(self.groups.labels(by))
+                data[f"lca_{by}"] = (("iteration", GROUP_DIMS[by]), lazy((t, n), (ct, n), np.float64))
+                coords[GROUP_DIMS[by]] = np.asarray(self.groups.labels(by)).astype(object)
+            n = len(self.groups.labels(self.keep))
+            for name in ("helped", "hurt"):
+                data[name] = (("iteration", GROUP_DIMS[self.keep]), lazy((t, n), (ct, n), np.int32))
+            data["parameter_total"] = (("slot", "parameter"), lazy((2, p), (1, cp), np.float64))
+            data["parameter_helped"] = (("slot", "parameter"), lazy((2, p), (1, cp), np.int32))
+            layout = {"parameter_slot": 0}
         attrs = dict(
             self.inputs,
             **self.batch,
+            keep=self.keep,
+            **layout,
             **{KIND: "result", "format": FORMAT, "completed_iterations": 0, "completed_checkpoints": 0},
             complete=False,
         )
@@ -417,30 +460,40 @@ class StoreSink:
     def _load_buffers(self, ckpts):
         ct, p = self.ct, len(self.coords["tensor"])
         self.b0 = (self.done // ct) * ct
-        self.rows = Rows(ct, p)
+        self.rows = Rows(ct, p, keep=self.keep, groups=self.groups)
         self.loss = np.full(ct + 1, np.nan)
         self.hash = np.zeros(ct + 1, np.uint64)  # snapshot hashes of the checkpoint rows buffered (0: not read yet)
-        self.prefix = PrefixBlock(self.groups, ct)
+        self.prefix = PrefixBlock(self.groups, ct) if self.keep == "parameter" else None
+        self.totals = Totals(p) if self.keep != "parameter" else None
+        self.boundary = np.zeros(p if self.keep == "parameter" else 0)  # the parameter prefix at b0
         # Gradient evaluations of the stored iterations before this chunk: the total in the attributes is
         # 1 (the first snapshot) plus the sum of `evaluations`, so it is the same after a kill and a resume.
         self._ev_base = int(np.asarray(self.arrays["evaluations"][: self.b0], dtype=np.int64).sum()) if self.b0 else 0
         if self.done == 0 or self.complete:
             return
         n = self.done - self.b0  # rows of the current chunk already stored
+        for name, buf in self.rows.arrays.items():
+            buf[:n] = self.arrays[name][self.b0 : self.done]
         if n:
-            for name, buf in self.rows.arrays.items():
-                buf[:n] = self.arrays[name][self.b0 : self.done]
             self.loss[:n] = self.arrays["loss"][self.b0 : self.done]
             self.hash[:n] = self.arrays[HASH_VAR][self.b0 : self.done]
-            for by, name in PREFIX_VARS.items():
-                self.prefix.rows[by][:n] = self.arrays[name][self.b0 : self.done]
-            self.prefix.advance(n - 1, self.rows["lca"][n - 1])  # the next prefix row, as write() built it
-        else:  # a chunk boundary: the prefix row before it, advanced by the stored iteration before it
-            prev = self.done - 1
-            seed = PrefixBlock(self.groups, 1)
-            seed.seed(self._stored_prefix(prev))
-            seed.advance(0, np.asarray(self.arrays["lca"][prev]))
-            self.prefix.seed(seed.last(1))
+        if self.totals is not None:  # the totals at `done`, from the slot counted with it
+            self.totals.total[:] = self.arrays["parameter_total"][self.slot]
+            self.totals.helped[:] = self.arrays["parameter_helped"][self.slot]
+        else:
+            assert self.prefix is not None
+            self.boundary[:] = self.arrays["prefix_parameter"][self.b0 // ct]
+            if n or ckpts >= self.done + 1:
+                start = self._stored_prefix(self.b0)
+            else:  # a chunk boundary without its checkpoint row: the row before it, advanced by the iteration before
+                prev = self.done - 1
+                seed = PrefixBlock(self.groups, 1)
+                seed.seed(self._stored_prefix(prev) | {"parameter": np.zeros(p)})
+                seed.advance(0, np.asarray(self.arrays["lca"][prev]))
+                start = seed.last(1)
+            self.prefix.seed(start | {"parameter": self.boundary})
+            for i in range(n):  # the coarse rows and the running parameter sum, as write() built them
+                self.prefix.advance(i, self.rows["lca"][i])
         if ckpts >= self.done + 1:
             self.loss[n] = self.arrays["loss"][self.done]
             self.hash[n] = self.arrays[HASH_VAR][self.done]
@@ -478,17 +531,22 @@ class StoreSink:
         if row.t != self.done:
             raise RuntimeError(f"store sink got iteration {row.t} but expected {self.done}")
         i = row.t - self.b0
-        self.rows.put(i, row)
+        lca = self.rows.put(i, row)
         self.loss[i + 1] = row.loss_end
         self._keep_hash(row.t + 1)
-        self.prefix.advance(i, self.rows["lca"][i])
+        if self.prefix is not None:
+            self.prefix.advance(i, lca)
+        if self.totals is not None:
+            self.totals.add(lca)
         self.done += 1
         if i + 1 == self.ct:
             self._flush(self.ct, self.ct + 1)
             self._ev_base += int(self.rows["evaluations"][: self.ct].sum(dtype=np.int64))
             self.loss[0] = self.loss[self.ct]  # the checkpoint row after the chunk opens the next one
             self.hash[0], self.hash[1:] = self.hash[self.ct], 0
-            self.prefix.seed(self.prefix.last(self.ct))
+            if self.prefix is not None:
+                self.prefix.seed(self.prefix.last(self.ct))
+                self.boundary[:] = self.prefix.parameter
             self.b0 += self.ct
 
     def _totals(self, n_it: int) -> dict:
@@ -505,13 +563,26 @@ class StoreSink:
         """Write buffered rows, fsync them, then (and only then) count them as completed."""
         b0 = self.b0
         blocks = self.rows.head(n_it) | {"loss": self.loss[:n_ck], HASH_VAR: self.hash[:n_ck]}
-        blocks |= {name: self.prefix.rows[by][:n_ck] for by, name in PREFIX_VARS.items()}
+        slot = {}
         try:
-            self.arrays.write(b0, blocks)
+            if self.prefix is not None:
+                blocks |= {name: self.prefix.rows[by][:n_ck] for by, name in PREFIX_VARS.items()}
+                self.arrays.write(b0, blocks)
+                ends = [self.boundary] + ([self.prefix.parameter] if n_it == self.ct else [])
+                self.arrays.write(b0 // self.ct, {"prefix_parameter": np.stack(ends)})
+            else:
+                assert self.totals is not None
+                self.arrays.write(b0, blocks)
+                # The totals go to the slot not counted now; the attributes below switch to it, in one step with
+                # the count of iterations they include (a kill before leaves the other slot, and its count, whole).
+                slot = {"parameter_slot": 1 - self.slot}
+                totals = {"parameter_total": self.totals.total[None], "parameter_helped": self.totals.helped[None]}
+                self.arrays.write(1 - self.slot, totals)
             update_attrs(
                 self.path, completed_iterations=b0 + n_it, completed_checkpoints=b0 + n_ck,
-                **self._totals(n_it), **extra,
+                **self._totals(n_it), **slot, **extra,
             )  # fmt: skip
+            self.slot = slot.get("parameter_slot", self.slot)
         except OSError as exc:
             raise StoreWriteError(
                 f"could not write iterations {b0}..{b0 + n_it - 1} to the store {self.path!r} "
@@ -635,7 +706,13 @@ def open_store(path) -> LCAResult:
         dims = ds[name].dims
         if dims and dims[0] in ("iteration", "checkpoint") and os.path.isdir(os.path.join(path, str(name))):
             check_rows(path, str(name), n + (dims[0] == "checkpoint"), str(dims[0]))
+        elif dims and dims[0] == "boundary" and n:  # compact prefix rows: every chunk boundary up to n
+            stride = int_attr(path, attrs, "prefix_stride", low=1)
+            check_rows(path, str(name), n // stride + 1, "boundary")
     ds = _checked(ds, path).isel(iteration=slice(0, n), checkpoint=slice(0, n + 1))
+    if "slot" in ds.dims:  # a reduced store's per-parameter totals: the slot counted with `completed_iterations`
+        ds = ds.isel(slot=int_attr(path, attrs, "parameter_slot", default=0, high=1))
+        ds.attrs.pop("parameter_slot", None)
     # Names are stored as variable-length strings (numpy's StringDType on read); the result's group
     # tables want plain fixed-width str, as in a result computed in memory. The other coordinates on
     # `parameter` are read now too: every sum needs them.
