@@ -228,7 +228,7 @@ class Explorer(widgets.VBox):
         self.marks["heatmap_hover"].on_hover(self._on_heatmap_hover)
         for key in ("histogram_helped", "histogram_hurt"):
             self.marks[key].on_hover(self._on_histogram_hover)
-        _put(self.figures["fractions"].axes[0], "tick_values", figures.integer_ticks(0, t))
+        _put(self.figures["fractions"].axes[0], "tick_values", _x_ticks(0, t))
         fx = self.figures["fractions"].marks[0].scales["x"]
         fx.min, fx.max = 0.0, float(t)
         self.update()
@@ -449,7 +449,7 @@ class Explorer(widgets.VBox):
         f32 = _f32
         sign = self.sign.value
         figs = self.figures
-        ticks = figures.integer_ticks(start, stop)
+        ticks = _x_ticks(start, stop)
         with ExitStack() as stack:
             for mark in m.values():
                 stack.enter_context(mark.hold_sync())
@@ -599,7 +599,7 @@ class Explorer(widgets.VBox):
         _put(ys, "min", float(y[0]) - step / 2)
         _put(ys, "max", float(y[-1]) + step / 2)
         n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
-        _put(fig.axes[0], "tick_values", figures.integer_ticks(s["start"], s["stop"]))
+        _put(fig.axes[0], "tick_values", _x_ticks(s["start"], s["stop"]))
         colour_axis.label = "LCA"
         _put(colour_axis, "tick_values", np.array([-limit, 0.0, limit]) if limit else None)
         clip = f" · colour ±{limit:.2g} = p99 |LCA|" if limit else ""
@@ -910,6 +910,18 @@ def _put(widget, name: str, value) -> None:
     elif old == value:
         return
     setattr(widget, name, value)
+
+
+def _x_ticks(lo: int, hi: int) -> np.ndarray:
+    """Iteration ticks, without one on the right edge of the plot (the frame's end would cross its label).
+
+    >>> _x_ticks(0, 150).tolist(), _x_ticks(10, 12).tolist()
+    ([0, 50, 100], [10, 11, 12])
+    """
+    ticks = figures.integer_ticks(lo, hi)
+    if len(ticks) >= 4 and hi - ticks[-1] < 0.04 * (hi - lo):
+        ticks = ticks[:-1]
+    return ticks
 
 
 def _label(text: str) -> widgets.Label:
