@@ -715,7 +715,8 @@ class Explorer(widgets.VBox):
             )
             fr = self.fraction_series()
             rows += [(f"{name}", f"{fr[name][k]:.1%}") for name in ("helped", "hurt", "zero")]
-        return _table(f"checkpoint {k}", rows)
+        w = self.smoothing.value
+        return _table(f"checkpoint {k}" + (f" (residual, fractions: mean of the last {w})" if w > 1 else ""), rows)
 
     def _on_loss_hover(self, mark, content):
         fraction = self._hover_column(content, mark)
