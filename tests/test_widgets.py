@@ -186,13 +186,21 @@ def check_all(ex: Explorer, truth: Truth):
     centres = np.concatenate([m["histogram_helped"].x, m["histogram_hurt"].x]).astype(np.float64)
     counts = np.concatenate([m["histogram_helped"].y, m["histogram_hurt"].y])
     if len(moved):
-        width = (max(moved.max(), 0) - min(moved.min(), 0)) / ex.histogram_bins
+        # bins span the 0.5 and 99.5 percentiles (and 0) of 200 values or more; those beyond count in the end bins
+        q_lo, q_hi = np.quantile(moved, [0.005, 0.995]) if len(moved) >= 200 else (moved.min(), moved.max())
+        width = (max(q_hi, 0) - min(q_lo, 0)) / ex.histogram_bins
+        first, last = centres.min() - width / 2, centres.max() + width / 2
+        beyond = int(np.sum((moved < first - 1e-4 * width) | (moved > last + 1e-4 * width)))
+        label = ex.figures["histogram"].axes[0].label
+        assert (f"the end bins hold {beyond:,} beyond" in label) if beyond else ("end bins" not in label)
         assert counts.sum() == len(moved)
         tol = 1e-4 * width  # the centres arrive as float32
         for c, n in zip(centres, counts, strict=True):
             inside = (moved >= c - width / 2 - tol) & (moved < c + width / 2 - tol)
+            if c == centres.min():
+                inside |= moved < c - width / 2
             if c == centres.max():
-                inside |= np.abs(moved - (c + width / 2)) <= tol
+                inside |= moved >= c + width / 2 - tol
             assert n == inside.sum(), (c, n, inside.sum())
     else:
         assert len(counts) == 0 and m["histogram_empty"].visible

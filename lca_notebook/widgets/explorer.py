@@ -47,6 +47,7 @@ GRANULARITIES = (
     ("layer", "layer"),
 )
 SIGNS = ("both", "helped", "hurt")
+TAIL = 0.5  # percent of the histogram's values at each end counted in its end bins
 ALL_LAYERS = "(all layers)"
 
 
@@ -406,7 +407,7 @@ class Explorer(widgets.VBox):
         mask = self._selected_elements(totals, by)
         values = totals[mask]
         out["elements"] = (self._labels[by][mask], owners[mask], values)
-        out["histogram"] = histogram(values, self.histogram_bins)
+        out["histogram"] = histogram(values, self.histogram_bins, TAIL / 100)
         # heat map: units of the chosen layer (layers when none is chosen) x bins of iterations
         hedges_t = bin_edges(start, stop, self.heatmap_columns)
         if layer is None:
@@ -540,7 +541,7 @@ class Explorer(widgets.VBox):
 
     def _draw_histogram(self, s):
         m, fig = self.marks, self.figures["histogram"]
-        centres, counts, _width, zeros = s["histogram"]
+        centres, counts, _width, zeros, outside = s["histogram"]
         log = self.log_count.value
         scale = self._log_count_scale if log else self._linear_count
         shown = np.where(counts > 0, counts, 0.5) if log else counts
@@ -578,6 +579,8 @@ class Explorer(widgets.VBox):
             verb = "moved" if self.sign.value == "both" else "in"
             _put(m["histogram_empty"], "text", [f"No {what}{where} {verb} iterations [{s['start']}, {s['stop']})"])
         fig.title = f"Distribution of LCA ({n:,} elements; {zeros:,} exactly 0, not drawn)"
+        tails = f"; the end bins hold {outside:,} beyond p{TAIL:g}–p{100 - TAIL:g}" if outside else ""
+        fig.axes[0].label = f"LCA in range (← helped, hurt →){tails}"
 
     def _draw_heatmap(self, s, stack):
         m, fig = self.marks, self.figures["heatmap"]
@@ -779,7 +782,7 @@ class Explorer(widgets.VBox):
         if point.get("index") is None:
             return
         centre = float(np.asarray(mark.x)[int(point["index"])])
-        centres, counts, width, _zeros = self._state["histogram"]
+        centres, counts, width, _zeros, _outside = self._state["histogram"]
         k = int(np.argmin(np.abs(centres - centre)))
         n = max(int(counts.sum()), 1)
         rows = [("count", f"{int(counts[k]):,} ({counts[k] / n:.1%} of those drawn)")]
@@ -979,24 +982,31 @@ def _extreme_per_bin(series: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray,
     return bin_centres(edges), np.where(all_nan, np.nan, value)
 
 
-def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float, int]:
-    """(bin centres, counts, bin width, number of exact zeros) of the nonzero ``values``: bins of equal
-    width with 0 on an edge, so each bin holds helped (< 0) or hurt (> 0) elements, never both.
+def histogram(values: np.ndarray, bins: int, tail: float = 0.005) -> tuple[np.ndarray, np.ndarray, float, int, int]:
+    """(bin centres, counts, bin width, number of exact zeros, number in the tails) of the nonzero ``values``.
 
-    >>> c, n, w, z = histogram(np.array([-2.0, -1.0, 0.0, 0.0, 3.0]), 5)
-    >>> c.tolist(), n.tolist(), w, z
-    ([-1.5, -0.5, 0.5, 1.5, 2.5], [1.0, 1.0, 0.0, 0.0, 1.0], 1.0, 2)
+    Bins of equal width with 0 on an edge, so each holds helped (< 0) or hurt (> 0) elements, never both; they
+    span the ``tail`` and ``1 - tail`` quantiles (and 0) of 200 values or more, and values beyond are counted in
+    the end bins, so a few extreme elements do not squeeze the rest into one bar.
+
+    >>> c, n, w, z, out = histogram(np.array([-2.0, -1.0, 0.0, 0.0, 3.0]), 5, tail=0.0)
+    >>> c.tolist(), n.tolist(), w, z, out
+    ([-1.5, -0.5, 0.5, 1.5, 2.5], [1.0, 1.0, 0.0, 0.0, 1.0], 1.0, 2, 0)
     """
     values = np.asarray(values, dtype=np.float64)
     zeros = int(np.count_nonzero(values == 0))
     moved = values[values != 0]
     if not len(moved):
-        return np.zeros(0), np.zeros(0), 0.0, zeros
-    lo, hi = min(float(moved.min()), 0.0), max(float(moved.max()), 0.0)
+        return np.zeros(0), np.zeros(0), 0.0, zeros, 0
+    few = len(moved) < 200  # a tail of a handful of values is no outlier: span them all
+    q_lo, q_hi = (moved.min(), moved.max()) if few or tail <= 0 else np.quantile(moved, [tail, 1.0 - tail])
+    lo, hi = min(float(q_lo), 0.0), max(float(q_hi), 0.0)
     width = (hi - lo) / max(1, bins)
     edges = width * np.arange(np.floor(lo / width), np.ceil(hi / width) + 1)
-    counts, _ = np.histogram(moved, bins=len(edges) - 1, range=(edges[0], edges[-1]))  # equal bins: no sort
-    return (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64), float(width), zeros
+    outside = int(np.count_nonzero((moved < edges[0]) | (moved > edges[-1])))
+    inside = np.clip(moved, edges[0], edges[-1])
+    counts, _ = np.histogram(inside, bins=len(edges) - 1, range=(edges[0], edges[-1]))  # equal bins: no sort
+    return (edges[:-1] + edges[1:]) / 2, counts.astype(np.float64), float(width), zeros, outside
 
 
 def colour_limit(heat: np.ndarray, percentile: float = 99.0) -> float:
