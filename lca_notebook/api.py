@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, run, warn_if_stuck
-from .layout import build_spec
+from .layout import Groups, build_spec, check_keep, parameter_coords
 from .result import LCAResult
-from .sinks import MemorySink, Sink
+from .sinks import MemorySink, Sink, resolve_keep
 from .sources import POLL_SECONDS, Follower, as_trajectory
 from .storage.files import read_attrs
 from .storage.results import StoreSink
@@ -47,6 +47,7 @@ def analyze(
     follow: bool = False,
     poll: float = POLL_SECONDS,
     timeout: float | None = None,
+    keep: str = "parameter",
 ) -> LCAResult:
     """Loss Change Allocation of every parameter at every iteration of a recorded training run.
 
@@ -96,6 +97,15 @@ def analyze(
         every iteration computed, and the same call without ``follow`` finishes it.
     poll: with ``follow``, seconds between looks at the recorder store (default ``sources.POLL_SECONDS``).
     timeout: with ``follow``, seconds to wait for the next snapshot before a ``TimeoutError`` (None: no limit).
+    keep: what the result keeps. "parameter" (default): every parameter's LCA at every iteration (``lca``,
+        T x P float32). "unit", "tensor" or "layer": each iteration's LCA is reduced as it is computed, so
+        (iteration, parameter) never exists: per-iteration sums at that granularity and every coarser one,
+        exact counts of parameters that helped / hurt / did not move per group (``fractions`` equal a
+        "parameter" run's), and per-parameter totals over the run with counts of iterations helped
+        (``result.parameter_total()``, ``result.iterations_helped()``). What needs every parameter at every
+        iteration raises a ``ReducedResultError`` naming ``keep=``. "auto": the finest whose store fits
+        ``lca_notebook.sinks.KEEP_BUDGET`` (bytes, default 4 GiB; settable). Memory, ``store=``, resume and
+        ``client=`` all honour it (a store continues only with the ``keep`` it was computed with).
 
     Example
     -------
@@ -113,6 +123,8 @@ def analyze(
     >>> bool(abs(result.residual).max() < 1e-3)
     True
     """
+    if keep != "auto":
+        check_keep(keep)  # before anything is read or computed
     loss_given, loss_fn = loss_fn, loss_fn or F.cross_entropy
     data_mod.check_loss_fn(loss_fn)
     options = Options(
@@ -147,6 +159,7 @@ def analyze(
         model, first, parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=last,
         subset=traj.subset,
     )  # fmt: skip
+    keep = resolve_keep(keep, Groups(parameter_coords(spec)), len(traj) - 1) if keep == "auto" else keep
     if (why := stillness(traj, first, last) if follower is None else None) is not None:
         warnings.warn(why, stacklevel=2)
     _warn_if_half_precision(model)
@@ -160,7 +173,7 @@ def analyze(
 
         return run_sharded(
             client, model, batches, traj, spec, options, store=store, loss_fn=loss_fn, device=device,
-            progress=progress, data_fingerprint=data_mod.fingerprint(batches),
+            progress=progress, data_fingerprint=data_mod.fingerprint(batches), keep=keep,
         )  # fmt: skip
     sink: Sink
     if store is not None:
@@ -171,9 +184,10 @@ def analyze(
             data_fingerprint=data_mod.fingerprint(batches),
             options=options,
             batches=batches,
+            keep=keep,
         )
     else:
-        sink = MemorySink(spec, len(traj), options, steps=traj.steps)
+        sink = MemorySink(spec, len(traj), options, steps=traj.steps, keep=keep)
     with fixed_function(model, batchnorm):
         evaluate = Evaluator(model, batches, loss_fn, spec, device, batchnorm)
         reading = getattr(sink, "trajectory", traj)  # a store hashes each snapshot as it is read, to check on resume

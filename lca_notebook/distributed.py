@@ -54,7 +54,7 @@ from .checkpoints import CheckpointFiles
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from .layout import Groups, PathSpec
 from .record import Recorder
-from .sinks import ITERATION_VARS, PrefixBlock, Rows
+from .sinks import PrefixBlock, Rows, Totals, iteration_vars
 from .storage.files import Arrays, open_array, read_attrs, update_attrs
 from .storage.results import PREFIX_VARS, StoreSink, open_store
 from .storage.trajectories import RecordedTrajectory
@@ -150,6 +150,7 @@ class _Job:
     torch_threads: int
     tune_malloc: bool = True
     trajectory: object = None  # None: each task gets its own _Window
+    keep: str = "parameter"
     _cache: dict = field(default_factory=dict, repr=False)
 
     def traj(self, window):
@@ -214,8 +215,10 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     )  # functional_call swaps a module's tensors: one copy per task, threads never share it
     device = torch.device(job.device)
     ct = job.chunk
-    arrays = Arrays(job.path, (*ITERATION_VARS, "loss"))
-    rows = Rows(ct, job.spec.n_selected)
+    arrays = Arrays(job.path, (*iteration_vars(job.keep), "loss"))
+    reduced = job.keep != "parameter"
+    rows = Rows(ct, job.spec.n_selected, keep=job.keep, groups=job.groups() if reduced else None)
+    totals = Totals(job.spec.n_selected) if reduced else None
     stop_loss = job.n_iterations + 1 if b == job.n_iterations else b  # loss[b] is the next shard's (its chunk)
     loss = np.full(stop_loss - a, np.nan)
     try:
@@ -226,7 +229,9 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
             c0 = a
             for row in steps:
                 i = row.t - c0
-                rows.put(i, row)
+                lca = rows.put(i, row)
+                if totals is not None:
+                    totals.add(lca)
                 if row.t + 1 - a < len(loss):
                     loss[row.t + 1 - a] = row.loss_end
                 if i + 1 == ct or row.t + 1 == b:  # a whole chunk (or the shard's end): write it
@@ -237,15 +242,24 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
         if hasattr(exc, "add_note"):
             exc.add_note(f"lca_notebook: in {_where(a, b)}")
         raise
-    return {"start": a, "stop": b, "evaluations": evaluate.evaluations, "seconds": time.perf_counter() - t0}
+    out: dict[str, object] = {
+        "start": a, "stop": b, "evaluations": evaluate.evaluations, "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+    if totals is not None:  # a reduced store: the shard's per-parameter totals travel to its chain task
+        out |= {"total": totals.total, "helped": totals.helped}
+    return out
 
 
-def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
+def _prefix_shard(job: _Job, a: int, b: int, computed, previous, slot: int = 0) -> int:
     """Prefix rows ``a..b`` from the stored row ``a`` and the shard's LCA rows.
 
-    ``computed`` (this shard's compute task) and ``previous`` (the prefix task before) are passed only so
-    that Dask runs this after both: the prefix tasks form one chain, so none ever writes beside another.
+    ``computed`` (this shard's compute task) and ``previous`` (the prefix task before) are passed so that
+    Dask runs this after both: the prefix tasks form one chain, so none ever writes beside another. A reduced
+    store (``keep=``) has no prefix arrays: the chain adds the shard's per-parameter totals (``computed``) to
+    those at ``a`` (in ``slot``) and writes them to the other slot, which the driver then counts.
     """
+    if job.keep != "parameter":
+        return _totals_shard(job, a, b, computed, slot)
     arrays = Arrays(job.path, ("lca", *PREFIX_VARS.values(), "prefix_parameter"))
     try:
         # Row 0 is zeros (an unwritten chunk reads as the fill value, NaN); any later row a was stored by the task
@@ -269,6 +283,21 @@ def _prefix_shard(job: _Job, a: int, b: int, computed, previous) -> int:
     except BaseException as exc:
         if hasattr(exc, "add_note"):
             exc.add_note(f"lca_notebook: in {_where(a, b)} (prefix sums)")
+        raise
+    return b
+
+
+def _totals_shard(job: _Job, a: int, b: int, computed: dict, slot: int) -> int:
+    arrays = Arrays(job.path, ("parameter_total", "parameter_helped"))
+    try:
+        total, helped = np.array(computed["total"], dtype=np.float64), np.array(computed["helped"], dtype=np.int32)
+        if a:  # the totals over [0, a), counted with completed_iterations == a
+            total = np.asarray(arrays["parameter_total"][slot], dtype=np.float64) + total
+            helped = np.asarray(arrays["parameter_helped"][slot], dtype=np.int32) + helped
+        arrays.write(1 - slot, {"parameter_total": total[None], "parameter_helped": helped[None]})
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"lca_notebook: in {_where(a, b)} (per-parameter totals)")
         raise
     return b
 
@@ -317,8 +346,9 @@ def _progress_attrs(computed: set, chained: int, n_iterations: int) -> dict:
 
 
 def run_sharded(
-    client, model, batches, traj, spec, options: Options, *, store, loss_fn, device, progress, data_fingerprint
-):
+    client, model, batches, traj, spec, options: Options, *, store, loss_fn, device, progress, data_fingerprint,
+    keep: str = "parameter",
+):  # fmt: skip
     """The ``client=`` path of :func:`lca_notebook.analyze`, after its checks: shard, submit, record, finish."""
     from tqdm.auto import tqdm
 
@@ -348,7 +378,7 @@ def run_sharded(
     )
     shipped = _ship_trajectory(traj)
     t_start = time.perf_counter()
-    sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options)
+    sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options, keep=keep)
     if sink.complete:
         return open_store(sink.path)
     path, T, ct = sink.path, sink.n_iterations, sink.ct
@@ -363,6 +393,10 @@ def run_sharded(
     done_before = int(attrs.get("completed_iterations", 0))  # contiguous, prefix sums included (maybe by a plain run)
     computed = {int(a) for a in record["computed"]} | {a for a, b in plan if b <= done_before}
     chained = max([b for a, b in plan if b <= done_before], default=0)
+    if keep != "parameter":  # a shard's per-parameter totals live only in its task's result: not yet chained, recompute
+        computed = {a for a in computed if dict(plan)[a] <= chained}
+        record["computed"] = {k: v for k, v in record["computed"].items() if int(k) in computed}
+    slot_at = {chained: sink.slot}  # reduced: the totals slot holding iterations [0, chained)
     update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
 
     job = _Job(
@@ -379,6 +413,7 @@ def run_sharded(
         torch_threads=sharding.torch_threads,
         tune_malloc=sharding.tune_malloc,
         trajectory=shipped,
+        keep=keep,
     )
     payload = _picklable("the data", job, "Give the data as (inputs, targets) tensors.")
     tag = uuid.uuid4().hex[:8]
@@ -407,6 +442,7 @@ def run_sharded(
     for a, b in plan:
         if b <= chained:
             continue
+        slot_at[b] = 1 - slot_at[a]
         previous = chain_f[a] = client.submit(
             _prefix_shard,
             job_f,
@@ -414,6 +450,7 @@ def run_sharded(
             b,
             compute_f.get(a),
             previous,
+            slot_at[a],
             key=f"lca-prefix-{a}-{b}-{tag}",
             retries=sharding.retries,
             priority=10,
@@ -448,7 +485,8 @@ def run_sharded(
                 bar.update(bounds[a] - a)
             else:
                 chained = max(chained, value)
-            update_attrs(path, shards=record, **_progress_attrs(computed, chained, T))
+            slot = {"parameter_slot": slot_at[chained]} if keep != "parameter" else {}
+            update_attrs(path, shards=record, **_progress_attrs(computed, chained, T), **slot)
     except BaseException as exc:  # Ctrl-C in the driver: stop the workers, keep what is recorded
         client.cancel([job_f, *compute_f.values(), *chain_f.values()])
         _note_kept(exc, path, chained, computed, plan)

@@ -312,22 +312,6 @@ class Groups:
         out[self.ids(by)] = layer_ids
         return out
 
-    def group_map(self, fine: str, coarse: str) -> np.ndarray:
-        """The group id at ``coarse`` of each group at ``fine`` (``coarse`` no finer than ``fine``)."""
-        out = np.zeros(len(self.labels(fine)), dtype=np.int64)
-        out[self.ids(fine)] = self.ids(coarse)
-        return out
-
-    def regroup(self, values: np.ndarray, fine: str, coarse: str) -> np.ndarray:
-        """Sum ``(..., groups at fine)`` into ``(..., groups at coarse)`` (exact for integer counts)."""
-        values = np.asarray(values)
-        if fine == coarse:
-            return values
-        m = self.group_map(fine, coarse)
-        perm = np.argsort(m, kind="stable")
-        starts = np.searchsorted(m[perm], np.arange(len(self.labels(coarse))))
-        return np.add.reduceat(values[..., perm], starts, axis=-1)
-
     @cached_property
     def _table(self):
         c, p = self.coords, self.n_parameters

@@ -27,9 +27,10 @@ A reduced result (``analyze(keep="unit" | "tensor" | "layer")``) has no ``lca``.
 
 - ``lca_<by>`` (iteration, units / tensors / layers / total): LCA summed per iteration at the kept
   granularity and every coarser one (float64);
-- ``helped``, ``hurt`` (iteration, kept groups): how many parameters of each kept group had LCA < 0 and
-  > 0 at each iteration (int32; the rest did not move), so :meth:`LCAResult.fractions` at the kept
-  granularity and coarser equal a ``keep="parameter"`` run's exactly;
+- ``helped_<by>``, ``hurt_<by>`` (iteration, groups) at the same granularities: how many parameters of
+  each group had LCA < 0 and > 0 at each iteration (int32; the rest did not move), so
+  :meth:`LCAResult.fractions` there equals a ``keep="parameter"`` run's exactly (a unit spans a layer's
+  tensors, so tensor counts are not sums of unit counts: each granularity keeps its own);
 - ``parameter_total`` (parameter,): each parameter's LCA summed over the whole run (float64), and
   ``parameter_helped`` (parameter,): at how many iterations it helped (int32).
 
@@ -450,11 +451,10 @@ class LCAResult:
         if uncertain:
             self._needs("fractions(uncertain=True) (each parameter's LCA against the iteration's error)")
         self._needs(f"fractions(by={by!r})", by)
-        keep, counts = self.keep, self.groups.sizes(by).astype(np.float64)
+        counts = self.groups.sizes(by).astype(np.float64)
         out = {}
         for name in ("helped", "hurt"):
-            kept_counts = np.asarray(self.dataset[name][start:stop].values, dtype=np.int64)
-            out[name] = self.groups.regroup(kept_counts, keep, by).astype(np.float64) / counts
+            out[name] = np.asarray(self.dataset[f"{name}_{by}"][start:stop].values, dtype=np.float64) / counts
         out["zero"] = 1.0 - out["helped"] - out["hurt"]
         it = np.arange(start, stop)
         ds = xr.Dataset({k: self._wrap(v, by, iteration=it) for k, v in out.items()})
@@ -616,9 +616,9 @@ def reduced_from_arrays(
     keep: str, sums, helped, hurt, parameter_total, parameter_helped, loss, coords, *, residual=None, lca_rest=None,
     splits=None, evaluations=None, error=None, steps=None, attrs=None,
 ) -> LCAResult:  # fmt: skip
-    """Build a reduced :class:`LCAResult` (``keep`` coarser than parameter) from plain arrays: ``sums[by]``
-    ``(T, groups)`` for ``by`` in ``keep`` and coarser, ``helped`` / ``hurt`` ``(T, groups at keep)`` counts,
-    ``parameter_total`` / ``parameter_helped`` ``(P,)``."""
+    """Build a reduced :class:`LCAResult` (``keep`` coarser than parameter) from plain arrays: ``sums[by]``,
+    ``helped[by]``, ``hurt[by]`` ``(T, groups)`` for ``by`` in ``keep`` and coarser (the counts: parameters with
+    LCA < 0, > 0), ``parameter_total`` / ``parameter_helped`` ``(P,)``."""
     loss = np.asarray(loss, dtype=np.float64)
     t = len(loss) - 1
     groups = Groups({k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")})
@@ -626,8 +626,7 @@ def reduced_from_arrays(
     total = np.asarray(sums["total"], dtype=np.float64).reshape(t, 1)
     if residual is None:
         residual = total[:, 0] + rest - np.diff(loss)
-    dim = GROUP_DIMS[keep]
-    data = {
+    data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
         "loss": (("checkpoint",), loss),
         "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
         "lca_rest": (("iteration",), rest),
@@ -637,14 +636,14 @@ def reduced_from_arrays(
             np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
         ),
         "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
-        "helped": (("iteration", dim), np.asarray(helped, np.int32)),
-        "hurt": (("iteration", dim), np.asarray(hurt, np.int32)),
         "parameter_total": (("parameter",), np.asarray(parameter_total, np.float64)),
         "parameter_helped": (("parameter",), np.asarray(parameter_helped, np.int32)),
     }
     extra = {}
     for by in kept(keep):
         data[f"lca_{by}"] = (("iteration", GROUP_DIMS[by]), np.asarray(sums[by], np.float64).reshape(t, -1))
+        data[f"helped_{by}"] = (("iteration", GROUP_DIMS[by]), np.asarray(helped[by], np.int32).reshape(t, -1))
+        data[f"hurt_{by}"] = (("iteration", GROUP_DIMS[by]), np.asarray(hurt[by], np.int32).reshape(t, -1))
         extra[GROUP_DIMS[by]] = np.asarray(groups.labels(by)).astype(str)
     ds = xr.Dataset(
         data,

@@ -45,7 +45,7 @@ KEEP_BUDGET = 4 << 30
 
 def reduced_vars(keep: str) -> tuple[str, ...]:
     """The per-iteration variables of a reduced result besides the scalars: sums at ``keep`` and coarser, counts."""
-    return (*(f"lca_{by}" for by in kept(keep)), "helped", "hurt")
+    return tuple(f"{name}_{by}" for name in ("lca", "helped", "hurt") for by in kept(keep))
 
 
 def iteration_vars(keep: str) -> tuple[str, ...]:
@@ -58,7 +58,7 @@ def estimated_bytes(keep: str, groups: Groups, n_iterations: int, stride: int = 
     p, t = groups.n_parameters, n_iterations
     if keep == "parameter":
         return t * p * 4 + (t // stride + 1) * p * 8 + t * 8 * sum(len(groups.labels(b)) for b in COARSE)
-    return t * 8 * sum(len(groups.labels(b)) for b in kept(keep)) + t * 8 * len(groups.labels(keep)) + p * 24
+    return t * 16 * sum(len(groups.labels(b)) for b in kept(keep)) + p * 24
 
 
 def resolve_keep(keep, groups: Groups, n_iterations: int, budget: int | None = None) -> str:
@@ -99,9 +99,9 @@ class Sink(Protocol):
 
 
 class Rows:
-    """``n`` consecutive iterations' rows: ``lca`` ``(n, P)`` (with ``keep`` coarser, its sums ``lca_<by>`` at
-    ``keep`` and coarser and the ``helped`` / ``hurt`` counts per kept group instead) and the per-iteration
-    scalars."""
+    """``n`` consecutive iterations' rows: ``lca`` ``(n, P)`` (with ``keep`` coarser, its sums ``lca_<by>`` and
+    counts ``helped_<by>`` / ``hurt_<by>`` at ``keep`` and every coarser granularity instead) and the
+    per-iteration scalars."""
 
     def __init__(self, n: int, n_parameters: int, lca_dtype=np.float32, keep: str = "parameter", groups=None):
         self.keep, self.groups = keep, groups
@@ -109,7 +109,8 @@ class Rows:
             rows: dict[str, np.ndarray] = {"lca": np.zeros((n, n_parameters), lca_dtype)}
         else:
             rows = {f"lca_{by}": np.zeros((n, len(groups.labels(by)))) for by in kept(keep)}
-            rows |= {name: np.zeros((n, len(groups.labels(keep))), np.int32) for name in ("helped", "hurt")}
+            for name in ("helped", "hurt"):
+                rows |= {f"{name}_{by}": np.zeros((n, len(groups.labels(by))), np.int32) for by in kept(keep)}
         self.arrays = rows | {
             "residual": np.zeros(n),
             "lca_rest": np.zeros(n),
@@ -142,8 +143,10 @@ class Rows:
         bys = kept(self.keep)
         for by, sums in self.groups.sums(lca[None], bys).items():
             self.arrays[f"lca_{by}"][i] = sums[0]
-        self.arrays["helped"][i] = self.groups.sum((lca < 0)[None], self.keep)[0]
-        self.arrays["hurt"][i] = self.groups.sum((lca > 0)[None], self.keep)[0]
+        for by, counts in self.groups.sums((lca < 0)[None], bys).items():
+            self.arrays[f"helped_{by}"][i] = counts[0]
+        for by, counts in self.groups.sums((lca > 0)[None], bys).items():
+            self.arrays[f"hurt_{by}"][i] = counts[0]
 
     def head(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of every variable."""
@@ -235,7 +238,8 @@ class MemorySink:
         r = self.rows.head(t)
         if self.totals is not None:
             return reduced_from_arrays(
-                self.keep, {by: r[f"lca_{by}"] for by in kept(self.keep)}, r["helped"], r["hurt"],
+                self.keep, {by: r[f"lca_{by}"] for by in kept(self.keep)},
+                {by: r[f"helped_{by}"] for by in kept(self.keep)}, {by: r[f"hurt_{by}"] for by in kept(self.keep)},
                 self.totals.total, self.totals.helped, self.loss[: t + 1], self.coords, residual=r["residual"],
                 lca_rest=r["lca_rest"], splits=r["splits"], evaluations=r["evaluations"], error=r["error"],
                 steps=steps, attrs=attrs,

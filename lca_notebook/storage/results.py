@@ -373,7 +373,10 @@ class StoreSink:
         self.n_iterations = t
         self.inputs["n_snapshots"] = t + 1
         self.inputs["trajectory_fingerprint"] = trajectory_fingerprint(self.traj, self.spec)
-        update_attrs(self.path, n_snapshots=t + 1, trajectory_fingerprint=self.inputs["trajectory_fingerprint"])
+        # Not fsynced: lost to a power cut, the store counts fewer snapshots, which a later run continues and grows.
+        update_attrs(
+            self.path, durable=False, n_snapshots=t + 1, trajectory_fingerprint=self.inputs["trajectory_fingerprint"]
+        )
 
     def flush(self):
         """Write the rows of the chunk being filled (the chunk is rewritten whole when it fills), so readers of
@@ -433,10 +436,9 @@ class StoreSink:
             for by in kept(self.keep):
                 n = len(self.groups.labels(by))
                 data[f"lca_{by}"] = (("iteration", GROUP_DIMS[by]), lazy((t, n), (ct, n), np.float64))
+                for name in ("helped", "hurt"):
+                    data[f"{name}_{by}"] = (("iteration", GROUP_DIMS[by]), lazy((t, n), (ct, n), np.int32))
                 coords[GROUP_DIMS[by]] = np.asarray(self.groups.labels(by)).astype(object)
-            n = len(self.groups.labels(self.keep))
-            for name in ("helped", "hurt"):
-                data[name] = (("iteration", GROUP_DIMS[self.keep]), lazy((t, n), (ct, n), np.int32))
             data["parameter_total"] = (("slot", "parameter"), lazy((2, p), (1, cp), np.float64))
             data["parameter_helped"] = (("slot", "parameter"), lazy((2, p), (1, cp), np.int32))
             layout = {"parameter_slot": 0}
@@ -450,8 +452,18 @@ class StoreSink:
         )
         ds = xr.Dataset(data, coords=coords, attrs=attrs)
         encoding = {v: {"chunks": ds[v].data.chunksize, "compressors": checksummed()} for v in data}
+        if not getattr(self.traj, "closed", True):  # a recording still growing (follow=True): chunk for its end,
+            full = _chunking(len(self.coords["tensor"]))[0]  # not for the few snapshots there are now
+            # (chunks longer than the array: safe_chunks off below; dask writes nothing here, only metadata)
+            for v, enc in encoding.items():
+                if ds[v].dims[0] in ("iteration", "checkpoint"):
+                    rows = min(_PREFIX_ROWS, full) if v == "prefix_parameter" else full
+                    enc["chunks"] = (rows, *enc["chunks"][1:])
         encoding |= {c: {"compressors": checksummed()} for c in coords}
-        ds.to_zarr(tmp, mode="w-", compute=False, consolidated=False, encoding=encoding, zarr_format=3)
+        ds.to_zarr(
+            tmp, mode="w-", compute=False, consolidated=False, encoding=encoding, zarr_format=3,
+            safe_chunks=getattr(self.traj, "closed", True),  # nothing is written by dask here: no parallel writes
+        )  # fmt: skip
 
     # -- buffers --------------------------------------------------------------------------------
     def _stored_prefix(self, k: int) -> dict[str, np.ndarray]:
