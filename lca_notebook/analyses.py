@@ -111,6 +111,11 @@ def _helped_band(result: LCAResult) -> str:
     """How sure the fraction that helped is, from the result's per-iteration ``error``: a sentence."""
     err = np.asarray(result.error.values, dtype=np.float64)
     how = "analyze with method='adaptive' and param_tol=... for one"
+    if err.size and np.isfinite(err).all() and result.keep != "parameter":
+        return (
+            f"no band from the error estimate: it needs each parameter's LCA, and this result was computed with "
+            f"keep={result.keep!r}"
+        )
     if err.size and np.isfinite(err).all():
         f = fractions(result, uncertain=True)
         low, high = float(f["mean_helped"]), float((f["helped"] + f["uncertain"]).mean("iteration"))
@@ -346,6 +351,7 @@ def oscillation(result: LCAResult, trajectory=None, *, by: str = "layer") -> xr.
     [0.0, nan]
     """
     _check_by(by, ("layer", "tensor", "unit", "parameter", "total"))
+    result._needs("oscillation() (each parameter's LCA changing sign between iterations)")
     t, p = result.n_iterations, result.n_parameters
     flips = np.zeros(p)
     pairs = np.zeros(p)
@@ -657,10 +663,16 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
                 f"{100 * float(s['shared_fraction']):.0f}% of peaks are shared with another layer",
             )
         )
-    o = oscillation(result, trajectory)
-    text = f"parameters' LCA changes sign on {100 * float(o['all_lca_flip_rate']):.0f}% of consecutive iterations"
-    if "all_reversal_rate" in o:
-        text += f"; parameters reverse direction on {100 * float(o['all_reversal_rate']):.0f}% of steps"
+    if result.keep == "parameter":
+        o = oscillation(result, trajectory)
+        text = f"parameters' LCA changes sign on {100 * float(o['all_lca_flip_rate']):.0f}% of consecutive iterations"
+        if "all_reversal_rate" in o:
+            text += f"; parameters reverse direction on {100 * float(o['all_reversal_rate']):.0f}% of steps"
+    else:
+        text = (
+            f"not measured: sign changes need each parameter's LCA at each iteration, and this result was computed "
+            f"with keep={result.keep!r} (analyze(..., keep='parameter') keeps it)"
+        )
     out.append(Finding("oscillation", "training oscillates: parameters and gradients switch direction often", text))
     c = concentration(result)
     out.append(

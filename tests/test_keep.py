@@ -212,3 +212,31 @@ def test_sharded_reduced_store_equals_numpy_and_a_single_process_store(run, tmp_
         np.testing.assert_array_equal(sharded.dataset[name].values, want.dataset[name].values, err_msg=name)
     # per-parameter totals: each shard's sum added to those before it (another association than one running sum)
     np.testing.assert_allclose(sharded.parameter_total().values, want.parameter_total().values, rtol=1e-12, atol=1e-15)
+
+
+def test_analyses_run_on_a_reduced_result_or_say_why_not(run):
+    model, x, y, snaps, full = run
+    reduced = lca.analyze(model, (x, y), snaps, method="simpson", keep="unit", progress=False)
+    from lca_notebook import analyses
+
+    np.testing.assert_array_equal(
+        analyses.fractions(reduced)["helped"].values, analyses.fractions(full)["helped"].values
+    )
+    lt, want = analyses.layer_totals(reduced), analyses.layer_totals(full)
+    np.testing.assert_allclose(lt["total"].values, want["total"].values, rtol=1e-9)
+    np.testing.assert_allclose(lt["share"].values, want["share"].values, rtol=1e-9)
+    assert analyses.hurting_layers(reduced) == analyses.hurting_layers(full)
+    np.testing.assert_allclose(
+        analyses.per_window(reduced, by="unit", windows=3).values, analyses.per_window(full, by="unit", windows=3).values,
+        rtol=1e-9, atol=1e-12,
+    )  # fmt: skip
+    s, w = analyses.synchrony(reduced, seed=1), analyses.synchrony(full, seed=1)
+    assert int(s["statistic"]) == int(w["statistic"])
+    c, cw = analyses.concentration(reduced), analyses.concentration(full)  # from the per-parameter totals
+    np.testing.assert_allclose(float(c["gini"]), float(cw["gini"]), rtol=1e-9)
+    with pytest.raises(ReducedResultError, match="oscillation.*keep='unit'"):
+        analyses.oscillation(reduced)
+    with pytest.raises(ReducedResultError, match="keep='unit'"):
+        analyses.concentration(reduced, start=2, stop=5)
+    found = {f.name: f for f in analyses.findings(reduced)}
+    assert "keep='unit'" in str(found["oscillation"])
