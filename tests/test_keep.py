@@ -227,7 +227,8 @@ def test_analyses_run_on_a_reduced_result_or_say_why_not(run):
     np.testing.assert_allclose(lt["share"].values, want["share"].values, rtol=1e-9)
     assert analyses.hurting_layers(reduced) == analyses.hurting_layers(full)
     np.testing.assert_allclose(
-        analyses.per_window(reduced, by="unit", windows=3).values, analyses.per_window(full, by="unit", windows=3).values,
+        analyses.per_window(reduced, by="unit", windows=3).values,
+        analyses.per_window(full, by="unit", windows=3).values,
         rtol=1e-9, atol=1e-12,
     )  # fmt: skip
     s, w = analyses.synchrony(reduced, seed=1), analyses.synchrony(full, seed=1)

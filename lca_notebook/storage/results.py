@@ -397,7 +397,8 @@ class StoreSink:
 
         t, p = self.n_iterations, len(self.coords["tensor"])
         ct, cp = _chunking(p)
-        ct = max(1, min(ct, t))  # as the chunks read back (a chunk longer than the array is cut to it)
+        if getattr(self.traj, "closed", True):  # as the chunks read back (dask cuts a chunk longer than the array)
+            ct = max(1, min(ct, t))
 
         def lazy(shape, chunks, dtype):  # never computed: only the metadata is written
             return da.zeros(shape, chunks=chunks, dtype=dtype)
@@ -457,8 +458,7 @@ class StoreSink:
             # (chunks longer than the array: safe_chunks off below; dask writes nothing here, only metadata)
             for v, enc in encoding.items():
                 if ds[v].dims[0] in ("iteration", "checkpoint"):
-                    rows = min(_PREFIX_ROWS, full) if v == "prefix_parameter" else full
-                    enc["chunks"] = (rows, *enc["chunks"][1:])
+                    enc["chunks"] = (full, *enc["chunks"][1:])  # prefix_parameter is on "boundary": (1, cp)
         encoding |= {c: {"compressors": checksummed()} for c in coords}
         ds.to_zarr(
             tmp, mode="w-", compute=False, consolidated=False, encoding=encoding, zarr_format=3,
