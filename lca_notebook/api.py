@@ -9,6 +9,7 @@ or a result store in ``storage``) and runs the engine, in this process or sharde
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -235,17 +236,32 @@ def _stored_snapshots(store) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 2 else None
 
 
+#: With ``follow=True``, rows computed are written to the store (readable by ``lca.open``, an explorer) at most
+#: this often, in seconds: while the follower waits for the recorder, and while it catches up.
+SHOW_SECONDS = 1.0
+
+
 def _more(follower: Follower, sink):
-    """``engine.run``'s ``more``: wait for snapshot k, growing the store to every snapshot recorded. Readers
-    see the rows computed so far whenever it waits; a dead recorder's last snapshots are counted first, so
-    a plain analyze continues the store."""
-    follower.on_wait = getattr(sink, "flush", None)
+    """``engine.run``'s ``more``: wait for snapshot k, growing the store to the snapshots recorded. Readers see
+    the rows computed so far within about ``SHOW_SECONDS``; a dead recorder's last snapshots are counted
+    first, so a plain analyze continues the store."""
+    shown = [time.monotonic()]
+
+    def show():  # at most every SHOW_SECONDS: each flush fsyncs a chunk of every array
+        if time.monotonic() - shown[0] >= SHOW_SECONDS:
+            sink.grow()
+            sink.flush()
+            shown[0] = time.monotonic()
+
+    follower.on_wait = show
 
     def more(k: int) -> bool:
         try:
             return follower.wait(k)
         finally:
-            sink.grow()
+            if k > sink.n_iterations:
+                sink.grow()
+            show()
 
     return more
 

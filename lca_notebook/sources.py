@@ -110,7 +110,7 @@ class Follower:
         self.path = os.path.abspath(os.fspath(path))
         self.poll, self.timeout = float(poll), timeout
         self.traj: RecordedTrajectory | None = None
-        #: Called (no arguments) each time the follower is about to wait: a sink shows what it has so far.
+        #: Called (no arguments) at each look while the follower waits: a sink shows what it has so far.
         self.on_wait = None
 
     def open(self, upto: int | None = None) -> RecordedTrajectory:
@@ -137,7 +137,6 @@ class Follower:
         if k < len(traj):
             return True
         deadline = self._deadline()
-        waited = False
         while True:
             if traj.refresh() > k:
                 return True
@@ -156,9 +155,8 @@ class Follower:
                     "so far is kept; run the same lca.analyze(...) again without follow=True to finish the LCA up "
                     "to that snapshot, or record the training again."
                 )
-            if not waited and self.on_wait is not None:
+            if self.on_wait is not None:
                 self.on_wait()
-            waited = True
             self._sleep(deadline, f"snapshot {k}")
 
     def _deadline(self) -> float | None:
