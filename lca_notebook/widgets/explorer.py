@@ -245,6 +245,7 @@ class Explorer(widgets.VBox):
         self._residual = np.asarray(r.residual.values, dtype=np.float64)
         self._rest = np.asarray(r.lca_rest.values, dtype=np.float64)
         self._tol = _tolerance(r.attrs)
+        self.keep = str(getattr(r, "keep", "parameter"))
 
         # element -> layer, labels and per-layer counts at each granularity
         self._labels, self._elem_layer, self._prefix = {}, {}, {}
@@ -266,7 +267,51 @@ class Explorer(widgets.VBox):
         helped = {"parameter": np.zeros((t, n_layers))}
         hurt = {"parameter": np.zeros((t, n_layers))}
 
-        coarse = ("unit", "tensor", "layer")
+        order = [by for _, by in GRANULARITIES]
+        coarse = tuple(by for by in ("unit", "tensor", "layer") if order.index(by) >= order.index(self.keep))
+        if self.keep == "parameter":
+            self._scan_parameters(r, groups, coarse, helped, hurt, budget)
+        else:  # a reduced result (analyze(keep=...)): per-iteration sums by keep and coarser only
+            self._parameters = None
+            del helped["parameter"], hurt["parameter"]
+            for by in coarse:
+                prefix = np.asarray(r.prefix(by), dtype=np.float64)
+                if not np.isfinite(prefix).all():
+                    per = np.diff(prefix, axis=0)
+                    bad = ~np.isfinite(per)
+                    self.notes.append(
+                        f"the sums by {by} hold {int(bad.sum()):,} NaN or infinite values (first at iteration "
+                        f"{int(np.argwhere(bad)[0][0])}); they are drawn as 0 and left out of every sum."
+                    )
+                    prefix = np.concatenate([np.zeros((1, per.shape[1])), np.cumsum(np.where(bad, 0.0, per), axis=0)])
+                self._prefix[by] = prefix
+            self.notes.append(
+                f"This result keeps sums by {self.keep} (analyze(keep={self.keep!r})): finer views are not offered."
+            )
+        # the loss rebuilt from the first loss plus cumulative LCA (parameters and lca_rest), as the result's own
+        # reconstructed_loss, from the prefix already at hand
+        rest = np.concatenate([[0.0], np.cumsum(np.nan_to_num(self._rest, posinf=0.0, neginf=0.0))])
+        rebuilt = self._loss[0] + self._prefix["layer"].sum(axis=1) + rest
+        self._reconstructed = rebuilt
+        for name, series in (("loss", self._loss), ("residual", self._residual)):
+            bad = ~np.isfinite(series)
+            if bad.any():
+                self.notes.append(
+                    f"{name} is NaN or infinite at {int(bad.sum())} of {len(series)} points (first at "
+                    f"{int(np.flatnonzero(bad)[0])}): gaps in its line."
+                )
+        self._residual_finite = np.where(np.isfinite(self._residual), self._residual, 0.0)
+        for by in coarse:
+            per = np.diff(self._prefix[by], axis=0)
+            onehot = np.zeros((per.shape[1], n_layers))
+            onehot[np.arange(per.shape[1]), self._elem_layer[by]] = 1.0
+            helped[by], hurt[by] = (per < 0) @ onehot, (per > 0) @ onehot
+        self._helped_counts, self._hurt_counts = helped, hurt
+
+    def _scan_parameters(self, r, groups, coarse, helped, hurt, budget):
+        """One pass over (iteration, parameter): the strided parameter prefix, helped / hurt counts per layer and
+        (for an in-memory result) the group sums; NaN and inf read as 0 and named."""
+        t = r.n_iterations
         stored = all(f"prefix_{by}" in r.dataset for by in coarse)  # else summed here, in the same pass
         per_iteration = {} if stored else {by: np.zeros((t + 1, len(groups.labels(by)))) for by in coarse}
 
@@ -297,25 +342,6 @@ class Explorer(widgets.VBox):
                 f"{tensor[col]}[{index[col]}]); they are drawn as 0 and left out of every sum. "
                 "Look for the iteration where the loss or the parameters diverged."
             )
-        # the loss rebuilt from the first loss plus cumulative LCA (parameters and lca_rest), as the result's own
-        # reconstructed_loss, from the prefix already at hand
-        rest = np.concatenate([[0.0], np.cumsum(np.nan_to_num(self._rest, posinf=0.0, neginf=0.0))])
-        rebuilt = self._loss[0] + self._prefix["layer"].sum(axis=1) + rest
-        self._reconstructed = rebuilt
-        for name, series in (("loss", self._loss), ("residual", self._residual)):
-            bad = ~np.isfinite(series)
-            if bad.any():
-                self.notes.append(
-                    f"{name} is NaN or infinite at {int(bad.sum())} of {len(series)} points (first at "
-                    f"{int(np.flatnonzero(bad)[0])}): gaps in its line."
-                )
-        self._residual_finite = np.where(np.isfinite(self._residual), self._residual, 0.0)
-        for by in ("unit", "tensor", "layer"):
-            per = np.diff(self._prefix[by], axis=0)
-            onehot = np.zeros((per.shape[1], n_layers))
-            onehot[np.arange(per.shape[1]), self._elem_layer[by]] = 1.0
-            helped[by], hurt[by] = (per < 0) @ onehot, (per > 0) @ onehot
-        self._helped_counts, self._hurt_counts = helped, hurt
 
     # -- the selection -----------------------------------------------------------------------------
     @property
