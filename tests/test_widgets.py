@@ -551,3 +551,31 @@ def test_log_count_and_the_empty_histogram_say_what_they_show(truth):
     assert not ex.marks["histogram_empty"].visible and ex.figures["histogram"].axes[1].tick_format == "d"
     ticks = ex.figures["histogram"].axes[1].tick_values
     assert np.all(np.asarray(ticks) == np.round(ticks))  # whole counts only
+
+
+def test_explorer_on_reduced_results_offers_the_kept_granularity_and_coarser():
+    import torch
+
+    from lca_notebook import models
+
+    torch.manual_seed(0)
+    x, y = models.digits_data()
+    model = models.mlp(seed=0, hidden=(8,))
+    snaps = models.train(model, (x, y), steps=10, lr=0.1)
+    truth = Truth(lca.analyze(model, (x, y), snaps, progress=False))  # the same run, every parameter kept
+    for keep, offered in (("unit", ["unit", "tensor", "layer"]), ("layer", ["layer"])):
+        reduced = lca.analyze(model, (x, y), snaps, progress=False, keep=keep)
+        ex = lca.explore(reduced)  # used to raise ReducedResultError (result.lca)
+        assert [by for _, by in ex.granularity.options] == offered and ex.granularity.value == keep
+        assert f"keeps sums by {keep}" in ex.summary.value
+        for by in offered:
+            ex.granularity.value = by
+            ex.range.value = (2, 9)
+            check_all(ex, truth)
+        ex.layer.value = "fc1"
+        ex.range.value = (0, 10)
+        if keep == "unit":
+            check_all(ex, truth)
+        else:  # no units kept: the chosen layer's row, named
+            assert ex.compute()["heatmap_rows"] == ["fc1"]
+            assert ex.figures["heatmap"].title.startswith("fc1: LCA per layer")

@@ -130,11 +130,15 @@ class Explorer(widgets.VBox):
             layout=widgets.Layout(flex="1 1 260px", min_width="240px"),
             style=label_style,
         )
+        offered = [
+            (label, by) for label, by in GRANULARITIES if (by == "parameter" and self.keep == by) or by in self._prefix
+        ]
+        tips = {"parameter": "each scalar parameter", "unit": "each output neuron or channel", "tensor": "each tensor"}
         self.granularity = widgets.ToggleButtons(
-            options=list(GRANULARITIES),
-            value=granularity,
+            options=offered,
+            value=granularity if any(by == granularity for _, by in offered) else offered[0][1],
             style={"button_width": "auto"},
-            tooltips=["each scalar parameter", "each output neuron or channel", "each tensor", "each layer"],
+            tooltips=[tips.get(by, "each layer") for _, by in offered],
         )
         # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
         self.layer = widgets.Dropdown(
@@ -436,13 +440,19 @@ class Explorer(widgets.VBox):
         out["histogram"] = histogram(values, self.histogram_bins, TAIL / 100)
         # heat map: units of the chosen layer (layers when none is chosen) x bins of iterations
         hedges_t = bin_edges(start, stop, self.heatmap_columns)
+        out["heatmap_named"] = layer is None or "unit" not in self._prefix
         if layer is None:
             prefix_rows, row_labels = p, np.arange(n_layers, dtype=np.float64)
             row_names = list(self.layers)
-        else:
+        elif "unit" in self._prefix:
             cols = np.flatnonzero(self._elem_layer["unit"] == layer)
             prefix_rows, row_labels = self._prefix["unit"][:, cols], self._units_of_layer[cols].astype(np.float64)
             row_names = [f"unit {int(u)}" for u in row_labels]
+        else:  # a result reduced to tensors or layers: the chosen layer's tensors (or the layer itself)
+            by = "tensor" if "tensor" in self._prefix else "layer"
+            cols = np.flatnonzero(self._elem_layer[by] == layer)
+            prefix_rows, row_labels = self._prefix[by][:, cols], np.arange(len(cols), dtype=np.float64)
+            row_names = [str(x) for x in self._labels[by][cols]]
         heat = binned_sum(prefix_rows, hedges_t).T  # (rows, columns)
         groups = group_rows(heat.shape[0], self.heatmap_rows)
         if len(groups) - 1 < heat.shape[0]:  # more units than pixel rows: sum neighbouring units
@@ -633,14 +643,17 @@ class Explorer(widgets.VBox):
         _put(colour_axis, "tick_values", np.array([-limit, 0.0, limit]) if limit else None)
         clip = f" · colour ±{limit:.2g} = p99 |LCA|" if limit else ""
         rows = s["heatmap_rows"]
-        if self.selected_layer is None:
+        if s["heatmap_named"]:
             names = m["heatmap_names"]
             names.domain = list(reversed(rows)) if len(rows) >= 2 else [rows[0], " "][::-1]
             name_axis.visible, unit_axis.visible = True, False
             _put(
                 name_axis, "tick_values", None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
             )
-            fig.title = f"LCA per layer and iteration{clip}"
+            if self.selected_layer is None:
+                fig.title = f"LCA per layer and iteration{clip}"
+            else:
+                fig.title = f"{self.layer.value}: LCA per {'tensor' if 'tensor' in self._prefix else 'layer'}{clip}"
         else:
             name_axis.visible, unit_axis.visible = False, True
             _put(unit_axis, "tick_values", figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6))
