@@ -276,7 +276,7 @@ class Explorer(widgets.VBox):
         if self.keep == "parameter":
             self._scan_parameters(r, groups, coarse, helped, hurt, budget)
         else:  # a reduced result (analyze(keep=...)): per-iteration sums by keep and coarser only
-            self._parameters = None
+            self._parameters: ParameterRanges | None = None
             del helped["parameter"], hurt["parameter"]
             for by in coarse:
                 prefix = np.asarray(r.prefix(by), dtype=np.float64)
@@ -359,6 +359,11 @@ class Explorer(widgets.VBox):
         if start is None or stop is None:
             start, stop = self.range.value
         if by == "parameter":
+            if self._parameters is None:
+                raise ValueError(
+                    f"this result keeps sums by {self.keep} (analyze(keep={self.keep!r})): no per-parameter totals "
+                    f"over a range; use by={self.keep!r} or coarser"
+                )
             return self._parameters.total(start, stop)
         p = self._prefix[by]
         return p[stop] - p[start]
