@@ -1,12 +1,16 @@
 """The LCA explorer: one ipywidgets panel of controls and bqplot figures over an ``LCAResult``.
 
 Everything a figure shows is a sum of prefix sums, reduced in Python to about the figure's pixel width
-and sent as float32; a control change updates the marks' data in place under ``hold_sync()``. What
-needs a pass over (iteration, parameter) is done once, at construction.
+and sent as float32; a control change updates the marks' data in place under ``hold_sync()`` and sends
+only the traits that changed. What needs a pass over (iteration, parameter) is done once, at construction,
+in a single pass.
 
-Tooltips give exact numbers on the lines (through invisible markers on their points), the layer bars
-and the histogram. bqplot 0.13's canvas ``HeatMap`` reports no cell under the pointer, so the heat map
-has none; its numbers are the chosen layer's in :meth:`Explorer.selection` / :meth:`Explorer.export`.
+Tooltips are HTML the kernel fills on hover: every series at the pointer on the loss and cumulative charts
+(through invisible full-height columns), each layer's sums and share of the loss change on the bars, the
+bin on the histogram. bqplot 0.13's canvas ``HeatMap`` binds no data to its image and so reports no cell
+under the pointer; an invisible grid of squares over it does, and the tooltip names the cell (row,
+iterations) and its LCA. The fractions chart shows the whole run: a drag on it sets the range
+(``BrushIntervalSelector``, linked both ways to the slider).
 
 >>> import lca_notebook as lca
 >>> ex = lca.explore(lca.LCAResult.example())
