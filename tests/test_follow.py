@@ -245,3 +245,65 @@ def test_a_follower_that_stopped_is_continued_by_a_plain_analyze_once_the_record
     want = lca.analyze(_model(), (x, y), [traj[k] for k in range(len(traj))], progress=False)
     assert got.n_iterations == 5
     assert_results_equal(got, want)
+
+
+def _follow_recorder_in_thread(path, store, x, y):
+    out: dict = {}
+
+    def follow():
+        try:
+            out["r"] = lca.analyze(_model(), (x, y), path, store=store, follow=True, progress=False, poll=0.01)
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    return thread, out
+
+
+def _completed(store):
+    try:
+        return read_attrs(store).get("completed_iterations", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_explorer_range_and_figures_grow_with_the_store_keeping_the_selection(tmp_path):
+    pytest.importorskip("ipywidgets")
+    model, (x, y) = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
+    rec = lca.record(model, opt, path=path).start()
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    rec.flush()
+    thread, out = _follow_recorder_in_thread(path, store, x, y)
+    _wait_for(lambda: _completed(store) == 3, "3 stored iterations")
+    ex = lca.explore(store)
+    assert (ex.range.max, ex.range.value) == (3, (0, 3))
+    following = lca.explore(store, follow=True, interval=0.02)
+    following.range.value = (1, 2)  # a range inside the run stays where the user put it
+    ex.range.value = (1, 3)  # a range ending at the newest iteration follows it
+    assert not ex.refresh()  # nothing new yet
+    for _ in range(4):
+        step()
+    rec.close()
+    thread.join(timeout=60)
+    assert "error" not in out, out.get("error")
+    assert ex.refresh()
+    assert (ex.range.max, ex.range.value) == (7, (1, 7))
+    _wait_for(lambda: following.range.max == 7 and not following.following, "the following explorer to catch up")
+    assert following.range.value == (1, 2)
+    # The figures show the new iterations: the loss line runs to checkpoint 7, and the selection's sums
+    # over [1, 7) are the stored LCA's (numpy sums of the store, read independently).
+    stored = lca.open(store)
+    assert float(np.asarray(ex.marks["loss"].x)[-1]) == 7.0
+    np.testing.assert_allclose(float(np.asarray(ex.marks["loss"].y)[-1]), float(stored.loss.values[-1]), rtol=1e-6)
+    want = stored.lca.values[1:7].astype(np.float64).sum(0)
+    np.testing.assert_allclose(ex.selection()["lca"].values, want, rtol=1e-5, atol=1e-9)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 from contextlib import ExitStack
 
 import ipywidgets as widgets
@@ -110,6 +111,8 @@ class Explorer(widgets.VBox):
         self.heatmap_columns = int(heatmap_columns or max(2, width // 2))
         self.heatmap_rows, self.histogram_bins = int(heatmap_rows), int(histogram_bins)
         self.notes: list[str] = []  # what the summary must always say (non-finite values left out, ...)
+        self._parameter_budget = parameter_budget_bytes
+        self._refresh_lock = threading.RLock()
         self._precompute(parameter_budget_bytes)
 
         # -- controls ---------------------------------------------------------------------------
@@ -241,6 +244,83 @@ class Explorer(widgets.VBox):
         fx = self.figures["fractions"].marks[0].scales["x"]
         fx.min, fx.max = 0.0, float(t)
         self.update()
+
+    # -- following a store that grows (analyze(..., follow=True)) -----------------------------------
+    def refresh(self) -> bool:
+        """Re-read the result store this explorer shows (one that ``analyze(..., follow=True)`` is still
+        filling) and extend the range and every figure in place; True when there were new iterations.
+
+        The user's selection is kept: a range that ended at the newest iteration follows it, any other stays
+        as it is. A store caught mid-growth is read again at the next refresh."""
+        from ..storage.results import open_store
+
+        path = self.result.dataset.encoding.get("source")
+        if path is None:
+            return False
+        with self._refresh_lock:
+            try:
+                new = open_store(path)
+            except Exception:  # the store mid-growth (arrays resized one after another): next time
+                return False
+            t_old, t = self.n_iterations, new.n_iterations
+            if t <= t_old:
+                return False
+            start, stop = self.range.value
+            self.result, self.n_iterations = new, t
+            self._precompute(self._parameter_budget)
+            controls = (self.range, self.smoothing)
+            for control in controls:  # one redraw below, not one per trait
+                control.unobserve(self._on_control, names="value")
+            try:
+                self.range.max = t
+                self.range.value = (start, t if stop == t_old else stop)
+                self.smoothing.max = max(1, min(500, t))
+            finally:
+                for control in controls:
+                    control.observe(self._on_control, names="value")
+            _put(self.figures["fractions"].axes[0], "tick_values", _x_ticks(0, t))
+            fx = self.figures["fractions"].marks[0].scales["x"]
+            fx.min, fx.max = 0.0, float(t)
+            self.update()
+            return True
+
+    def follow(self, interval: float = 1.0) -> Explorer:
+        """Refresh every ``interval`` seconds, in a background thread (a training loop in the same cell keeps
+        the kernel's event loop busy, so a timer there would never fire), until the store is complete or
+        :meth:`stop_following`. ``lca.explore(path, follow=True)`` calls it."""
+        from ..storage.files import read_attrs
+
+        self.stop_following()
+        path = self.result.dataset.encoding.get("source")
+        if path is None:
+            raise ValueError("follow=True re-reads a result store: give lca.explore a store path (or its result)")
+        stop = self._follow_stop = threading.Event()
+
+        def loop():
+            while not stop.wait(interval):
+                try:
+                    complete = read_attrs(path).get("complete") is True
+                except Exception:
+                    complete = False
+                self.refresh()
+                if complete:
+                    self.refresh()  # what completed it
+                    return
+
+        self._follow_thread = threading.Thread(target=loop, name="lca-explorer-follow", daemon=True)
+        self._follow_thread.start()
+        return self
+
+    def stop_following(self):
+        """Stop :meth:`follow` (a no-op when not following)."""
+        stop = getattr(self, "_follow_stop", None)
+        if stop is not None:
+            stop.set()
+
+    @property
+    def following(self) -> bool:
+        thread = getattr(self, "_follow_thread", None)
+        return thread is not None and thread.is_alive()
 
     # -- precomputation (once) ------------------------------------------------------------------
     def _precompute(self, budget):
@@ -1102,12 +1182,21 @@ class _Finite:
         return out
 
 
-def explore(result, **options) -> Explorer:
+def explore(result, *, follow: bool = False, interval: float = 1.0, **options) -> Explorer:
     """The interactive explorer of an ``LCAResult`` (an ipywidgets panel; display it or end a cell with it).
+
+    ``result`` may be a result store's path. ``follow=True``: the store is still being filled
+    (``analyze(..., store=PATH, follow=True)``, in this process or another): re-read it every ``interval``
+    seconds and extend the range and figures in place (:meth:`Explorer.follow`), keeping the selection.
 
     >>> import lca_notebook as lca
     >>> panel = lca.explore(lca.LCAResult.example())
     >>> sorted(panel.figures)
     ['cumulative', 'fractions', 'heatmap', 'histogram', 'layers', 'loss', 'residual']
     """
-    return Explorer(result, **options)
+    if isinstance(result, (str, bytes)) or hasattr(result, "__fspath__"):
+        from ..storage.results import open as open_result
+
+        result = open_result(result)
+    explorer = Explorer(result, **options)
+    return explorer.follow(interval) if follow else explorer
