@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order
 from .errors import RecordingError
@@ -111,7 +111,7 @@ class Follower:
         self.poll, self.timeout = float(poll), timeout
         self.traj: RecordedTrajectory | None = None
         #: Called (no arguments) at each look while the follower waits: a sink shows what it has so far.
-        self.on_wait = None
+        self.on_wait: Callable[[], object] | None = None
 
     def open(self, upto: int | None = None) -> RecordedTrajectory:
         """The trajectory as recorded so far, once the store exists and holds two snapshots (or is finished);
