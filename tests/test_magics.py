@@ -173,3 +173,47 @@ def test_the_cards_flow_in_a_real_kernel_ends_with_the_explorer():
         client.execute_cell(probe, len(nb.cells) - 1)
     text = "".join(o.get("text", "") for o in probe.outputs)
     assert text.split() == ["lca_notebook.widgets.explorer", "Explorer", "True", "20", "7"], probe.outputs
+
+
+LIVE_TRAIN = """
+for step in range(6):
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    if step == 2:  # wait (on a condition) until the LCA has stored an iteration while this cell still trains
+        trajectory.flush()
+        while trajectory_live.counts()[1] < 1:
+            time.sleep(0.01)
+        seen_while_training = trajectory_live.counts()
+"""
+
+
+def test_lca_record_live_computes_the_lca_while_the_cell_trains(shell, tmp_path):
+    shell.run_line_magic("load_ext", "lca_notebook")
+    _setup_model(shell)
+    import time
+
+    shell.user_ns.update(torch=torch, time=time, data=(shell.user_ns["x"], shell.user_ns["y"]))
+    path = tmp_path / "run.zarr"
+    try:
+        with pytest.raises(ValueError, match="--live needs --data"):
+            shell.run_cell_magic("lca_record", f"model opt --to {path} --live", LIVE_TRAIN)
+        shell.run_cell_magic("lca_record", f"model opt --to {path} --live --data data --refresh 0.05", LIVE_TRAIN)
+        snapshots, stored = shell.user_ns["seen_while_training"]
+        assert snapshots == 4 and 1 <= stored <= 3  # the LCA ran during training, behind it
+        live = shell.user_ns["trajectory_live"]
+        result = live.join(timeout=120)
+        assert shell.user_ns["trajectory_lca"] is result and live.lag() == 0
+        assert "LCA done: 6 iterations" in live.status.value
+        assert live.explorer is not None and live.explorer.range.max == 6
+        from lca_notebook.storage.trajectories import RecordedTrajectory
+
+        traj = RecordedTrajectory(str(path))
+        want = lca_notebook.analyze(shell.user_ns["model"], shell.user_ns["data"], [traj[k] for k in range(7)],
+                                    progress=False)  # fmt: skip
+        np.testing.assert_array_equal(result.lca.values, want.lca.values)
+        np.testing.assert_array_equal(result.loss.values, want.loss.values)
+        np.testing.assert_array_equal(result.residual.values, want.residual.values)
+    finally:
+        for name in ("data", "time", "seen_while_training", "trajectory_live", "trajectory_lca"):
+            shell.user_ns.pop(name, None)
