@@ -1,0 +1,206 @@
+"""A >= 10M-parameter model: store size per keep=, peak RSS against T, analyze against its floor, explorer build.
+
+The model is a wide MLP on scikit-learn's digits, 64 -> W -> W -> 10 (W = 3200: 10.5M parameters), trained
+with SGD while ``lca.record(path=...)`` writes its snapshots to disk.
+
+1. Store size per ``keep`` (``analyze(store=..., keep=k)`` on the T_store-iteration recording): bytes on disk
+   and the ratio to the float32 LCA (T x P x 4 bytes).
+2. Peak RSS of ``analyze(keep="unit")`` on the recording on disk, at T=t_small and T=t_large, each in a
+   fresh subprocess (``resource.getrusage``): the ratio must not grow with T (target <= 1.2).
+3. ``analyze(method="simpson", keep="unit")`` against its floor: 2T+1 plain ``torch.autograd.grad`` of the
+   full-data loss via ``functional_call`` at the same points (every snapshot and midpoint, prepared before the
+   clock starts), alternating, best of ``--repeats`` (target <= 1.05).
+4. Explorer build time on the stored results (``lca.explore(lca.open(store))``).
+
+CPU only (``device="cpu"``); the CUDA path is not measured here.
+
+    .venv/bin/python benchmarks/bench_scale.py           # W=3200, 256 samples, T 48 / 50 vs 200 / 8
+    .venv/bin/python benchmarks/bench_scale.py --quick   # W=3200, 128 samples, T 16 / 20 vs 80 / 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import lca_notebook as lca
+from lca_notebook import models
+from lca_notebook.storage.trajectories import RecordedTrajectory
+
+
+def mlp(width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def data(samples: int):
+    x, y = models.digits_data()
+    return x[:samples], y[:samples]
+
+
+def record(path: str, width: int, samples: int, steps: int) -> float:
+    """Train ``steps`` full-batch SGD steps, recording every one to ``path``; seconds taken."""
+    model, (x, y) = mlp(width), data(samples)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    t0 = time.perf_counter()
+    with lca.record(model, opt, path=path):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def child_rss(traj: str, width: int, samples: int, keep: str, method: str) -> dict:
+    """In a fresh process: RSS before analyze (model, data, imports) and its peak during analyze."""
+    model, (x, y) = mlp(width), data(samples)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    r = lca.analyze(model, (x, y), traj, keep=keep, method=method, progress=False)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"base_mb": base, "peak_mb": peak, "seconds": seconds, "iterations": r.n_iterations}
+
+
+def floor(model, x, y, points) -> float:
+    names = [n for n, _ in model.named_parameters()]
+    t0 = time.perf_counter()
+    for p in points:
+        leaves = {n: p[n].detach().requires_grad_() for n in names}
+        loss = nn.functional.cross_entropy(functional_call(model, leaves, (x,)), y)
+        torch.autograd.grad(loss, list(leaves.values()))
+    return time.perf_counter() - t0
+
+
+def against_floor(traj_path: str, width: int, samples: int, t: int, repeats: int) -> tuple[float, float, int]:
+    model, (x, y) = mlp(width), data(samples)
+    recorded = RecordedTrajectory(traj_path)
+    snaps = [{k: v.clone() for k, v in recorded[k].items()} for k in range(t + 1)]
+    names = [n for n, _ in model.named_parameters()]
+    points = [{n: snaps[0][n] for n in names}]
+    for a, b in itertools.pairwise(snaps):
+        points += [{n: (a[n] + b[n]) / 2 for n in names}, {n: b[n] for n in names}]
+    floors, runs = [], []
+    for _ in range(repeats):
+        floors.append(floor(model, x, y, points))
+        t0 = time.perf_counter()
+        lca.analyze(model, (x, y), snaps, method="simpson", keep="unit", progress=False)
+        runs.append(time.perf_counter() - t0)
+    return min(floors), min(runs), len(points)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--width", type=int, default=3200)
+    ap.add_argument("--samples", type=int, default=None, help="digits used as the full data (default 256; quick 128)")
+    ap.add_argument("--method", default="first_order", help="method of the store and RSS runs (cost: T+1 gradients)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--child-rss", nargs=3, metavar=("TRAJ", "KEEP", "OUT"))
+    args = ap.parse_args()
+    samples = args.samples or (128 if args.quick else 256)
+    if args.child_rss:
+        traj, keep, out = args.child_rss
+        with open(out, "w") as f:
+            json.dump(child_rss(traj, args.width, samples, keep, args.method), f)
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t_store, t_small, t_large, t_floor = (20, 20, 80, 4) if args.quick else (50, 50, 200, 8)
+    n_params = sum(p.numel() for p in mlp(args.width).parameters())
+    tmp = tempfile.mkdtemp(prefix="lca_bench_scale_")
+    print(f"model: 64 -> {args.width} -> {args.width} -> 10, {n_params / 1e6:.2f}M parameters; {samples} digits")
+    try:
+        rec = {t: os.path.join(tmp, f"traj{t}") for t in sorted({t_store, t_small, t_large})}
+        for t, path in rec.items():
+            s = record(path, args.width, samples, t)
+            print(f"recorded {t} steps in {s:.1f} s ({du(path) / 1e9:.2f} GB on disk)")
+
+        # 1. store size per keep
+        lca32 = t_store * n_params * 4
+        sizes, stores = {}, {}
+        model, (x, y) = mlp(args.width), data(samples)
+        for keep in ("parameter", "unit", "tensor", "layer"):
+            stores[keep] = os.path.join(tmp, f"store-{keep}")
+            t0 = time.perf_counter()
+            lca.analyze(model, (x, y), rec[t_store], store=stores[keep], keep=keep, method=args.method, progress=False)
+            sizes[keep] = (du(stores[keep]), time.perf_counter() - t0)
+        print(f"\n1. store size per keep, T={t_store} ({args.method}); float32 LCA = {lca32 / 1e6:.1f} MB")
+        print(f"   {'keep':>10} {'MB':>10} {'ratio':>8} {'analyze s':>10}")
+        for keep, (size, s) in sizes.items():
+            print(f"   {keep:>10} {size / 1e6:>10.2f} {size / lca32:>8.4f} {s:>10.1f}")
+        parts = {name: du(os.path.join(stores["parameter"], name)) for name in os.listdir(stores["parameter"])}
+        parts = {k: v for k, v in parts.items() if os.path.isdir(os.path.join(stores["parameter"], k))}
+        coords = sum(parts.get(k, 0) for k in ("tensor", "layer", "unit", "index", "parameter"))
+        stride = lca.open(stores["parameter"]).attrs.get("prefix_stride")
+        coarse = sum(v for k, v in parts.items() if k.startswith("prefix_") and k != "prefix_parameter")
+        print(
+            f"   keep='parameter' in parts (ratio to the float32 LCA): lca {parts['lca'] / lca32:.4f}, prefix_parameter "
+            f"{parts['prefix_parameter'] / lca32:.4f} (a float64 row every {stride} iterations), coarse prefixes "
+            f"{coarse / lca32:.4f}, per-parameter coordinates {coords / lca32:.4f} (fixed: shrinks as 1/T)"
+        )
+        print("   (target for keep='parameter': ratio <= 1.25)")
+
+        # 4. explorer build on the stored results (before the stores go)
+        builds = {}
+        for keep in ("parameter", "unit"):
+            t0 = time.perf_counter()
+            try:
+                lca.explore(lca.open(stores[keep]))
+                builds[keep] = f"{time.perf_counter() - t0:.2f} s"
+            except Exception as exc:  # said in the report, not hidden
+                builds[keep] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        for path in stores.values():
+            shutil.rmtree(path)
+
+        # 2. peak RSS against T, each in a fresh process
+        rss = {}
+        for t in (t_small, t_large):
+            out = os.path.join(tmp, f"rss{t}.json")
+            cmd = [sys.executable, __file__, "--width", str(args.width), "--samples", str(samples)]
+            cmd += ["--method", args.method, "--child-rss", rec[t], "unit", out]
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                rss[t] = json.load(f)
+        print(f"\n2. peak RSS of analyze(keep='unit', method={args.method!r}), trajectory on disk, fresh process each")
+        print(f"   {'T':>6} {'before MB':>10} {'peak MB':>10} {'seconds':>8}")
+        for t, v in rss.items():
+            print(f"   {t:>6} {v['base_mb']:>10.1f} {v['peak_mb']:>10.1f} {v['seconds']:>8.1f}")
+        print(
+            f"   ratio T={t_large} / T={t_small}: {rss[t_large]['peak_mb'] / rss[t_small]['peak_mb']:.3f} (target <= 1.2)"
+        )
+
+        # 3. analyze against its floor
+        fl, an, n_points = against_floor(rec[t_small], args.width, samples, t_floor, args.repeats)
+        print(
+            f"\n3. analyze(method='simpson', keep='unit') vs floor, T={t_floor} ({n_points} gradients), best of {args.repeats}"
+        )
+        print(
+            f"   floor {fl:.2f} s ({1e3 * fl / n_points:.0f} ms per gradient), analyze {an:.2f} s: ratio {an / fl:.3f} (target <= 1.05)"
+        )
+
+        print(f"\n4. explorer build on the stored result (T={t_store})")
+        for keep, v in builds.items():
+            print(f"   keep={keep!r}: {v}")
+        print("\nCPU only: the CUDA path is unmeasured.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
