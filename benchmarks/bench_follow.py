@@ -20,6 +20,7 @@ browser). Reported:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -114,10 +115,10 @@ def main():
             if n > seen and args.explorer:
                 t0 = time.perf_counter()
                 if explorer is None:
-                    explorer = lca.explore(store, follow=False)
-                else:
-                    explorer.refresh()
-                drawn.append(time.perf_counter() - t0)
+                    with contextlib.suppress(ValueError):  # the store mid-growth (arrays resized one by one)
+                        explorer = lca.explore(store)
+                elif explorer.refresh():
+                    drawn.append(time.perf_counter() - t0)
             seen = max(seen, n)
             rss.append((now, rss_mb()))
             time.sleep(0.005)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import os
 import threading
+import time
 from contextlib import ExitStack
 
 import ipywidgets as widgets
@@ -297,12 +298,15 @@ class Explorer(widgets.VBox):
         stop = self._follow_stop = threading.Event()
 
         def loop():
-            while not stop.wait(interval):
+            took = 0.0
+            while not stop.wait(max(interval, 2 * took)):  # a slow redraw never takes more than a third of the time
                 try:
                     complete = read_attrs(path).get("complete") is True
                 except Exception:
                     complete = False
+                t0 = time.perf_counter()
                 self.refresh()
+                took = time.perf_counter() - t0
                 if complete:
                     self.refresh()  # what completed it
                     return
