@@ -12,6 +12,7 @@ import functools
 import hashlib
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +149,7 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
         if batch_size is not None and out:
             # Re-batch to the requested size (useful to bound memory with a loader of large batches).
             flat_in = _concat([b.args if not b.kwargs else b.kwargs for b in out])
-            flat_target = _concat([b.target for b in out])
+            flat_target = _concat([b.target for b in out], "targets")
             out = [
                 _as_batch((i, t), "data")
                 for i, t in zip(_split(flat_in, batch_size), _split(flat_target, batch_size), strict=False)
@@ -241,14 +242,21 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
     )
 
 
-def _concat(parts):
+def _concat(parts, key: str = "inputs"):
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"cannot re-batch the data to batch_size: the batches' {key} differ beyond their first dimension "
+                f"({', '.join(str(list(s)) for s in sorted(shapes))}), as batches padded each to its own length do. "
+                "Pass the loader without batch_size= (its batches are used as they are), or pad to one length."
+            )
         return torch.cat(parts)
     if isinstance(first, (tuple, list)):
-        return tuple(_concat([p[i] for p in parts]) for i in range(len(first)))
+        return tuple(_concat([p[i] for p in parts], f"{key}[{i}]") for i in range(len(first)))
     if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts]) for k in first}
+        return {k: _concat([p[k] for p in parts], repr(k)) for k in first}
     raise TypeError(f"cannot re-batch data holding {type(first).__name__}; pass batch_size=None")
 
 
@@ -280,15 +288,21 @@ def batch_weights(batch_list: list[Batch], loss_fn) -> list[float]:
     rows = [float(b.size) for b in batch_list]
     if isinstance(loss_fn, ModelLoss):  # the model's own loss: what it averages over
         rows = model_loss_counts(batch_list, loss_fn) or rows
-    if loss_fn in (F.cross_entropy, F.nll_loss):
-        ignore, weight = -100, None
-    elif isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) and loss_fn.reduction == "mean":
-        ignore, weight = loss_fn.ignore_index, loss_fn.weight
-    else:
-        ignore = None
+    ignore = _ignore_index(loss_fn)
+    weight = getattr(loss_fn, "weight", None) if isinstance(loss_fn, torch.nn.Module) else None
     targets_are_labels = all(
         isinstance(b.target, torch.Tensor) and not b.target.is_floating_point() for b in batch_list
     )
+    unknown_average = ignore is None and not isinstance(loss_fn, ModelLoss) and len(batch_list) > 1
+    if unknown_average and targets_are_labels and any(bool((b.target == -100).any()) for b in batch_list):
+        warnings.warn(
+            f"the targets hold -100 (labels a loss ignores) and loss_fn {loss_name(loss_fn)} is not one whose "
+            "averaging lca_notebook knows, so batches are weighted by their number of rows: if it averages over "
+            "the labels it does not ignore, the full-data loss is off. Pass the data as one batch (batch_size="
+            "None with a single (inputs, labels) pair), pass torch.nn.functional.cross_entropy itself, or leave "
+            "loss_fn out to use the model's own loss.",
+            stacklevel=4,
+        )
     if ignore is not None and len(batch_list) > 1 and targets_are_labels:
         try:
             counts = []
@@ -607,7 +621,13 @@ def model_loss(model) -> ModelLoss:
     >>> model_loss(torch.nn.Linear(2, 2)).shift
     0
     """
-    return ModelLoss(shift=1 if getattr(model, "loss_type", "") in ("ForCausalLM", None) else 0)
+    loss_type = getattr(model, "loss_type", "")
+    # transformers maps ForConditionalGeneration to the causal LM loss too; an encoder-decoder computes its own,
+    # unshifted (its decoder inputs are the labels shifted right).
+    generation = loss_type == "ForConditionalGeneration" and not getattr(
+        getattr(model, "config", None), "is_encoder_decoder", False
+    )
+    return ModelLoss(shift=1 if loss_type in ("ForCausalLM", None) or generation else 0)
 
 
 def model_loss_counts(batch_list: list[Batch], loss_fn: ModelLoss) -> list[float] | None:
@@ -621,7 +641,7 @@ def model_loss_counts(batch_list: list[Batch], loss_fn: ModelLoss) -> list[float
         if t.is_floating_point():
             counts.append(float(t.numel()))
             continue
-        if loss_fn.shift and t.dim() >= 1:
+        if loss_fn.shift and t.dim() >= 2:  # a label per token; one label per sample (multiple choice) is not shifted
             t = t[..., loss_fn.shift :]
         counts.append(float((t != -100).sum()))
     return counts if sum(counts) > 0 else None

@@ -107,3 +107,41 @@ def test_an_iterable_dataset_given_directly_is_collated_into_batches():
     assert [b.size for b in read] == [8, 8, 8, 8, 5]
     assert torch.equal(torch.cat([b.target for b in read]), y)
     assert torch.equal(torch.cat([b.args[0] for b in read]), x)
+
+
+def _labelled(n: int, width: int, labels):
+    return {"input_ids": torch.ones(n, width, dtype=torch.long), "labels": labels}
+
+
+def test_the_models_own_loss_shifts_labels_per_token_only():
+    """transformers falls back to the causal-LM loss (shifted) for loss_type None; a multiple-choice model has one
+    label per sample, which no loss shifts: batches of 4 and 2 samples weigh 4:2, not 3:1."""
+    model = nn.Linear(2, 2)
+    model.loss_type = None  # as transformers' BertForMultipleChoice has it
+    per_sample = data.batches([_labelled(4, 3, torch.tensor([0, 1, 0, 1])), _labelled(2, 3, torch.tensor([1, 0]))])
+    assert data.batch_weights(per_sample, data.model_loss(model)) == pytest.approx([4 / 6, 2 / 6])
+    # a label per token: the first of each sequence is never predicted, and -100 is ignored
+    tokens = [torch.tensor([[5, 6, 7], [8, 9, -100]]), torch.tensor([[1, 2, 3]])]  # shifted: 3 and 2 kept
+    per_token = data.batches([_labelled(2, 3, tokens[0]), _labelled(1, 3, tokens[1])])
+    assert data.batch_weights(per_token, data.model_loss(model)) == pytest.approx([3 / 5, 2 / 5])
+
+
+def test_an_unknown_loss_on_labels_with_ignored_entries_warns_that_batches_weigh_by_rows():
+    x, y = torch.randn(6, 3), torch.tensor([0, -100, 1, 1, -100, 2])
+    read = data.batches((x, y), batch_size=3)
+
+    def ce(out, t):
+        return F.cross_entropy(out, t)
+
+    with pytest.warns(UserWarning, match=r"targets hold -100.*loss_fn ce .*weighted by their number of rows"):
+        data.batch_weights(read, ce)
+    assert data.batch_weights(read, F.cross_entropy) == pytest.approx([0.5, 0.5])  # 2 kept labels in each
+
+
+def test_rebatching_batches_padded_to_their_own_length_names_the_key():
+    loader = [
+        _labelled(2, 5, torch.zeros(2, 5, dtype=torch.long)),
+        _labelled(2, 7, torch.zeros(2, 7, dtype=torch.long)),
+    ]
+    with pytest.raises(ValueError, match=r"batches' 'input_ids' differ.*\[5\], \[7\].*without batch_size="):
+        data.batches(loader, batch_size=3)
