@@ -307,3 +307,39 @@ def test_explorer_range_and_figures_grow_with_the_store_keeping_the_selection(tm
     np.testing.assert_allclose(float(np.asarray(ex.marks["loss"].y)[-1]), float(stored.loss.values[-1]), rtol=1e-6)
     want = stored.lca.values[1:7].astype(np.float64).sum(0)
     np.testing.assert_allclose(ex.selection()["lca"].values, want, rtol=1e-5, atol=1e-9)
+
+
+def test_follow_with_a_reduced_keep_equals_a_plain_run(tmp_path, monkeypatch):
+    """keep="layer": the per-iteration sums and counts grow with the store, the per-parameter totals do not."""
+    monkeypatch.setattr("lca_notebook.storage.results.CHUNK_ITERATIONS", 4)
+    model, (x, y) = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
+    rec = lca.record(model, opt, path=path).start()
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    step()
+    rec.flush()
+    out: dict = {}
+
+    def follow():
+        out["r"] = lca.analyze(
+            _model(), (x, y), path, store=store, follow=True, keep="layer", progress=False, poll=0.01
+        )
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    _wait_for(lambda: _completed(store) == 2, "2 stored iterations")
+    for _ in range(9):
+        step()
+    rec.close()
+    thread.join(timeout=60)
+    want = lca.analyze(_model(), (x, y), path, store=str(tmp_path / "plain.zarr"), keep="layer", progress=False)
+    assert out["r"].n_iterations == 11
+    for name in want.dataset.data_vars:
+        np.testing.assert_array_equal(out["r"].dataset[name].values, want.dataset[name].values, err_msg=name)
