@@ -163,6 +163,22 @@ def run_notebook(result_path: Path, summary: str):
     return nb
 
 
+def _foreign_notebook(path: Path) -> str | None:
+    """Why ``path`` may not be written: it holds a notebook this job did not write (checked before training)."""
+    if not path.exists():
+        return None
+    try:
+        ours = "lca_notebook" in json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if ours:
+        return None
+    return (
+        f"{path} is there already and is not a notebook this job wrote: it is left as it is. "
+        "Choose another folder with --out DIR (or leave --out out for a new folder under ~/lca_runs)."
+    )
+
+
 def write_notebook(nb, path: Path, *, trusted: bool) -> None:
     """Write ``nb``; ``trusted`` signs it (as `jupyter trust` does) so JupyterLab renders its widget outputs."""
     import nbformat
@@ -402,6 +418,10 @@ def main(argv=None) -> int:
         print(f"--steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2
     folder = run_folder(args.out)
+    foreign = _foreign_notebook(folder / NOTEBOOK_NAME)
+    if foreign:
+        print(foreign, file=sys.stderr)
+        return 2
     result = train_and_analyze(args.steps)
     # A rerun into the same --out replaces its own earlier result (save still refuses anything that is not one).
     result_path = Path(result.save(folder / RESULT_NAME, overwrite=True))

@@ -98,6 +98,18 @@ def test_no_lab_saves_the_run_folder_under_home_and_nothing_where_it_starts(tmp_
     assert "3 iterations x 17,226 parameters" in again.stdout
     assert sorted(p.name for p in run.iterdir()) == ["digits_mlp.nc", "explorer.ipynb"]
 
+    # A folder holding a notebook of the user's under that name: refused before any training, the notebook kept.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "explorer.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    refused = subprocess.run(
+        [sys.executable, "-m", "lca_notebook", "--no-lab", "--steps", "3", "--out", str(theirs)],
+        cwd=cwd, env=_env(HOME=str(home)), capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "is not a notebook this job wrote" in refused.stderr, refused.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["explorer.ipynb"]
+    assert "iterations x" not in refused.stdout  # nothing was trained
+
 
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
