@@ -98,6 +98,11 @@ class Options:
                     "uses fixed points and has no per-parameter error estimate. Use method='adaptive' with param_tol, "
                     "or leave param_tol=None"
                 )
+            if self.max_splits < 2:
+                raise ValueError(
+                    f"param_tol needs max_splits >= 2, got max_splits={self.max_splits}: the error estimate compares "
+                    "two Simpson levels, and one piece is the only level max_splits=1 allows"
+                )
             object.__setattr__(self, "param_tol", float(value))
 
     def attrs(self) -> dict:

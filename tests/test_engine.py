@@ -154,6 +154,7 @@ def test_param_tol_is_checked_and_recorded():
         ({"param_tol": "1e-6"}, "param_tol must be a positive finite number"),
         ({"param_tol": 1e-6, "method": "simpson"}, "only method='adaptive' does; method='simpson'"),
         ({"param_tol": 1e-6, "method": "first_order"}, "only method='adaptive'"),
+        ({"param_tol": 1e-6, "max_splits": 1}, r"param_tol needs max_splits >= 2, got max_splits=1"),
     ]:
         with pytest.raises(ValueError, match=match):
             Options(**kwargs)
