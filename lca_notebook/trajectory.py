@@ -174,5 +174,6 @@ def unmoved(loss, residual) -> str | None:
     return (
         f"iterations {_spans(still)} ({len(still)} of {len(residual)}) changed nothing: the loss is bit-identical "
         "before and after and their LCA is exactly 0, so those snapshots hold the same values as the next one "
-        f"(saved twice, or the same tensors). {_COPY_HINT}"
+        "(saved twice, or the same tensors; or a step that moved nothing, as one with learning rate 0 at the start "
+        f"of a warmup does, which is harmless). {_COPY_HINT}"
     )
