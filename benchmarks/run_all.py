@@ -26,6 +26,7 @@ SCRIPTS = [  # (script, full-run arguments, quick-run arguments, what it answers
     ("bench_analyses.py", [], ["--iterations", "300", "--parameters", "20000"], "the paper's analyses (issue 5)"),
     ("bench_distributed.py", [], ["--steps", "60", "--repeats", "1"], "2 Dask workers vs 1 process (issue 6)"),
     ("bench_accuracy.py", [], ["--quick"], "param_tol: evaluations and the error made vs its estimate (issue 12)"),
+    ("bench_follow.py", ["--explorer"], ["--quick"], "LCA while the model trains: lag and memory (issue 14)"),
     ("bench_scale.py", [], ["--quick"], "a 10M-parameter MLP: store size per keep=, RSS vs T, floor (issue 15)"),
 ]
 
