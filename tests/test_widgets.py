@@ -579,3 +579,22 @@ def test_explorer_on_reduced_results_offers_the_kept_granularity_and_coarser():
         else:  # no units kept: the chosen layer's row, named
             assert ex.compute()["heatmap_rows"] == ["fc1"]
             assert ex.figures["heatmap"].title.startswith("fc1: LCA per layer")
+
+
+def test_the_summary_shows_the_helped_share_as_a_band_when_every_iteration_has_an_error_estimate():
+    """param_tol runs: signs within the iteration's error estimate are uncertain, so the share that helped is a band
+    (numpy here: helped = LCA < -error, uncertain = 0 < |LCA| <= error, averaged over the range's iterations)."""
+    r = make_result()
+    assert "helped:" not in Explorer(r).summary.value  # no estimate (error NaN): plain counts, no band
+    err = np.full(r.n_iterations, 4e-4)
+    r = from_arrays(r.lca.values, r.loss.values, _coords_of(r), error=err, attrs={"method": "test"})
+    ex = Explorer(r)
+    ex.range.value = (7, 31)
+    lca_ = np.asarray(r.lca.values[7:31], dtype=np.float64)
+    lo = (lca_ < -4e-4).mean(axis=1).mean()
+    hi = lo + ((np.abs(lca_) <= 4e-4) & (lca_ != 0)).mean(axis=1).mean()
+    assert f"helped: {100 * lo:.1f}%&ndash;{100 * hi:.1f}% of parameters" in ex.summary.value
+
+
+def _coords_of(r):
+    return {k: r.lca[k].values for k in ("tensor", "layer", "unit", "index")}

@@ -33,6 +33,7 @@ import ipywidgets as widgets
 import numpy as np
 import xarray as xr
 
+from ..result import ReducedResultError
 from . import figures
 from .reduce import (
     ParameterRanges,
@@ -780,9 +781,35 @@ class Explorer(widgets.VBox):
             f"<b>iterations [{start}, {stop})</b> of {self.n_iterations} &middot; loss {loss0:.6g} &rarr; {loss1:.6g} "
             f"(change {loss1 - loss0:+.6g}) &middot; LCA sum {total:+.6g}, residual {residual:+.3g}<br>"
             f"{html.escape(where)}, by {by}, {self.sign.value}: <b>{len(values)}</b> elements "
-            f"({zeros:,} exactly 0), sum {values.sum():+.6g}</div>"
+            f"({zeros:,} exactly 0), sum {values.sum():+.6g}{self._helped_band(start, stop)}</div>"
         )
         return self._summary_box(body)
+
+    def _helped_band(self, start: int, stop: int) -> str:
+        """With a per-iteration error estimate on every iteration (``param_tol``), the share of parameters that
+        helped as a band: signs within the estimate are uncertain (``LCAResult.fractions(uncertain=True)``).
+        Computed once per length of the result: one pass over ``lca``, which only such runs pay."""
+        cached = getattr(self, "_band_cache", None)
+        if cached is None or len(cached[0]) != self.n_iterations:
+            band = None
+            error = self.result.dataset["error"].values if "error" in self.result.dataset else np.array([np.nan])
+            if np.isfinite(np.asarray(error, dtype=np.float64)).all():
+                try:
+                    f = self.result.fractions(uncertain=True)
+                    band = (f.helped.values.reshape(-1), f.uncertain.values.reshape(-1))
+                except ReducedResultError:  # a reduced result without what the band needs: no band
+                    band = None
+            cached = self._band_cache = (np.zeros(self.n_iterations), band)
+        band = cached[1]
+        if band is None:
+            return ""
+        lo = float(np.mean(band[0][start:stop]))
+        hi = lo + float(np.mean(band[1][start:stop]))
+        return (
+            f"<br>helped: {100 * lo:.1f}%&ndash;{100 * hi:.1f}% of parameters per iteration, on average "
+            '<span title="signs within the largest estimated quadrature error (param_tol) are uncertain">(band: '
+            "uncertain signs)</span>"
+        )
 
     # -- events -----------------------------------------------------------------------------------
     def _on_control(self, change):
