@@ -67,14 +67,27 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (getrusage's ru_maxrss survives exec, so a child started by a big parent
+    would report the parent's peak); ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_rss(traj: str, width: int, samples: int, keep: str, method: str) -> dict:
-    """In a fresh process: RSS before analyze (model, data, imports) and its peak during analyze."""
+    """In a fresh process: peak RSS before analyze (model, data, imports) and during analyze."""
     model, (x, y) = mlp(width), data(samples)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     r = lca.analyze(model, (x, y), traj, keep=keep, method=method, progress=False)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"base_mb": base, "peak_mb": peak, "seconds": seconds, "iterations": r.n_iterations}
 
 
@@ -113,6 +126,7 @@ def main():
     ap.add_argument("--method", default="first_order", help="method of the store and RSS runs (cost: T+1 gradients)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--child-rss", nargs=3, metavar=("TRAJ", "KEEP", "OUT"))
+    ap.add_argument("--parts", default="1234", help="which parts to run (1: stores and 4: explorer go together)")
     args = ap.parse_args()
     samples = args.samples or (128 if args.quick else 256)
     if args.child_rss:
@@ -121,82 +135,91 @@ def main():
             json.dump(child_rss(traj, args.width, samples, keep, args.method), f)
         return
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    t_store, t_small, t_large, t_floor = (20, 20, 80, 4) if args.quick else (50, 50, 200, 8)
+    # the stores take the first t_store iterations of the t_small recording: a multiple of the store's chunk of
+    # iterations (16 here), as a run of thousands of iterations nearly is (a partial last chunk is stored whole)
+    t_store, t_small, t_large, t_floor = (16, 20, 80, 4) if args.quick else (48, 50, 200, 8)
     n_params = sum(p.numel() for p in mlp(args.width).parameters())
     tmp = tempfile.mkdtemp(prefix="lca_bench_scale_")
     print(f"model: 64 -> {args.width} -> {args.width} -> 10, {n_params / 1e6:.2f}M parameters; {samples} digits")
     try:
-        rec = {t: os.path.join(tmp, f"traj{t}") for t in sorted({t_store, t_small, t_large})}
+        rec = {t: os.path.join(tmp, f"traj{t}") for t in ((t_small, t_large) if "2" in args.parts else (t_small,))}
         for t, path in rec.items():
             s = record(path, args.width, samples, t)
             print(f"recorded {t} steps in {s:.1f} s ({du(path) / 1e9:.2f} GB on disk)")
 
-        # 1. store size per keep
-        lca32 = t_store * n_params * 4
-        sizes, stores = {}, {}
-        model, (x, y) = mlp(args.width), data(samples)
-        for keep in ("parameter", "unit", "tensor", "layer"):
-            stores[keep] = os.path.join(tmp, f"store-{keep}")
-            t0 = time.perf_counter()
-            lca.analyze(model, (x, y), rec[t_store], store=stores[keep], keep=keep, method=args.method, progress=False)
-            sizes[keep] = (du(stores[keep]), time.perf_counter() - t0)
-        print(f"\n1. store size per keep, T={t_store} ({args.method}); float32 LCA = {lca32 / 1e6:.1f} MB")
-        print(f"   {'keep':>10} {'MB':>10} {'ratio':>8} {'analyze s':>10}")
-        for keep, (size, s) in sizes.items():
-            print(f"   {keep:>10} {size / 1e6:>10.2f} {size / lca32:>8.4f} {s:>10.1f}")
-        parts = {name: du(os.path.join(stores["parameter"], name)) for name in os.listdir(stores["parameter"])}
-        parts = {k: v for k, v in parts.items() if os.path.isdir(os.path.join(stores["parameter"], k))}
-        coords = sum(parts.get(k, 0) for k in ("tensor", "layer", "unit", "index", "parameter"))
-        stride = lca.open(stores["parameter"]).attrs.get("prefix_stride")
-        coarse = sum(v for k, v in parts.items() if k.startswith("prefix_") and k != "prefix_parameter")
-        print(
-            f"   keep='parameter' in parts (ratio to the float32 LCA): lca {parts['lca'] / lca32:.4f}, prefix_parameter "
-            f"{parts['prefix_parameter'] / lca32:.4f} (a float64 row every {stride} iterations), coarse prefixes "
-            f"{coarse / lca32:.4f}, per-parameter coordinates {coords / lca32:.4f} (fixed: shrinks as 1/T)"
-        )
-        print("   (target for keep='parameter': ratio <= 1.25)")
+        builds: dict[str, str] = {}
+        if "1" in args.parts:
+            # 1. store size per keep
+            lca32 = t_store * n_params * 4
+            sizes, stores = {}, {}
+            model, (x, y) = mlp(args.width), data(samples)
+            for keep in ("parameter", "unit", "tensor", "layer"):
+                stores[keep] = os.path.join(tmp, f"store-{keep}")
+                t0 = time.perf_counter()
+                traj = RecordedTrajectory(rec[t_small], upto=t_store + 1)
+                lca.analyze(model, (x, y), traj, store=stores[keep], keep=keep, method=args.method, progress=False)
+                sizes[keep] = (du(stores[keep]), time.perf_counter() - t0)
+            print(f"\n1. store size per keep, T={t_store} ({args.method}); float32 LCA = {lca32 / 1e6:.1f} MB")
+            print(f"   {'keep':>10} {'MB':>10} {'ratio':>8} {'analyze s':>10}")
+            for keep, (size, s) in sizes.items():
+                print(f"   {keep:>10} {size / 1e6:>10.2f} {size / lca32:>8.4f} {s:>10.1f}")
+            parts = {name: du(os.path.join(stores["parameter"], name)) for name in os.listdir(stores["parameter"])}
+            parts = {k: v for k, v in parts.items() if os.path.isdir(os.path.join(stores["parameter"], k))}
+            coords = sum(parts.get(k, 0) for k in ("tensor", "layer", "unit", "index", "parameter"))
+            stride = lca.open(stores["parameter"]).attrs.get("prefix_stride")
+            coarse = sum(v for k, v in parts.items() if k.startswith("prefix_") and k != "prefix_parameter")
+            print(
+                f"   keep='parameter' in parts (ratio to the float32 LCA): lca {parts['lca'] / lca32:.4f}, prefix_parameter "
+                f"{parts['prefix_parameter'] / lca32:.4f} (a float64 row every {stride} iterations), coarse prefixes "
+                f"{coarse / lca32:.4f}, per-parameter coordinates {coords / lca32:.4f} (fixed: shrinks as 1/T)"
+            )
+            print("   (target for keep='parameter': ratio <= 1.25)")
 
-        # 4. explorer build on the stored results (before the stores go)
-        builds = {}
-        for keep in ("parameter", "unit"):
-            t0 = time.perf_counter()
-            try:
-                lca.explore(lca.open(stores[keep]))
-                builds[keep] = f"{time.perf_counter() - t0:.2f} s"
-            except Exception as exc:  # said in the report, not hidden
-                builds[keep] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
-        for path in stores.values():
-            shutil.rmtree(path)
+            # 4. explorer build on the stored results (before the stores go)
+            for keep in ("parameter", "unit"):
+                t0 = time.perf_counter()
+                try:
+                    lca.explore(lca.open(stores[keep]))
+                    builds[keep] = f"{time.perf_counter() - t0:.2f} s"
+                except Exception as exc:  # said in the report, not hidden
+                    builds[keep] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+            for path in stores.values():
+                shutil.rmtree(path)
 
-        # 2. peak RSS against T, each in a fresh process
-        rss = {}
-        for t in (t_small, t_large):
-            out = os.path.join(tmp, f"rss{t}.json")
-            cmd = [sys.executable, __file__, "--width", str(args.width), "--samples", str(samples)]
-            cmd += ["--method", args.method, "--child-rss", rec[t], "unit", out]
-            subprocess.run(cmd, check=True)
-            with open(out) as f:
-                rss[t] = json.load(f)
-        print(f"\n2. peak RSS of analyze(keep='unit', method={args.method!r}), trajectory on disk, fresh process each")
-        print(f"   {'T':>6} {'before MB':>10} {'peak MB':>10} {'seconds':>8}")
-        for t, v in rss.items():
-            print(f"   {t:>6} {v['base_mb']:>10.1f} {v['peak_mb']:>10.1f} {v['seconds']:>8.1f}")
-        print(
-            f"   ratio T={t_large} / T={t_small}: {rss[t_large]['peak_mb'] / rss[t_small]['peak_mb']:.3f} (target <= 1.2)"
-        )
+        if "2" in args.parts:
+            # 2. peak RSS against T, each in a fresh process
+            rss = {}
+            for t in (t_small, t_large):
+                out = os.path.join(tmp, f"rss{t}.json")
+                cmd = [sys.executable, __file__, "--width", str(args.width), "--samples", str(samples)]
+                cmd += ["--method", args.method, "--child-rss", rec[t], "unit", out]
+                subprocess.run(cmd, check=True)
+                with open(out) as f:
+                    rss[t] = json.load(f)
+            print(
+                f"\n2. peak RSS of analyze(keep='unit', method={args.method!r}), trajectory on disk, fresh process each"
+            )
+            print(f"   {'T':>6} {'before MB':>10} {'peak MB':>10} {'seconds':>8}")
+            for t, v in rss.items():
+                print(f"   {t:>6} {v['base_mb']:>10.1f} {v['peak_mb']:>10.1f} {v['seconds']:>8.1f}")
+            print(
+                f"   ratio T={t_large} / T={t_small}: {rss[t_large]['peak_mb'] / rss[t_small]['peak_mb']:.3f} (target <= 1.2)"
+            )
 
-        # 3. analyze against its floor
-        fl, an, n_points = against_floor(rec[t_small], args.width, samples, t_floor, args.repeats)
-        print(
-            f"\n3. analyze(method='simpson', keep='unit') vs floor, T={t_floor} ({n_points} gradients), best of {args.repeats}"
-        )
-        print(
-            f"   floor {fl:.2f} s ({1e3 * fl / n_points:.0f} ms per gradient), analyze {an:.2f} s: ratio {an / fl:.3f} (target <= 1.05)"
-        )
+        if "3" in args.parts:
+            # 3. analyze against its floor
+            fl, an, n_points = against_floor(rec[t_small], args.width, samples, t_floor, args.repeats)
+            print(
+                f"\n3. analyze(method='simpson', keep='unit') vs floor, T={t_floor} ({n_points} gradients), best of {args.repeats}"
+            )
+            print(
+                f"   floor {fl:.2f} s ({1e3 * fl / n_points:.0f} ms per gradient), analyze {an:.2f} s: ratio {an / fl:.3f} (target <= 1.05)"
+            )
 
-        print(f"\n4. explorer build on the stored result (T={t_store})")
-        for keep, v in builds.items():
-            print(f"   keep={keep!r}: {v}")
+        if builds:
+            print(f"\n4. explorer build on the stored result (T={t_store})")
+            for keep, v in builds.items():
+                print(f"   keep={keep!r}: {v}")
         print("\nCPU only: the CUDA path is unmeasured.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
