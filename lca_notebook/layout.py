@@ -237,7 +237,7 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
             layer = owner or name.split(".")[1]
         else:
             layer = name.rsplit(".", 1)[0] if "." in name else name
-        idx = np.arange(n)
+        idx = np.arange(n, dtype=np.int64)
         tensors.append(np.repeat(np.array([name]), n))  # fixed-width strings: no Python object per element
         layers.append(np.repeat(np.array([layer]), n))
         if not len(shape):
@@ -247,11 +247,11 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray]:
             per_group_in = shape[0] // spec.transposed[name]
             units.append((ix[0] // per_group_in * shape[1] + ix[1]).astype(np.int64))
         else:  # the index along dim 0 of each element of tensor.flatten()
-            units.append(np.unravel_index(idx, tuple(shape))[0].astype(np.int64) if n else idx)
+            units.append(idx // max(1, math.prod(shape[1:])))
         index.append(idx)
 
     def cat(xs, dt):
-        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+        return np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)
 
     return {
         "tensor": cat(tensors, str),
@@ -314,17 +314,31 @@ class Groups:
 
     @cached_property
     def _table(self):
+        # Groups are runs of consecutive parameters (a tensor's elements are contiguous): the string work (unique
+        # labels, "layer[unit]" keys) is done once per run, not once per parameter (10M parameters: seconds).
         c, p = self.coords, self.n_parameters
         table: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {
             "parameter": (np.arange(p), np.arange(p), {}),
             "total": (np.zeros(p, dtype=np.int64), np.array(["total"]), {}),
         }
+
+        def runs(*keys):
+            change = np.zeros(p, dtype=bool)
+            change[:1] = True
+            for k in keys:
+                change[1:] |= c[k][1:] != c[k][:-1]
+            starts = np.flatnonzero(change)
+            return starts, np.diff(np.append(starts, p))
+
         for key in ("tensor", "layer"):
-            ids, labels, _ = _in_model_order(c[key])
-            table[key] = (ids, labels, {})
-        unit_key = np.char.add(np.char.add(c["layer"].astype(str), "["), np.char.add(c["unit"].astype(str), "]"))
+            starts, lengths = runs(key)
+            ids, labels, _ = _in_model_order(c[key][starts])
+            table[key] = (np.repeat(ids, lengths), labels, {})
+        starts, lengths = runs("layer", "unit")
+        layer, unit = c["layer"][starts], c["unit"][starts]
+        unit_key = np.char.add(np.char.add(layer.astype(str), "["), np.char.add(unit.astype(str), "]"))
         ids, labels, first = _in_model_order(unit_key)
-        table["unit"] = (ids, labels, {"layer": c["layer"][first], "unit_index": c["unit"][first]})
+        table["unit"] = (np.repeat(ids, lengths), labels, {"layer": layer[first], "unit_index": unit[first]})
         return table
 
     @cached_property
