@@ -157,7 +157,9 @@ def _wait_for(page, predicate, what, timeout=180.0, alive=()):
 
 
 def _shown(page):
-    """(start, stop, n_iterations, readout, loss-line vertices) as the page draws them, or None mid-render."""
+    """(start, stop, n_iterations, readout, loss-line vertices, fractions-line vertices) as the page draws them, or
+    None mid-render. The loss line has a vertex per checkpoint of the range, the fractions overview (helped) one per
+    iteration of the whole run."""
     summary = page.locator(".lca-summary")
     if not summary.count():
         return None
@@ -166,8 +168,10 @@ def _shown(page):
     if not m:
         return None
     d = page.locator(".lca-figure-loss path.line").first.get_attribute("d") or ""
+    f = page.locator(".lca-figure-fractions path.line").first.get_attribute("d") or ""
     readout = page.locator(".lca-explorer .widget-readout").first.inner_text()
-    return int(m.group(1)), int(m.group(2)), int(m.group(3)), readout, len(re.findall(r"[ML]", d))
+    vertices = [len(re.findall(r"[ML]", path)) for path in (d, f)]
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)), readout, *vertices
 
 
 @pytest.fixture
@@ -266,8 +270,8 @@ def test_figures_grow_with_no_click_while_training_runs(lab, tmp_path):
                 assert follower.wait(timeout=600) == 0, _log(tmp_path, "follower")
                 final = _wait_for(
                     page,
-                    lambda: (s := _shown(page)) and s[2] == STEPS and s[4] == STEPS + 1 and s,
-                    f"all {STEPS} iterations and {STEPS + 1} loss vertices drawn",
+                    lambda: (s := _shown(page)) and s[2] == STEPS and s[4] == STEPS + 1 and s[5] == STEPS and s,
+                    f"all {STEPS} iterations: {STEPS + 1} loss vertices and {STEPS} on the fractions overview",
                     300,
                 )
                 assert final[:2] == (0, STEPS)

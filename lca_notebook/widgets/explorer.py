@@ -283,6 +283,7 @@ class Explorer(widgets.VBox):
             _put(self.figures["fractions"].axes[0], "tick_values", _x_ticks(0, t))
             fx = self.figures["fractions"].marks[0].scales["x"]
             fx.min, fx.max = 0.0, float(t)
+            self._fraction_key = None  # the overview covers the whole run, which grew: redraw it too
             self.update()
             return True
 
