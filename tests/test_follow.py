@@ -304,6 +304,7 @@ def test_explorer_range_and_figures_grow_with_the_store_keeping_the_selection(tm
     # over [1, 7) are the stored LCA's (numpy sums of the store, read independently).
     stored = lca.open(store)
     assert float(np.asarray(ex.marks["loss"].x)[-1]) == 7.0
+    assert float(np.asarray(ex.marks["helped"].x)[-1]) == 6.0  # the whole-run fractions overview grew (iterations 0..6)
     np.testing.assert_allclose(float(np.asarray(ex.marks["loss"].y)[-1]), float(stored.loss.values[-1]), rtol=1e-6)
     want = stored.lca.values[1:7].astype(np.float64).sum(0)
     np.testing.assert_allclose(ex.selection()["lca"].values, want, rtol=1e-5, atol=1e-9)

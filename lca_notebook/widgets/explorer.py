@@ -283,7 +283,6 @@ class Explorer(widgets.VBox):
             _put(self.figures["fractions"].axes[0], "tick_values", _x_ticks(0, t))
             fx = self.figures["fractions"].marks[0].scales["x"]
             fx.min, fx.max = 0.0, float(t)
-            self._fraction_key = None  # the overview covers the whole run, which grew: redraw it too
             self.update()
             return True
 
@@ -639,7 +638,8 @@ class Explorer(widgets.VBox):
 
     def _draw_fractions(self, s, sign):
         m = self.marks
-        key = (self.granularity.value, self.selected_layer, self.smoothing.value)
+        # the overview covers the whole run: its length is part of the key (a followed run grows)
+        key = (self.granularity.value, self.selected_layer, self.smoothing.value, self.n_iterations)
         for name in ("helped", "hurt", "zero"):
             m[name].visible = sign == "both" or sign == name
         if key == self._fraction_key:  # the overview does not depend on the range: not resent on a slider move
