@@ -274,7 +274,10 @@ def heatmap_figure(height):
 def histogram_figure(height):
     """Histogram (computed in Python) of the selection's LCA over the range: bins left of 0 helped (green),
     right of 0 hurt (red); exact zeros are counted apart (in the title)."""
-    xs, ys, logs = LinearScale(), LinearScale(min=0.0), LogScale(min=0.5)
+    # no mark padding on x: bqplot pads a linear x scale by half the plot over a Bars mark's bar count, so a
+    # side with one bin (e.g. hurt) squeezed both marks and the axis into a spike mid-plot when the browser drew
+    # the state at once (landing); the explorer already pads the domain by half a bin plus 2 %
+    xs, ys, logs = LinearScale(allow_padding=False), LinearScale(min=0.0), LogScale(min=0.5)
     tooltip = _tooltip()
     marks = {}
     for key, colour in (("helped", HELPED), ("hurt", HURT)):
