@@ -82,6 +82,13 @@ def test_the_url_shows_the_runs_explorer_drawn_and_live_with_no_click(tmp_path):
 
                 wait_until(lambda: page.locator(".lca-explorer path.line").count() > 0, "the drawn curves")
                 page.screenshot(path=str(ARTIFACTS / "landing.png"))  # what the URL shows first, untouched
+                # the histogram's bins spread over its plot (bqplot's mark padding once squeezed them into a spike)
+                hist = figures.filter(has_text="Distribution of LCA").first
+                edges = hist.locator("rect.bar").evaluate_all(
+                    "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; })"
+                )
+                spread = max(r for _, r in edges) - min(left for left, _ in edges)
+                assert spread > 0.5 * hist.bounding_box()["width"], f"histogram bars span {spread:.0f} px"
 
                 # live, not a picture: a key press on the slider reaches the kernel, which rewrites the summary
                 summary = page.locator(".lca-summary").first
