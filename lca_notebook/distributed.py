@@ -56,7 +56,7 @@ from .layout import Groups, PathSpec
 from .record import Recorder
 from .sinks import PrefixBlock, Rows, Totals, iteration_vars
 from .storage.files import Arrays, open_array, read_attrs, update_attrs
-from .storage.results import PREFIX_VARS, StoreSink, open_store
+from .storage.results import HASH_VAR, PREFIX_VARS, HashingTrajectory, StoreSink, open_store
 from .storage.trajectories import RecordedTrajectory
 from .trajectory import SnapshotList, Trajectory
 
@@ -215,7 +215,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     )  # functional_call swaps a module's tensors: one copy per task, threads never share it
     device = torch.device(job.device)
     ct = job.chunk
-    arrays = Arrays(job.path, (*iteration_vars(job.keep), "loss"))
+    arrays = Arrays(job.path, (*iteration_vars(job.keep), "loss", HASH_VAR))
     reduced = job.keep != "parameter"
     rows = Rows(ct, job.spec.n_selected, keep=job.keep, groups=job.groups() if reduced else None)
     totals = Totals(job.spec.n_selected) if reduced else None
@@ -224,7 +224,8 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     try:
         with fixed_function(model, job.options.batchnorm):
             evaluate = Evaluator(model, job.on_device(), job.loss_fn, job.spec, device, job.options.batchnorm)
-            read = SnapshotReader(job.traj(window), job.spec, device)
+            hashing = HashingTrajectory(job.traj(window), job.spec)  # each snapshot's hash, as a plain run keeps
+            read = SnapshotReader(hashing, job.spec, device)
             loss[0], steps = iterate(evaluate, read, a, b, job.options)
             c0 = a
             for row in steps:
@@ -237,7 +238,8 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
                 if i + 1 == ct or row.t + 1 == b:  # a whole chunk (or the shard's end): write it
                     arrays.write(c0, rows.head(i + 1))
                     c0 = row.t + 1
-        arrays.write(a, {"loss": loss})
+        hashes = np.array([hashing.hashes.get(k, 0) for k in range(a, stop_loss)], dtype=np.uint64)
+        arrays.write(a, {"loss": loss, HASH_VAR: hashes})
     except BaseException as exc:
         if hasattr(exc, "add_note"):
             exc.add_note(f"lca_notebook: in {_where(a, b)}")
@@ -378,7 +380,9 @@ def run_sharded(
     )
     shipped = _ship_trajectory(traj)
     t_start = time.perf_counter()
-    sink = StoreSink(store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options, keep=keep)
+    sink = StoreSink(
+        store, spec=spec, traj=traj, data_fingerprint=data_fingerprint, options=options, keep=keep, batches=batches
+    )
     if sink.complete:
         return open_store(sink.path)
     path, T, ct = sink.path, sink.n_iterations, sink.ct

@@ -24,7 +24,7 @@ distributed = pytest.importorskip("dask.distributed")
 
 T = 48
 CHUNK = 8  # iterations per store chunk here: 6 shards of one chunk each
-VARIABLES = (*store_mod.ITERATION_VARS, *store_mod.CHECKPOINT_VARS)  # every array a result store has
+VARIABLES = (*store_mod.ITERATION_VARS, *store_mod.CHECKPOINT_VARS, store_mod.HASH_VAR)  # every array of a store
 
 # The trajectories and models defined below travel to the workers by value (the workers cannot import tests/).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -107,6 +107,12 @@ def test_sharded_equals_single_process(client, run, tmp_path):
     evaluations = int(np.asarray(got.dataset["evaluations"]).sum())
     assert got.attrs["gradient_evaluations"] == evaluations + n
     assert ref.attrs["gradient_evaluations"] == evaluations + 1
+    # Shards keep each snapshot's hash as a plain run does: a changed middle snapshot is named, sharded or not.
+    changed = [dict(s) for s in snaps]
+    changed[20] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in changed[20].items()}
+    for call in ({"client": client}, {}):
+        with pytest.raises(ValueError, match=r"snapshot 20 .*differs from the one the store was computed from"):
+            lca.analyze(models.mlp(), (x, y), changed, store=tmp_path / "sharded", progress=False, **call)
 
 
 class BNNet(nn.Module):

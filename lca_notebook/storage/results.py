@@ -308,7 +308,7 @@ class StoreSink:
         )  # fmt: skip
         if upto <= 0 or not os.path.exists(os.path.join(self.path, HASH_VAR)):
             return None
-        # Chunks a Dask shard computed were never written here: they read as 0, "not recorded".
+        # 0 reads as "not recorded" (shards of stores written before they kept hashes).
         stored = np.asarray(CheckedArray(self.path, HASH_VAR, "r", "checkpoint")[:upto], dtype=np.uint64)
         for k in map(int, np.flatnonzero(stored)):
             if snapshot_hash(self.traj[k], self.spec) != int(stored[k]):
