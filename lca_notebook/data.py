@@ -52,15 +52,16 @@ def _map_tensors(x, fn):
     return x
 
 
-def _tensors(x):
+def tensors_in(x):
+    """Every tensor inside ``x`` (a tensor, or lists, tuples and dicts of them), in order."""
     if isinstance(x, torch.Tensor):
         yield x
     elif isinstance(x, (list, tuple)):
         for v in x:
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(x, dict):
         for v in x.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def _as_batch(item, where: str) -> Batch:
@@ -86,14 +87,14 @@ def _as_batch(item, where: str) -> Batch:
         raise TypeError(
             f"{where}: inputs are a {type(inputs).__name__}; expected a tensor, a tuple or a dict of tensors"
         )
-    first = next(_tensors((args, kwargs)), None)
+    first = next(tensors_in((args, kwargs)), None)
     if first is None or first.dim() == 0:
         raise TypeError(f"{where}: the inputs hold no batched tensor, so the batch size is unknown")
     return Batch(args, kwargs, target, int(first.shape[0]))
 
 
 def _split(x, size: int):
-    n = next(_tensors(x)).shape[0]
+    n = next(tensors_in(x)).shape[0]
     for start in range(0, n, size):
         yield _map_tensors(x, lambda t, start=start: t[start : start + size])
 
@@ -113,7 +114,7 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if _is_whole_pair(data):
-        rows = [t.shape[0] for t in _tensors(data[0])], [t.shape[0] for t in _tensors(data[1])]
+        rows = [t.shape[0] for t in tensors_in(data[0])], [t.shape[0] for t in tensors_in(data[1])]
         if len(set(rows[0] + rows[1])) > 1:
             raise ValueError(
                 f"data: inputs have {rows[0][0]} rows but targets have {rows[1][0]}"
@@ -264,7 +265,7 @@ def fingerprint(batch_list: list[Batch]) -> str:
     """A hash of the data's contents, so a stored computation is never resumed on other data."""
     h = hashlib.blake2b(digest_size=16)
     for b in batch_list:
-        for t in _tensors((b.args, b.kwargs, b.target)):
+        for t in tensors_in((b.args, b.kwargs, b.target)):
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -417,7 +418,7 @@ def explain_forward_error(exc: Exception, batch_list: list[Batch], index: int, m
     """A clear error for a failed first forward pass (data and model of different dtypes), else None."""
     batch = batch_list[index]
     model_dtypes = {t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    data_dtypes = {t.dtype for t in _tensors((batch.args, batch.kwargs)) if t.is_floating_point()}
+    data_dtypes = {t.dtype for t in tensors_in((batch.args, batch.kwargs)) if t.is_floating_point()}
     if model_dtypes and data_dtypes and not data_dtypes <= model_dtypes:
         name = lambda ds: " and ".join(sorted(str(d).removeprefix("torch.") for d in ds))
         want = sorted(model_dtypes, key=lambda d: torch.finfo(d).bits)[-1]

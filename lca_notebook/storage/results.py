@@ -29,6 +29,7 @@ import torch
 import xarray as xr
 from zarr.codecs import ZstdCodec
 
+from ..data import tensors_in
 from ..engine import IterationResult, Options
 from ..layout import COARSE, GROUP_DIMS, Groups, PathSpec, check_keep, kept, parameter_coords
 from ..result import LCAResult
@@ -131,17 +132,6 @@ class HashingTrajectory(Trajectory):
         return snap
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-
-
 def batch_attrs(batches) -> dict:
     """How the data was split (``batch_sizes``: ``[[size, count], ...]``) and a hash of its contents that does
     not depend on the split (``data_contents``), so a resume with another ``batch_size`` is named as that."""
@@ -154,7 +144,7 @@ def batch_attrs(batches) -> dict:
             runs[-1][1] += 1
         else:
             runs.append([size, 1])
-        for i, t in enumerate(_tensors((b.args, b.kwargs, b.target))):
+        for i, t in enumerate(tensors_in((b.args, b.kwargs, b.target))):
             t = t.detach().cpu().contiguous()
             kinds.setdefault(i, set()).add(f"{t.dtype}{tuple(t.shape[1:])}")
             if t.numel():
