@@ -580,22 +580,11 @@ def from_arrays(
     t, p = lca.shape
     if loss.shape != (t + 1,):
         raise ValueError(f"loss must have T+1 = {t + 1} values, got {loss.shape}")
-    rest = np.zeros(t) if lca_rest is None else np.asarray(lca_rest, dtype=np.float64)
-    if residual is None:
-        residual = lca.sum(axis=1, dtype=np.float64) + rest - np.diff(loss)
+    variables = _run_vars(
+        loss, lca.sum(axis=1, dtype=np.float64), residual, lca_rest, splits, evaluations, error
+    )  # fmt: skip
     ds = xr.Dataset(
-        {
-            "lca": (("iteration", "parameter"), lca),
-            "loss": (("checkpoint",), loss),
-            "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
-            "lca_rest": (("iteration",), rest),
-            "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
-            "evaluations": (
-                ("iteration",),
-                np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
-            ),
-            "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
-        },
+        {"lca": (("iteration", "parameter"), lca), **variables},
         coords={
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
@@ -612,6 +601,26 @@ def from_arrays(
     return LCAResult(ds)
 
 
+def _run_vars(loss, lca_sum, residual, lca_rest, splits, evaluations, error) -> dict:
+    """The per-checkpoint and per-iteration variables every result has, defaults filled in (the residual from the
+    LCA summed per iteration, ``lca_sum``), shared by full and reduced results."""
+    t = len(loss) - 1
+    rest = np.zeros(t) if lca_rest is None else np.asarray(lca_rest, dtype=np.float64)
+    if residual is None:
+        residual = lca_sum + rest - np.diff(loss)
+    return {
+        "loss": (("checkpoint",), loss),
+        "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
+        "lca_rest": (("iteration",), rest),
+        "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
+        "evaluations": (
+            ("iteration",),
+            np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
+        ),
+        "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
+    }
+
+
 def reduced_from_arrays(
     keep: str, sums, helped, hurt, parameter_total, parameter_helped, loss, coords, *, residual=None, lca_rest=None,
     splits=None, evaluations=None, error=None, steps=None, attrs=None,
@@ -622,20 +631,9 @@ def reduced_from_arrays(
     loss = np.asarray(loss, dtype=np.float64)
     t = len(loss) - 1
     groups = Groups({k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")})
-    rest = np.zeros(t) if lca_rest is None else np.asarray(lca_rest, dtype=np.float64)
     total = np.asarray(sums["total"], dtype=np.float64).reshape(t, 1)
-    if residual is None:
-        residual = total[:, 0] + rest - np.diff(loss)
     data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
-        "loss": (("checkpoint",), loss),
-        "residual": (("iteration",), np.asarray(residual, dtype=np.float64)),
-        "lca_rest": (("iteration",), rest),
-        "splits": (("iteration",), np.ones(t, np.int32) if splits is None else np.asarray(splits, np.int32)),
-        "evaluations": (
-            ("iteration",),
-            np.zeros(t, np.int32) if evaluations is None else np.asarray(evaluations, np.int32),
-        ),
-        "error": (("iteration",), np.full(t, np.nan) if error is None else np.asarray(error, np.float64)),
+        **_run_vars(loss, total[:, 0], residual, lca_rest, splits, evaluations, error),
         "parameter_total": (("parameter",), np.asarray(parameter_total, np.float64)),
         "parameter_helped": (("parameter",), np.asarray(parameter_helped, np.int32)),
     }
