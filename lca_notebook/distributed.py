@@ -54,7 +54,7 @@ from .checkpoints import CheckpointFiles
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from .layout import Groups, PathSpec
 from .record import Recorder
-from .sinks import PrefixBlock, Rows, Totals, iteration_vars
+from .sinks import PrefixBlock, Rows, iteration_vars
 from .storage.files import Arrays, open_array, read_attrs, update_attrs
 from .storage.results import HASH_VAR, PREFIX_VARS, HashingTrajectory, StoreSink, open_store
 from .storage.trajectories import RecordedTrajectory
@@ -218,7 +218,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     arrays = Arrays(job.path, (*iteration_vars(job.keep), "loss", HASH_VAR))
     reduced = job.keep != "parameter"
     rows = Rows(ct, job.spec.n_selected, keep=job.keep, groups=job.groups() if reduced else None)
-    totals = Totals(job.spec.n_selected) if reduced else None
+    totals = rows.totals  # with keep coarser: added to by rows.put
     stop_loss = job.n_iterations + 1 if b == job.n_iterations else b  # loss[b] is the next shard's (its chunk)
     loss = np.full(stop_loss - a, np.nan)
     try:
@@ -230,9 +230,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
             c0 = a
             for row in steps:
                 i = row.t - c0
-                lca = rows.put(i, row)
-                if totals is not None:
-                    totals.add(lca)
+                rows.put(i, row)
                 if row.t + 1 - a < len(loss):
                     loss[row.t + 1 - a] = row.loss_end
                 if i + 1 == ct or row.t + 1 == b:  # a whole chunk (or the shard's end): write it

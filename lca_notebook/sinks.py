@@ -119,6 +119,9 @@ class Rows:
             "error": np.full(n, np.nan),
         }
         self._torch_dtype = torch.float64 if lca_dtype == np.float64 else torch.float32
+        #: With ``keep`` coarser: per-parameter totals over the rows put (not per row).
+        self.totals = Totals(n_parameters) if keep != "parameter" else None
+        self._masks: tuple[np.ndarray, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -138,15 +141,16 @@ class Rows:
         return lca
 
     def reduce(self, i: int, lca: np.ndarray):
-        """Row ``i`` of the reduced variables from one iteration's LCA ``(P,)``: one pass for the sums, one for
-        each count (each over the parameters once, in float64)."""
+        """Row ``i`` of the reduced variables from one iteration's LCA ``(P,)``, and the per-parameter totals: one
+        pass for the sums (in float64), one for each count (the masks made once, into buffers made once)."""
         bys = kept(self.keep)
-        for by, sums in self.groups.sums(lca[None], bys).items():
-            self.arrays[f"lca_{by}"][i] = sums[0]
-        for by, counts in self.groups.sums((lca < 0)[None], bys).items():
-            self.arrays[f"helped_{by}"][i] = counts[0]
-        for by, counts in self.groups.sums((lca > 0)[None], bys).items():
-            self.arrays[f"hurt_{by}"][i] = counts[0]
+        if self._masks is None:
+            self._masks = (np.empty(len(lca), bool), np.empty(len(lca), bool))
+        helped, hurt = np.less(lca, 0, out=self._masks[0]), np.greater(lca, 0, out=self._masks[1])
+        for name, block in (("lca", lca), ("helped", helped), ("hurt", hurt)):
+            for by, sums in self.groups.sums(block[None], bys).items():
+                self.arrays[f"{name}_{by}"][i] = sums[0]
+        self.totals.add(lca, helped)
 
     def head(self, n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of every variable."""
@@ -192,9 +196,10 @@ class Totals:
         self.total = np.zeros(n_parameters)
         self.helped = np.zeros(n_parameters, np.int32)
 
-    def add(self, lca_row: np.ndarray):
+    def add(self, lca_row: np.ndarray, helped: np.ndarray | None = None):
+        """Add one iteration's LCA (``helped``: its ``lca_row < 0``, when already at hand)."""
         np.add(self.total, lca_row, out=self.total)
-        self.helped += lca_row < 0
+        np.add(self.helped, lca_row < 0 if helped is None else helped, out=self.helped, casting="unsafe")
 
 
 class MemorySink:
@@ -207,7 +212,6 @@ class MemorySink:
         groups = Groups(self.coords) if keep != "parameter" else None
         dtype = np.float64 if spec.dtype == torch.float64 else np.float32
         self.rows = Rows(t, spec.n_selected, dtype, keep, groups)
-        self.totals = Totals(spec.n_selected) if keep != "parameter" else None
         self.loss = np.full(t + 1, np.nan)
         self.options, self.steps = options, steps
         self.seconds, self.evaluations = 0.0, 0
@@ -220,9 +224,7 @@ class MemorySink:
         self.loss[k] = value
 
     def write(self, row: IterationResult):
-        lca = self.rows.put(row.t, row)
-        if self.totals is not None:
-            self.totals.add(lca)
+        self.rows.put(row.t, row)
         self.loss[row.t + 1] = row.loss_end
 
     def interrupted(self, done: int):
@@ -236,13 +238,13 @@ class MemorySink:
         attrs = dict(self.options.attrs(), gradient_evaluations=int(self.evaluations), seconds=float(self.seconds))
         steps = self.steps[: t + 1] if self.steps is not None else None
         r = self.rows.head(t)
-        if self.totals is not None:
+        if (totals := self.rows.totals) is not None:
             return reduced_from_arrays(
                 self.keep, {by: r[f"lca_{by}"] for by in kept(self.keep)},
                 {by: r[f"helped_{by}"] for by in kept(self.keep)}, {by: r[f"hurt_{by}"] for by in kept(self.keep)},
-                self.totals.total, self.totals.helped, self.loss[: t + 1], self.coords, residual=r["residual"],
+                totals.total, totals.helped, self.loss[: t + 1], self.coords, residual=r["residual"],
                 lca_rest=r["lca_rest"], splits=r["splits"], evaluations=r["evaluations"], error=r["error"],
-                steps=steps, attrs=attrs,
+                steps=steps, attrs=attrs, groups=self.rows.groups,
             )  # fmt: skip
         return from_arrays(
             r["lca"], self.loss[: t + 1], self.coords, residual=r["residual"], lca_rest=r["lca_rest"],

@@ -1,5 +1,6 @@
 """engine: full-data gradients and the quadrature loop, against plain autograd on a copy of the model."""
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -70,7 +71,7 @@ def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pi
     # tol far below what Simpson reaches: adaptive refines to max_splits (1 -> 2 -> 4 pieces, reusing points).
     options = Options(method=method, tol=1e-12, max_splits=4)
     loss0, rows = iterate(evaluate, SnapshotReader(snaps, spec, "cpu"), 1, 3, options)
-    rows = list(rows)
+    rows = [dataclasses.replace(r, lca=r.lca.clone()) for r in rows]  # each row's lca is refilled for the next
     assert [r.t for r in rows] == [1, 2]
     for r in rows:
         assert r.splits == pieces and r.evaluations == evaluations

@@ -471,7 +471,7 @@ class StoreSink:
         self.loss = np.full(ct + 1, np.nan)
         self.hash = np.zeros(ct + 1, np.uint64)  # snapshot hashes of the checkpoint rows buffered (0: not read yet)
         self.prefix = PrefixBlock(self.groups, ct) if self.keep == "parameter" else None
-        self.totals = Totals(p) if self.keep != "parameter" else None
+        self.totals = self.rows.totals  # with keep coarser: added to by rows.put
         self.boundary = np.zeros(p if self.keep == "parameter" else 0)  # the parameter prefix at b0
         # Gradient evaluations of the stored iterations before this chunk: the total in the attributes is
         # 1 (the first snapshot) plus the sum of `evaluations`, so it is the same after a kill and a resume.
@@ -543,8 +543,6 @@ class StoreSink:
         self._keep_hash(row.t + 1)
         if self.prefix is not None:
             self.prefix.advance(i, lca)
-        if self.totals is not None:
-            self.totals.add(lca)
         self.done += 1
         if i + 1 == self.ct:
             self._flush(self.ct, self.ct + 1)
