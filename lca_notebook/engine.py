@@ -459,7 +459,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
     # point and gradient, free once this iteration's row is made; lca[0] and lca[1] alternate between levels.
     spare = spare_g = None
     d, point, mid_g, ends = (torch.empty_like(a) for _ in range(4))
-    lca = [torch.empty_like(a), None]
+    lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
 
     def points_sum(points, extras, where):
         total = None
@@ -512,7 +512,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                     break
                 coarse = lca_all
                 lca.reverse()
-                if lca[0] is None:
+                if lca[0].shape != a.shape:
                     lca[0] = torch.empty_like(a)
                 interior = mids if interior is None else interior.add_(mids)
                 where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"

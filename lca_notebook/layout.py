@@ -344,7 +344,9 @@ class Groups:
     def _table(self) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
         """Per coarse granularity: the group id of each run, the labels, per-group extras."""
         c, (starts, _) = self.coords, self._runs
-        table = {"total": (np.zeros(len(starts), dtype=np.int64), np.array(["total"]), {})}
+        table: dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = {
+            "total": (np.zeros(len(starts), dtype=np.int64), np.array(["total"]), {})
+        }
         for key in ("tensor", "layer"):
             ids, labels, _ = _in_model_order(c[key][starts])
             table[key] = (ids, labels, {})

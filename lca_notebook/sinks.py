@@ -144,6 +144,7 @@ class Rows:
         """Row ``i`` of the reduced variables from one iteration's LCA ``(P,)``, and the per-parameter totals: one
         pass for the sums (in float64), one for each count (the masks made once, into buffers made once)."""
         bys = kept(self.keep)
+        assert self.totals is not None  # keep is coarser than parameter
         if self._masks is None:
             self._masks = (np.empty(len(lca), bool), np.empty(len(lca), bool))
         helped, hurt = np.less(lca, 0, out=self._masks[0]), np.greater(lca, 0, out=self._masks[1])
