@@ -462,23 +462,27 @@ def _batched(x, n: int) -> bool:
     return False
 
 
-def halves(batch: Batch) -> tuple[Batch, Batch] | None:
-    """The batch split into two halves along dim 0, or None where that is not a split of its samples (one
-    sample; a tensor argument without a row per sample).
+def halves(batch: Batch, most: int | None = None) -> tuple[Batch, Batch, Batch] | None:
+    """The batch's first ``most`` rows (all of them by default) and that part split in two halves along dim 0,
+    or None where that is not a split of its samples (one sample; a tensor argument without a row per sample).
 
     >>> [h.size for h in halves(Batch((torch.zeros(5, 2),), {}, torch.zeros(5), 5))]
-    [3, 2]
+    [5, 3, 2]
+    >>> [h.size for h in halves(Batch((torch.zeros(500, 2),), {}, torch.zeros(500), 500), most=64)]
+    [64, 32, 32]
     """
     n = batch.size
     if n < 2 or not _batched((batch.args, batch.kwargs, batch.target), n):
         return None
+    n = min(n, most or n)
     k = (n + 1) // 2
-    part = lambda x, sl: _map_tensors(x, lambda t: t[sl])
-    first, second = slice(0, k), slice(k, n)
-    return (
-        Batch(part(batch.args, first), part(batch.kwargs, first), part(batch.target, first), k),
-        Batch(part(batch.args, second), part(batch.kwargs, second), part(batch.target, second), n - k),
-    )
+
+    def rows(sl: slice, size: int) -> Batch:
+        part = lambda x: _map_tensors(x, lambda t: t[sl])
+        return Batch(part(batch.args), part(batch.kwargs), part(batch.target), size)
+
+    whole = batch if n == batch.size else rows(slice(0, n), n)
+    return whole, rows(slice(0, k), k), rows(slice(k, n), n - k)
 
 
 def check_averages(whole: float, parts: tuple[float, float], sizes: tuple[int, int], loss_fn, where: str) -> None:

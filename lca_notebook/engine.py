@@ -40,6 +40,8 @@ from . import data as data_mod
 from .layout import BATCHNORM_MODES, PathSpec, canonical, integer_snapshot_message
 from .quadrature import check_method, level_change, refinement_points, rule, simpson_error, simpson_weights
 
+#: Rows of a batch that the check of the loss's reduction (mean, not sum) reads.
+_CHECK_ROWS = 64
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
 
@@ -336,19 +338,23 @@ class Evaluator:
         return loss
 
     def _check_averages(self, tensors: dict, i: int, whole: float):
-        """Refuse a loss_fn that sums over a batch's samples: batch ``i``'s loss against its two halves'
-        (two forward passes of half a batch without gradients, once per analysis)."""
-        split = data_mod.halves(self.batches[i])
+        """Refuse a loss_fn that sums over a batch's samples: the loss of batch ``i``'s first rows against that
+        of their two halves (forward passes without gradients of at most ``_CHECK_ROWS`` rows, once per analysis:
+        on a large batch, a small part of one gradient's cost)."""
+        split = data_mod.halves(self.batches[i], most=_CHECK_ROWS)
         if split is None:
             return
         try:
             with torch.no_grad():
-                outs = [functional_call(self.model, tensors, h.args, h.kwargs) for h in split]
-                parts = (float(self.loss_fn(outs[0], split[0].target)), float(self.loss_fn(outs[1], split[1].target)))
+                if split[0] is not self.batches[i]:
+                    out = functional_call(self.model, tensors, split[0].args, split[0].kwargs)
+                    whole = float(self.loss_fn(out, split[0].target))
+                outs = [functional_call(self.model, tensors, h.args, h.kwargs) for h in split[1:]]
+                parts = (float(self.loss_fn(outs[0], split[1].target)), float(self.loss_fn(outs[1], split[2].target)))
         except Exception:  # a model or loss that cannot take half a batch: nothing to compare, nothing wrong
             return
         where = data_mod.describe_batch(self.batches, i)
-        data_mod.check_averages(whole, parts, (split[0].size, split[1].size), self.loss_fn, where)
+        data_mod.check_averages(whole, parts, (split[1].size, split[2].size), self.loss_fn, where)
 
     def _check_loss(self, loss):
         name = data_mod.loss_name(self.loss_fn)

@@ -84,7 +84,7 @@ def test_check_averages_refuses_a_sum_and_nothing_else():
 
 def test_halves_split_every_batched_tensor_and_nothing_else():
     x, m, y = torch.arange(10.0).reshape(5, 2), torch.ones(5, 7), torch.arange(5)
-    first, second = data.halves(data.Batch((x,), {"mask": m}, y, 5))
+    _, first, second = data.halves(data.Batch((x,), {"mask": m}, y, 5))
     assert (first.size, second.size) == (3, 2)
     assert torch.equal(torch.cat([first.args[0], second.args[0]]), x)
     assert torch.equal(torch.cat([first.kwargs["mask"], second.kwargs["mask"]]), m)

@@ -103,7 +103,7 @@ def test_reduced_store_equals_numpy_and_is_small(run, keep, tmp_path):
 def test_a_reduced_store_resumes_after_ctrl_c_mid_chunk(run, tmp_path):
     model, x, y, snaps, full = run
     count = [0]
-    stop = [13]  # simpson: 2 evaluations per iteration (plus the first): Ctrl-C inside iteration 6 (chunk 1)
+    stop = [14]  # simpson: 2 evaluations per iteration (plus the first and 3 checks): Ctrl-C in iteration 5 (chunk 1)
 
     def loss_fn(out, target):
         count[0] += 1

@@ -97,7 +97,7 @@ def test_an_interrupted_run_resumes_and_equals_an_uninterrupted_one(run, tmp_pat
             raise KeyboardInterrupt  # Ctrl-C in the middle of an iteration
         return nn.functional.cross_entropy(out, target)
 
-    stop_after = [15]  # Simpson-cheap here: 2 evaluations per iteration, so mid-run
+    stop_after = [17]  # 1 + 3 checks, then 2 evaluations per iteration: mid-run, past half the calls of a resume
     with pytest.raises(KeyboardInterrupt) as err:
         lca.analyze(model, (x, y), snaps, loss_fn=loss_fn, store=tmp_path / "s", progress=False)
     partial = err.value.partial_result
