@@ -581,6 +581,8 @@ class Explorer(widgets.VBox):
         sign = self.sign.value
         figs = self.figures
         ticks = _x_ticks(start, stop)
+        if not self._from_brush:  # sent now, before the held marks: one burst, not a last message on its own
+            self._sync_brush(start, stop)
         with ExitStack() as stack:
             for mark in m.values():
                 stack.enter_context(mark.hold_sync())
@@ -603,8 +605,6 @@ class Explorer(widgets.VBox):
             self._draw_histogram(s)
             self._draw_heatmap(s, stack)
         self._state = s
-        if not self._from_brush:
-            self._sync_brush(start, stop)
         self.summary.value = self._summary_html(s)
 
     def _set_y(self, stack, figure: str, mark, values, pad: float = 0.04):
