@@ -515,6 +515,7 @@ class LCAResult:
         return path
 
     def _write(self, path: str, *, netcdf: bool):
+        from .storage import files
         from .storage.files import FORMAT, KIND, checksummed
 
         ds = self.dataset.drop_vars([v for v in self.dataset.data_vars if str(v).startswith("prefix_")])
@@ -524,9 +525,11 @@ class LCAResult:
         if netcdf:
             ds.to_netcdf(path, engine="h5netcdf")
             return
-        # Variable-length strings: zarr v3 has a spec for them, not for numpy's fixed-width unicode.
-        strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U"}
-        ds = ds.assign_coords(strings)
+        # Names on `parameter` as int32 codes (files.coded_names); group labels as variable-length strings: zarr v3
+        # has a spec for them, not for numpy's fixed-width unicode.
+        coded = {k: files.coded_names(self.groups.ids(k), self.groups.labels(k)) for k in ("tensor", "layer")}
+        strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U" and k not in coded}
+        ds = ds.assign_coords(strings | coded)
         encoding = {str(k): {"compressors": checksummed()} for k in [*ds.data_vars, *ds.coords]}
         ds.to_zarr(path, mode="w-", consolidated=False, zarr_format=3, encoding=encoding, write_empty_chunks=True)
 

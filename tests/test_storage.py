@@ -150,9 +150,37 @@ def test_damaged_or_newer_attributes_are_named(tmp_path):
         with pytest.raises(files.StoreDamagedError, match=r"attribute 'n' is .*, expected a whole number in 0\.\.8"):
             files.int_attr(path, {"n": value}, "n", high=8)
     assert files.int_attr(path, {"n": 8}, "n", high=8) == 8
-    with pytest.raises(ValueError, match=r"format 3, written by a newer lca_notebook.*Upgrade"):
-        files.check_format(path, {"format": 3})
+    newer = files.FORMAT + 1
+    with pytest.raises(ValueError, match=rf"format {newer}, written by a newer lca_notebook.*Upgrade"):
+        files.check_format(path, {"format": newer})
     assert files.check_format(path, {}) == 1  # stores from before formats were numbered
+
+
+def test_names_on_parameter_are_stored_as_codes_and_format_2_strings_still_read(tmp_path):
+    import json
+
+    import lca_notebook as lca
+    from lca_notebook.result import LCAResult
+
+    r = LCAResult.example()
+    path = r.save(tmp_path / "r.zarr")
+    with open(os.path.join(path, "tensor", "zarr.json")) as f:
+        meta = json.load(f)
+    assert meta["data_type"] == "int32" and meta["attributes"]["categories"] == ["fc1.weight", "fc1.bias", "fc2.weight"]
+    back = lca.open(path)
+    np.testing.assert_array_equal(back.dataset["tensor"].values, r.dataset["tensor"].values)
+    np.testing.assert_array_equal(back.dataset["layer"].values, r.dataset["layer"].values)
+    assert back.dataset["tensor"].dtype.kind == "U" and "categories" not in back.dataset["tensor"].attrs
+    # Format 2 kept the names as variable-length strings: written that way, read the same.
+    ds = r.dataset.assign_coords({k: r.dataset[k].astype(object) for k in ("tensor", "layer")})
+    ds.attrs |= {files.KIND: "result", "format": 2, "saved": 1}
+    old = str(tmp_path / "old.zarr")
+    encoding = {str(k): {"compressors": files.checksummed()} for k in [*ds.data_vars, *ds.coords]}
+    ds.to_zarr(old, zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)  # as format 2 did
+    np.testing.assert_array_equal(lca.open(old).dataset["tensor"].values, r.dataset["tensor"].values)
+    # A code past the names is damage, named.
+    with pytest.raises(files.StoreDamagedError, match=r"attribute 'tensor.categories'"):
+        files.decoded_names(path, "tensor", np.array([0, 3], np.int32), {"categories": ["a", "b", "c"]})
 
 
 def test_one_writer_per_path_in_this_process(tmp_path):

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks (see lock()
 KIND = "lca_notebook"  # root attribute: "result" or "trajectory"
 #: 2: every chunk ends with a CRC32C checksum; result stores keep a hash of each snapshot they read.
 #: 1 (before): plain chunks; still read, never continued.
-FORMAT = 2
+FORMAT = 3
 
 
 def checksummed() -> list:
@@ -81,6 +81,28 @@ def check_format(path: str, attrs: dict) -> int:
             f"1..{FORMAT}. Upgrade lca_notebook to open it."
         )
     return fmt
+
+
+#: Attribute of a string coordinate on ``parameter`` stored as int32 codes: its names, the codes index them.
+CATEGORIES = "categories"
+
+
+def coded_names(ids: np.ndarray, labels) -> tuple[tuple[str], np.ndarray, dict]:
+    """A per-parameter name coordinate as a store keeps it: int32 codes (``ids``: each parameter's group id) and
+    the names in the attribute ``categories`` (10M parameters: 40 MB written in a fraction of a second, where
+    variable-length strings took 10-20 s to write and as long to read)."""
+    return ("parameter",), np.asarray(ids, dtype=np.int32), {CATEGORIES: [str(x) for x in labels]}
+
+
+def decoded_names(path: str, name: str, codes, attrs) -> np.ndarray | None:
+    """The names of a coordinate stored by :func:`coded_names` (fixed-width str), or None if it is not one."""
+    names = attrs.get(CATEGORIES)
+    if names is None or np.asarray(codes).dtype.kind not in "iu":
+        return None
+    codes = np.asarray(codes)
+    if not isinstance(names, list) or (codes.size and (codes.min() < 0 or codes.max() >= len(names))):
+        raise damaged_attribute(path, f"{name}.{CATEGORIES}", names, f"a list of names for codes 0..{codes.max()}")
+    return np.asarray(names, dtype=str)[codes]
 
 
 def damaged_attribute(path: str, name: str, value, expected: str) -> StoreDamagedError:

@@ -45,9 +45,11 @@ from .files import (
     check_rows,
     checksummed,
     chunk_rows,
+    coded_names,
     create_atomically,
     damaged_attribute,
     damaged_chunk,
+    decoded_names,
     int_attr,
     lock,
     number_attr,
@@ -249,7 +251,7 @@ class StoreSink:
                 f"{path!r} holds a result saved with LCAResult.save; analyze(..., store=...) continues only a store "
                 "it computed itself. Open it with lca.open, or give analyze another store path."
             )
-        if check_format(path, attrs) < FORMAT:
+        if check_format(path, attrs) < 2:
             raise ValueError(
                 f"the store {path!r} was written by an older lca_notebook (format {attrs.get('format', 1)}: no "
                 f"checksums, no snapshot hashes), so it cannot be continued safely; lca.open still reads it. Give "
@@ -407,8 +409,8 @@ class StoreSink:
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
             "parameter": np.arange(p),
-            "tensor": ("parameter", self.coords["tensor"].astype(object)),
-            "layer": ("parameter", self.coords["layer"].astype(object)),
+            "tensor": coded_names(self.groups.ids("tensor"), self.groups.labels("tensor")),
+            "layer": coded_names(self.groups.ids("layer"), self.groups.labels("layer")),
             "unit": ("parameter", self.coords["unit"]),
             "index": ("parameter", self.coords["index"]),
         }
@@ -722,6 +724,9 @@ def open_store(path) -> LCAResult:
     # tables want plain fixed-width str, as in a result computed in memory. The other coordinates on
     # `parameter` are read now too: every sum needs them.
     try:
+        for name in ("tensor", "layer"):  # int32 codes into their names (stores written since format 2.1)
+            if name in ds.coords and (names := decoded_names(path, name, ds[name].values, ds[name].attrs)) is not None:
+                ds = ds.assign_coords({name: ("parameter", names)})
         for name in ("tensor", "layer", *GROUP_DIMS.values()):
             if name in ds.coords and ds[name].dtype.kind not in "U":
                 ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values).astype(object).astype(str))})
