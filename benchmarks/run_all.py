@@ -1,6 +1,6 @@
 """Every benchmark in one run, side by side: their tables go to stdout and to benchmarks/results.md.
 
-    .venv/bin/python benchmarks/run_all.py           # about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py           # about 25 minutes on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick   # a few minutes, smaller sizes
 
 Each script runs in its own process, one after the other, on an otherwise idle machine: timings are
