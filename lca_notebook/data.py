@@ -474,7 +474,7 @@ def halves(batch: Batch, most: int | None = None) -> tuple[Batch, Batch, Batch] 
     n = batch.size
     if n < 2 or not _batched((batch.args, batch.kwargs, batch.target), n):
         return None
-    n = min(n, most or n)
+    n = n if most is None else min(n, most)
     k = (n + 1) // 2
 
     def rows(sl: slice, size: int) -> Batch:

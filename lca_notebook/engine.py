@@ -396,7 +396,7 @@ class SnapshotReader:
         flat = torch.cat(parts, out=out)
         # One cheap pass (a float32 sum: a float64 one casts, 30x slower on CPU); search tensors only if it is not
         # finite (a finite vector whose sum overflows is searched and passes).
-        if not math.isfinite(float(flat.sum())):
+        if not math.isfinite(float(flat.sum(dtype=torch.float32 if flat.element_size() < 4 else None))):
             for name, piece in zip(spec.names, torch.split(flat, spec.numels), strict=True):
                 if not bool(torch.isfinite(piece).all()):
                     bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
@@ -433,7 +433,10 @@ def iterate(
 
     ``more`` (following a trajectory still being recorded): instead of stopping at ``stop``, iteration t
     is computed when ``more(t + 1)`` returns True (it waits until snapshot t + 1 is readable) and the rows
-    end when it returns False."""
+    end when it returns False.
+
+    Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
+    than the arithmetic on it): use or copy it before asking for the next row."""
     a, extras_a = read(start)
     loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
@@ -463,8 +466,9 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
     # Vectors of P elements are refilled, never allocated per iteration: a fresh one costs more in page faults
     # than the arithmetic on it (10M parameters: ~13 ms each). `spare` and `spare_g` are last iteration's start
     # point and gradient, free once this iteration's row is made; lca[0] and lca[1] alternate between levels.
-    spare = spare_g = None
-    d, point, mid_g, ends = (torch.empty_like(a) for _ in range(4))
+    # `point`, `mid_g` and `ends` are made on first use (out=None allocates): a rule that never uses one holds none.
+    spare = spare_g = point = mid_g = ends = None
+    d = torch.empty_like(a)
     lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
 
     def points_sum(points, extras, where):
@@ -495,10 +499,11 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             lca_all.mul_(d)
         else:
             # Composite Simpson kept as running sums: ends E, current midpoints A, older interior points B.
-            torch.add(g_a, g_b, out=ends)
+            ends = torch.add(g_a, g_b, out=ends)
             if mids is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
-                mids = evaluate(torch.add(a, d, alpha=0.5, out=point), extras_a, where, out=mid_g)[1]
+                point = torch.add(a, d, alpha=0.5, out=point)
+                mids = mid_g = evaluate(point, extras_a, where, out=mid_g)[1]
             interior = coarse = None
             changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
             while True:
@@ -530,7 +535,8 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                     mids = torch.zeros_like(ends)
                     for s in new:
                         where = f"s={s:g} between snapshots {t} and {t + 1}"
-                        mids += evaluate(torch.add(a, d, alpha=float(s), out=point), extras_a, where)[1]
+                        point = torch.add(a, d, alpha=float(s), out=point)
+                        mids += evaluate(point, extras_a, where)[1]
                 pieces *= 2
         total = _sum64(lca_all)
         selected = lca_all[:p_sel]

@@ -297,7 +297,7 @@ class Groups:
         by = check_granularity(by)
         if by == "parameter":
             return np.arange(self.n_parameters)
-        return self._ids(by)
+        return np.repeat(self._table[by][0], self._runs[1])  # one int64 per parameter: made only when asked for
 
     def labels(self, by: str) -> np.ndarray:
         """Group labels in model order (``"total"`` for the one total group)."""
@@ -324,12 +324,6 @@ class Groups:
         out = np.zeros(len(self.labels(by)), dtype=np.int64)
         out[self._table[by][0]] = self._table["layer"][0]
         return out
-
-    def _ids(self, by: str) -> np.ndarray:
-        cache = self.__dict__.setdefault("_ids_cache", {})
-        if by not in cache:  # one int64 per parameter: made only when asked for
-            cache[by] = np.repeat(self._table[by][0], self._runs[1])
-        return cache[by]
 
     @cached_property
     def _runs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -397,7 +391,8 @@ class Groups:
         if not coarse:
             return out
         if block.shape[-1] == 0:
-            return out | {by: np.zeros((*block.shape[:-1], len(self.labels(by)))) for by in coarse}
+            dtype = np.int64 if block.dtype == bool else np.float64
+            return out | {by: np.zeros((*block.shape[:-1], len(self.labels(by))), dtype) for by in coarse}
         if block.dtype == bool:
             pieces, first = self._pieces
             runs = np.add.reduceat(block.view(np.int8), pieces, axis=-1, dtype=np.int16).astype(np.int64)

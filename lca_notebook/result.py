@@ -516,11 +516,11 @@ class LCAResult:
 
     def _write(self, path: str, *, netcdf: bool):
         from .storage import files
-        from .storage.files import FORMAT, KIND, checksummed
+        from .storage.files import KIND, RESULT_FORMAT, checksummed
 
         ds = self.dataset.drop_vars([v for v in self.dataset.data_vars if str(v).startswith("prefix_")])
         progress = ("completed_iterations", "completed_checkpoints", "complete", "shards")
-        ds.attrs = {k: v for k, v in ds.attrs.items() if k not in progress} | {KIND: "result", "format": FORMAT}
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k not in progress} | {KIND: "result", "format": RESULT_FORMAT}
         ds.attrs["saved"] = 1  # whole, no prefix sums: lca.open reads it as it is; analyze(store=) never continues it
         if netcdf:
             ds.to_netcdf(path, engine="h5netcdf")

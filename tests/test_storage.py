@@ -102,7 +102,7 @@ def _checksummed_store(path, rows=8, chunk=4):
         )
 
     files.create_atomically(str(path), write)
-    files.update_attrs(str(path), lca_notebook="result", format=files.FORMAT)
+    files.update_attrs(str(path), lca_notebook="result", format=files.RESULT_FORMAT)
     return str(path)
 
 
@@ -179,8 +179,11 @@ def test_names_on_parameter_are_stored_as_codes_and_format_2_strings_still_read(
     ds.to_zarr(old, zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)  # as format 2 did
     np.testing.assert_array_equal(lca.open(old).dataset["tensor"].values, r.dataset["tensor"].values)
     # A code past the names is damage, named.
-    with pytest.raises(files.StoreDamagedError, match=r"attribute 'tensor.categories'"):
-        files.decoded_names(path, "tensor", np.array([0, 3], np.int32), {"categories": ["a", "b", "c"]})
+    for codes, names in (([0, 3], ["a", "b", "c"]), ([], "abc"), ([0], ["a", 1])):
+        with pytest.raises(
+            files.StoreDamagedError, match=r"attribute 'categories' of its coordinate 'tensor'.*tensor/zarr"
+        ):
+            files.decoded_names(path, "tensor", np.array(codes, np.int32), {"categories": names})
 
 
 def test_one_writer_per_path_in_this_process(tmp_path):

@@ -343,7 +343,7 @@ def test_a_store_of_an_older_format_is_read_but_not_continued(run, tmp_path):
     assert_results_equal(lca.open(path), memory, n=done, exact=False)
     with pytest.raises(ValueError, match=r"older lca_notebook \(format 1.*cannot be continued safely.*lca.open"):
         lca.analyze(model, (x, y), snaps, loss_fn=_loss(), method="simpson", store=path, progress=False)
-    files.update_attrs(str(path), format=files.FORMAT + 1)
+    files.update_attrs(str(path), format=files.RESULT_FORMAT + 1)
     with pytest.raises(ValueError, match="newer lca_notebook"):
         lca.open(path)
 

@@ -45,9 +45,12 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks (see lock()
     fcntl = None  # type: ignore[assignment]
 
 KIND = "lca_notebook"  # root attribute: "result" or "trajectory"
-#: 2: every chunk ends with a CRC32C checksum; result stores keep a hash of each snapshot they read.
-#: 1 (before): plain chunks; still read, never continued.
-FORMAT = 3
+#: Format of trajectory stores. 2: every chunk ends with a CRC32C checksum. 1 (before): plain chunks; still read.
+FORMAT = 2
+#: Format of result stores. 3: names on `parameter` as int32 codes (coded_names). 2: checksummed chunks and a hash
+#: of each snapshot read, names as variable-length strings; still read and continued. 1: plain chunks; still read,
+#: never continued.
+RESULT_FORMAT = 3
 
 
 def checksummed() -> list:
@@ -70,15 +73,15 @@ def read_attrs(path: str) -> dict:
         ) from exc
 
 
-def check_format(path: str, attrs: dict) -> int:
-    """The store's format number; a store from a newer lca_notebook is refused, naming the version."""
+def check_format(path: str, attrs: dict, newest: int = FORMAT) -> int:
+    """The store's format number; a store from a newer lca_notebook (past ``newest``) is refused, naming it."""
     fmt = attrs.get("format", 1)
     if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
-        raise damaged_attribute(path, "format", fmt, f"a format number (1..{FORMAT})")
-    if fmt > FORMAT:
+        raise damaged_attribute(path, "format", fmt, f"a format number (1..{newest})")
+    if fmt > newest:
         raise ValueError(
             f"the store {path!r} has format {fmt}, written by a newer lca_notebook; this one reads formats "
-            f"1..{FORMAT}. Upgrade lca_notebook to open it."
+            f"1..{newest}. Upgrade lca_notebook to open it."
         )
     return fmt
 
@@ -97,11 +100,20 @@ def coded_names(ids: np.ndarray, labels) -> tuple[tuple[str], np.ndarray, dict]:
 def decoded_names(path: str, name: str, codes, attrs) -> np.ndarray | None:
     """The names of a coordinate stored by :func:`coded_names` (fixed-width str), or None if it is not one."""
     names = attrs.get(CATEGORIES)
-    if names is None or np.asarray(codes).dtype.kind not in "iu":
-        return None
     codes = np.asarray(codes)
-    if not isinstance(names, list) or (codes.size and (codes.min() < 0 or codes.max() >= len(names))):
-        raise damaged_attribute(path, f"{name}.{CATEGORIES}", names, f"a list of names for codes 0..{codes.max()}")
+    if names is None or codes.dtype.kind not in "iu":
+        return None
+    bad = not isinstance(names, list) or not all(isinstance(x, str) for x in names)
+    if not bad and codes.size and (codes.min() < 0 or codes.max() >= len(names)):
+        bad = True
+    if bad:
+        shown = repr(names) if len(repr(names)) <= 80 else repr(names)[:77] + "..."
+        raise StoreDamagedError(
+            f"the store {path!r} is damaged: the attribute {CATEGORIES!r} of its coordinate {name!r} is {shown}, "
+            f"expected a list of {int(codes.max()) + 1 if codes.size else 'the'} names its codes index (in "
+            f"{os.path.join(path, name, 'zarr.json')}). Restore the store from a backup, or delete it and compute "
+            "it again."
+        )
     return np.asarray(names, dtype=str)[codes]
 
 

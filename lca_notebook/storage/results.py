@@ -36,8 +36,8 @@ from ..result import LCAResult
 from ..sinks import ITERATION_VARS, PrefixBlock, Rows, Totals, iteration_vars  # noqa: F401 (ITERATION_VARS: tests read it here)
 from ..trajectory import Trajectory
 from .files import (
-    FORMAT,
     KIND,
+    RESULT_FORMAT,
     Arrays,
     CheckedArray,
     StoreWriteError,
@@ -251,7 +251,7 @@ class StoreSink:
                 f"{path!r} holds a result saved with LCAResult.save; analyze(..., store=...) continues only a store "
                 "it computed itself. Open it with lca.open, or give analyze another store path."
             )
-        if check_format(path, attrs) < 2:
+        if check_format(path, attrs, RESULT_FORMAT) < 2:
             raise ValueError(
                 f"the store {path!r} was written by an older lca_notebook (format {attrs.get('format', 1)}: no "
                 f"checksums, no snapshot hashes), so it cannot be continued safely; lca.open still reads it. Give "
@@ -441,7 +441,7 @@ class StoreSink:
             **self.batch,
             keep=self.keep,
             **layout,
-            **{KIND: "result", "format": FORMAT, "completed_iterations": 0, "completed_checkpoints": 0},
+            **{KIND: "result", "format": RESULT_FORMAT, "completed_iterations": 0, "completed_checkpoints": 0},
             complete=False,
         )
         ds = xr.Dataset(data, coords=coords, attrs=attrs)
@@ -686,7 +686,7 @@ def open_store(path) -> LCAResult:
             f"{path!r} is a recorded trajectory, not an LCA result: give it to analyze() as the trajectory"
         )
     if kind is not None:
-        check_format(path, attrs)
+        check_format(path, attrs, RESULT_FORMAT)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": expected for a growing store
@@ -724,7 +724,7 @@ def open_store(path) -> LCAResult:
     # tables want plain fixed-width str, as in a result computed in memory. The other coordinates on
     # `parameter` are read now too: every sum needs them.
     try:
-        for name in ("tensor", "layer"):  # int32 codes into their names (stores written since format 2.1)
+        for name in ("tensor", "layer"):  # int32 codes into their names (format 3)
             if name in ds.coords and (names := decoded_names(path, name, ds[name].values, ds[name].attrs)) is not None:
                 ds = ds.assign_coords({name: ("parameter", names)})
         for name in ("tensor", "layer", *GROUP_DIMS.values()):
