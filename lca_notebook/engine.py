@@ -244,7 +244,7 @@ class Evaluator:
         """Loss and flat gradient at ``theta`` (the gradient written into ``out`` when given)."""
         leaves: list[torch.Tensor] = []
         tensors = self.bind(theta.detach(), extras, leaves)
-        total = grads = None
+        value, grads = 0.0, None  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
         with self._loss_mode():
             for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
                 if w == 0.0:
@@ -253,23 +253,21 @@ class Evaluator:
                     loss = self.loss_fn(functional_call(self.model, tensors, b.args, b.kwargs), b.target)
                 else:
                     loss = self._first_loss(tensors, i, first=grads is None)
+                value += loss.detach().item() * w
                 gs = [
                     g.to_dense() if g is not None and g.is_sparse else g
                     for g in torch.autograd.grad(loss, leaves, allow_unused=True)
                 ]
                 if grads is None:
                     grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
-                    total = loss.detach().double() * w
                 else:
                     grads = [
                         a if g is None else (g.mul_(w) if a is None else a.add_(g, alpha=w))
                         for a, g in zip(grads, gs, strict=True)
                     ]
-                    total += loss.detach().double() * w
         self.evaluations += 1
         self._checked = True
-        assert grads is not None and total is not None  # batch_weights never makes every weight zero
-        value = float(total)
+        assert grads is not None  # batch_weights never makes every weight zero
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
