@@ -96,14 +96,12 @@ def browser(t: int, presses: int) -> dict:
 
     tests = Path(__file__).resolve().parent.parent / "tests"
     sys.path.insert(0, str(tests))
-    from browser_utils import CHROMIUM, CHROMIUM_ARGS, JupyterLab
+    from browser_utils import CHROMIUM, CHROMIUM_ARGS, JupyterLab, write_lab_settings
 
     with tempfile.TemporaryDirectory() as tmp:
         root, log = Path(tmp) / "lab", Path(tmp) / "kernel.jsonl"
-        settings = Path(tmp) / "settings" / "@jupyterlab" / "apputils-extension"
-        settings.mkdir(parents=True)
+        write_lab_settings(Path(tmp) / "settings", theme=None)
         root.mkdir()
-        (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
         os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(Path(tmp) / "settings")
         os.environ["JUPYTERLAB_WORKSPACES_DIR"] = str(Path(tmp) / "workspaces")
         nb = nbformat.v4.new_notebook()

@@ -134,6 +134,17 @@ class JupyterLab:
             self._log.close()
 
 
+def write_lab_settings(folder: Path, theme: str | None = "JupyterLab Light") -> Path:
+    """JupyterLab user settings in ``folder`` (for ``JUPYTERLAB_SETTINGS_DIR``): the theme, and no news or update
+    checks (nothing is reached over the network, no notification covers the page). Returns ``folder``."""
+    apputils = folder / "@jupyterlab" / "apputils-extension"
+    apputils.mkdir(parents=True, exist_ok=True)
+    if theme is not None:
+        (apputils / "themes.jupyterlab-settings").write_text(f'{{"theme": "{theme}"}}')
+    (apputils / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    return folder
+
+
 def copy_notebook(name: str, dest: Path) -> Path:
     target = Path(dest) / name
     shutil.copy(NOTEBOOKS / name, target)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook
+from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook, write_lab_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
@@ -38,11 +38,7 @@ def lab_page(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     copy_notebook("01_quickstart.ipynb", root)
     ARTIFACTS.mkdir(exist_ok=True)
-    settings = tmp_path_factory.mktemp("lab-settings")
-    themes = settings / "@jupyterlab" / "apputils-extension"
-    themes.mkdir(parents=True)
-    (themes / "themes.jupyterlab-settings").write_text('{"theme": "JupyterLab Light"}')
-    (themes / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    settings = write_lab_settings(tmp_path_factory.mktemp("lab-settings"))
     saved = {k: os.environ.get(k) for k in ("JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")}
     os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
     os.environ["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path_factory.mktemp("lab-workspaces"))

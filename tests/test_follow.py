@@ -181,9 +181,8 @@ def test_follow_times_out_waiting_for_a_store_that_never_comes(tmp_path):
                     timeout=0.05, poll=0.01)  # fmt: skip
 
 
-def test_follow_in_one_process_with_the_recorder_open(tmp_path):
-    """The recorder in this process, still open: the follower computes what is there, waits, and ends when it
-    closes; every value equals a plain run's."""
+def _recording(tmp_path):
+    """A recorder in this process, still open, that has stored 2 steps; ``step()`` trains and records one more."""
     model, (x, y) = _model(), _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
@@ -197,6 +196,13 @@ def test_follow_in_one_process_with_the_recorder_open(tmp_path):
     step()
     step()
     rec.flush()
+    return x, y, path, store, rec, step
+
+
+def test_follow_in_one_process_with_the_recorder_open(tmp_path):
+    """The recorder in this process, still open: the follower computes what is there, waits, and ends when it
+    closes; every value equals a plain run's."""
+    x, y, path, store, rec, step = _recording(tmp_path)
     out: dict = {}
 
     def follow():
@@ -220,19 +226,7 @@ def test_follow_in_one_process_with_the_recorder_open(tmp_path):
 def test_a_follower_that_stopped_is_continued_by_a_plain_analyze_once_the_recording_grew(tmp_path):
     """The follower gives up (timeout) while the recorder is open; the recorder goes on and closes. The same
     analyze without follow continues the store from where it was and grows it to the whole recording."""
-    model, (x, y) = _model(), _data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
-    rec = lca.record(model, opt, path=path).start()
-
-    def step():
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    step()
-    step()
-    rec.flush()
+    x, y, path, store, rec, step = _recording(tmp_path)
     with pytest.raises(TimeoutError, match="snapshot 3") as info:
         lca.analyze(_model(), (x, y), path, store=store, follow=True, progress=False, poll=0.01, timeout=0.05)
     assert "run the same call again to continue" in str(info.value)
@@ -313,19 +307,7 @@ def test_explorer_range_and_figures_grow_with_the_store_keeping_the_selection(tm
 def test_follow_with_a_reduced_keep_equals_a_plain_run(tmp_path, monkeypatch):
     """keep="layer": the per-iteration sums and counts grow with the store, the per-parameter totals do not."""
     monkeypatch.setattr("lca_notebook.storage.results.CHUNK_ITERATIONS", 4)
-    model, (x, y) = _model(), _data()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    path, store = str(tmp_path / "run.zarr"), str(tmp_path / "lca.zarr")
-    rec = lca.record(model, opt, path=path).start()
-
-    def step():
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    step()
-    step()
-    rec.flush()
+    x, y, path, store, rec, step = _recording(tmp_path)
     out: dict = {}
 
     def follow():

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, kernel_env
+from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, kernel_env, write_lab_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -181,11 +181,7 @@ def lab(tmp_path, tmp_path_factory):
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
-    settings = tmp_path_factory.mktemp("live-lab-settings")
-    themes = settings / "@jupyterlab" / "apputils-extension"
-    themes.mkdir(parents=True)
-    (themes / "themes.jupyterlab-settings").write_text('{"theme": "JupyterLab Light"}')
-    (themes / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
+    settings = write_lab_settings(tmp_path_factory.mktemp("live-lab-settings"))
     saved = {k: os.environ.get(k) for k in ("JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")}
     os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
     os.environ["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp_path_factory.mktemp("live-lab-workspaces"))
