@@ -1163,6 +1163,7 @@ def histogram(values: np.ndarray, bins: int, tail: float = 0.005) -> tuple[np.nd
     lo, hi = min(float(q_lo), 0.0), max(float(q_hi), 0.0)
     width = (hi - lo) / max(1, bins)
     edges = width * np.arange(np.floor(lo / width), np.ceil(hi / width) + 1)
+    edges[0], edges[-1] = min(edges[0], lo), max(edges[-1], hi)  # width * k can round to just inside lo or hi
     outside = int(np.count_nonzero((moved < edges[0]) | (moved > edges[-1])))
     inside = np.clip(moved, edges[0], edges[-1])
     counts, _ = np.histogram(inside, bins=len(edges) - 1, range=(edges[0], edges[-1]))  # equal bins: no sort
