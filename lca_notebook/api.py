@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, run, warn_if_stuck
-from .layout import Groups, build_spec, check_keep, parameter_coords
+from .layout import Groups, build_spec, check_keep
 from .result import LCAResult
 from .sinks import MemorySink, Sink, resolve_keep
 from .sources import POLL_SECONDS, Follower, as_trajectory
@@ -160,7 +160,7 @@ def analyze(
         model, first, parameters=parameters, batchnorm=batchnorm, where=traj.describe(0), last=last,
         subset=traj.subset,
     )  # fmt: skip
-    keep = resolve_keep(keep, Groups(parameter_coords(spec)), len(traj) - 1) if keep == "auto" else keep
+    keep = resolve_keep(keep, Groups.of(spec), len(traj) - 1) if keep == "auto" else keep
     if (why := stillness(traj, first, last) if follower is None else None) is not None:
         warnings.warn(why, stacklevel=2)
     _warn_if_half_precision(model)

@@ -167,7 +167,7 @@ class _Job:
 
     def groups(self):
         if "groups" not in self._cache:
-            self._cache["groups"] = Groups(self.coords)
+            self._cache["groups"] = Groups.of(self.spec, self.coords)
         return self._cache["groups"]
 
 

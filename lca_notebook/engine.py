@@ -37,13 +37,17 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from . import data as data_mod
-from .layout import BATCHNORM_MODES, PathSpec, canonical, integer_snapshot_message
+from .layout import BATCHNORM_MODES, BLOCK, PathSpec, canonical, integer_snapshot_message
 from .quadrature import check_method, level_change, refinement_points, rule, simpson_error, simpson_weights
 
 #: Rows of a batch that the check of the loss's reduction (mean, not sum) reads.
 _CHECK_ROWS = 64
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
+
+#: A gradient tensor by tensor, in the path's order (:class:`~lca_notebook.layout.PathSpec`): each flat, in the
+#: path's dtype, or None where a tensor gets none (a tensor that does not move, or that the loss does not use).
+Parts = list[torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,12 @@ class Evaluator:
         self, theta: torch.Tensor, extras: dict, where: str, out: torch.Tensor | None = None
     ) -> tuple[float, torch.Tensor]:
         """Loss and flat gradient at ``theta`` (the gradient written into ``out`` when given)."""
+        value, parts = self.gradient(theta, extras, where)
+        return value, flat(parts, self._numels, theta, out)
+
+    def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
+        """Loss and gradient at ``theta``, the gradient tensor by tensor as autograd made it (see :data:`Parts`):
+        at 10M parameters, copying it into one vector costs more than the arithmetic that reads it."""
         leaves: list[torch.Tensor] = []
         tensors = self.bind(theta.detach(), extras, leaves)
         value, grads = 0.0, None  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
@@ -273,11 +283,11 @@ class Evaluator:
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
             )
         it = iter(grads)
-        parts = []
-        for (_, _, _, grad), n in zip(self._layout, self._numels, strict=True):
+        parts: Parts = []
+        for _, _, _, grad in self._layout:
             g = next(it) if grad else None
-            parts.append(theta.new_zeros(n) if g is None else g.reshape(-1).to(theta.dtype))
-        return value, torch.cat(parts, out=out)
+            parts.append(None if g is None else g.reshape(-1).to(theta.dtype))
+        return value, parts
 
     def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
         """Losses and gradients at ``k`` points at once (``thetas`` is ``(k, P)``): one ``torch.func.vmap``
@@ -436,7 +446,7 @@ def iterate(
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
     a, extras_a = read(start)
-    loss_a, g_a = evaluate(a, extras_a, f"snapshot {start}")
+    loss_a, g_a = evaluate.gradient(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
 
 
@@ -454,18 +464,63 @@ def _sum64(x: torch.Tensor) -> float:
     return float(x.sum(dtype=torch.float64))
 
 
+def flat(parts: Parts, numels: Sequence[int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:data:`Parts` as one flat vector (zeros where a tensor has no gradient), written into ``out`` when given."""
+    return torch.cat([like.new_zeros(n) if p is None else p for p, n in zip(parts, numels, strict=True)], out=out)
+
+
+def _split(vector: torch.Tensor, numels: Sequence[int]) -> Parts:
+    return list(torch.split(vector, list(numels)))
+
+
+def combine(out: torch.Tensor, d: torch.Tensor, terms, numels: Sequence[int], n_selected: int) -> tuple[float, float]:
+    """``out = d * sum_k w_k g_k`` for ``terms`` ``[(g_k, w_k), ...]`` of :data:`Parts`: one rule's LCA, tensor by
+    tensor in blocks of :data:`~lca_notebook.layout.BLOCK` that stay in the CPU's cache (a pass over memory per
+    operation cost twice as much at 10M parameters). Returns the float64 sums of ``out`` and of its first
+    ``n_selected`` entries (the selected tensors come first)."""
+    on_cpu = out.device.type == "cpu"
+    total = selected = 0.0
+    start = 0
+    for i, n in enumerate(numels):
+        present = [(g[i], w) for g, w in terms if g[i] is not None]
+        step = BLOCK if on_cpu else max(n, 1)  # elsewhere one kernel per tensor: launches, not caches, cost there
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            block = out[start + s : start + e]
+            if not present:
+                block.zero_()
+                continue
+            (g0, w0), *more = present
+            torch.mul(g0[s:e], w0, out=block)
+            for g, w in more:
+                block.add_(g[s:e], alpha=w)
+            block.mul_(d[start + s : start + e])
+            if on_cpu:  # summed while in cache
+                part = _sum64(block)
+                total += part
+                selected += part if start + e <= n_selected else 0.0
+        start += n
+    if not on_cpu:  # one synchronisation each, at the end
+        total = _sum64(out)
+        selected = _sum64(out[:n_selected]) if n_selected < len(out) else total
+    return total, selected
+
+
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, more=None):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
     param_tol = options.param_tol
+    numels = evaluate.spec.numels
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
-    fixed_rule = None if simpson_like else list(zip(*rule(method), strict=True))  # (s, w) at s = 0 or 1
+    # fixed rules: (0 for the start point or 1 for the end, weight)
+    fixed_rule = None if simpson_like else [(int(s), float(w)) for s, w in zip(*rule(method), strict=True)]
     # Vectors of P elements are refilled, never allocated per iteration: a fresh one costs more in page faults
-    # than the arithmetic on it (10M parameters: ~13 ms each). `spare` and `spare_g` are last iteration's start
-    # point and gradient, free once this iteration's row is made; lca[0] and lca[1] alternate between levels.
-    # `point`, `mid_g` and `ends` are made on first use (out=None allocates): a rule that never uses one holds none.
-    spare = spare_g = point = mid_g = ends = None
+    # than the arithmetic on it (10M parameters: ~13 ms each). Gradients stay as autograd made them (Parts):
+    # `combine` reads them in place. `spare` is last iteration's start point, free once this iteration's row is
+    # made; lca[0] and lca[1] alternate between levels. `point` and adaptive's flat running sums are made on first
+    # use (out=None allocates): a rule that never uses one holds none.
+    spare = point = ends = mid_flat = None
     d = torch.empty_like(a)
     lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
 
@@ -480,69 +535,70 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         before = evaluate.evaluations
         b, extras_b = read(t + 1, out=spare)
         torch.sub(b, a, out=d)
-        mids = None
+        g_m: Parts | None = None  # the gradient at the midpoint
         if batched and simpson_like and _same(extras_a, extras_b):
             where = f"snapshot {t + 1} and s=0.5 before it"
             losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, where)
-            loss_b, g_b, mids = losses[0], grads[0], grads[1]
+            loss_b, g_b, g_m = losses[0], _split(grads[0], numels), _split(grads[1], numels)
         else:
-            loss_b, g_b = evaluate(b, extras_b, f"snapshot {t + 1}", out=spare_g)
+            loss_b, g_b = evaluate.gradient(b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         pieces = 1
         error = math.nan
+        lca_all = lca[0]
         if fixed_rule is not None:
-            lca_all = lca[0].zero_()
-            for s, w in fixed_rule:
-                lca_all.add_(g_a if s == 0.0 else g_b, alpha=float(w))
-            lca_all.mul_(d)
+            terms = [((g_a, g_b)[end], w) for end, w in fixed_rule]
+            total, selected = combine(lca_all, d, terms, numels, p_sel)
         else:
-            # Composite Simpson kept as running sums: ends E, current midpoints A, older interior points B.
-            ends = torch.add(g_a, g_b, out=ends)
-            if mids is None:
+            if g_m is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
                 point = torch.add(a, d, alpha=0.5, out=point)
-                mids = mid_g = evaluate(point, extras_a, where, out=mid_g)[1]
-            interior = coarse = None
+                g_m = evaluate.gradient(point, extras_a, where)[1]
+            w_end, w_mid, _ = simpson_weights(1)
+            total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], numels, p_sel)
+            # Adaptive refinement: composite Simpson as running sums of flat vectors, ends E, current midpoints A,
+            # older interior points B (refining costs two gradients or more: the flat copies are small beside them).
+            interior = mids = None
             changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
-            while True:
-                w_end, w_mid, w_interior = simpson_weights(pieces)
-                lca_all = torch.mul(ends, w_end, out=lca[0]).add_(mids, alpha=w_mid)
-                if interior is not None:
-                    lca_all.add_(interior, alpha=w_interior)
-                lca_all.mul_(d)
-                if coarse is not None:  # two levels or more: Richardson's estimate, at no extra evaluation
-                    changes.append(level_change(lca_all[:p_sel], coarse[:p_sel]))
-                    error = simpson_error(changes)
-                if method == "simpson" or pieces >= max_splits:
-                    break
-                if abs(_sum64(lca_all) - change) <= tol and (
-                    param_tol is None or error <= param_tol  # NaN (one level so far) is not <=: refine
-                ):
-                    break
+            while (
+                method == "adaptive"
+                and pieces < max_splits
+                and not (abs(total - change) <= tol and (param_tol is None or error <= param_tol))
+            ):  # NaN error (one level so far) is not <= param_tol: refine
+                if lca[1].shape != a.shape:
+                    lca[1] = torch.empty_like(a)
+                if interior is None or mids is None:
+                    ends = flat(g_a, numels, a, out=ends).add_(flat(g_b, numels, a, out=lca[1]))
+                    interior = mid_flat = flat(g_m, numels, a, out=mid_flat)
+                else:
+                    interior.add_(mids)
                 coarse = lca_all
                 lca.reverse()
-                if lca[0].shape != a.shape:
-                    lca[0] = torch.empty_like(a)
-                interior = mids if interior is None else interior.add_(mids)
                 where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
                 new = refinement_points(pieces)
                 if batched:
                     s_col = torch.as_tensor(new, dtype=a.dtype, device=a.device)[:, None]
                     mids = points_sum(a + s_col * d, extras_a, where)
                 else:
-                    mids = torch.zeros_like(ends)
+                    mids = torch.zeros_like(a)
                     for s in new:
                         where = f"s={s:g} between snapshots {t} and {t + 1}"
                         point = torch.add(a, d, alpha=float(s), out=point)
                         mids += evaluate(point, extras_a, where)[1]
                 pieces *= 2
-        total = _sum64(lca_all)
-        selected = lca_all[:p_sel]
-        rest = total - _sum64(selected) if p_sel < len(lca_all) else 0.0
+                assert ends is not None  # made at the first refinement
+                w_end, w_mid, w_interior = simpson_weights(pieces)
+                lca_all = torch.mul(ends, w_end, out=lca[0]).add_(mids, alpha=w_mid)
+                lca_all.add_(interior, alpha=w_interior).mul_(d)
+                changes.append(level_change(lca_all[:p_sel], coarse[:p_sel]))  # Richardson's, at no evaluation
+                error = simpson_error(changes)
+                total = _sum64(lca_all)
+                selected = _sum64(lca_all[:p_sel]) if p_sel < len(lca_all) else total
+        rest = total - selected if p_sel < len(lca_all) else 0.0
         yield IterationResult(
-            t, selected, rest, total - change, pieces, loss_b, evaluate.evaluations - before, error=error
+            t, lca_all[:p_sel], rest, total - change, pieces, loss_b, evaluate.evaluations - before, error=error
         )
-        spare, spare_g = a, g_a
+        spare = a
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
 

@@ -292,6 +292,25 @@ class Groups:
         self.coords = {k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")}
         self.n_parameters = len(self.coords["tensor"])
 
+    @classmethod
+    def of(cls, spec: PathSpec, coords: Mapping[str, np.ndarray] | None = None) -> Groups:
+        """The groups of a path's selected parameters (``coords``: its :func:`parameter_coords`, made when not
+        given), the runs worked out from the tensors' shapes rather than by comparing every parameter's
+        coordinates with the next one's (10M parameters: 5 ms against 75)."""
+        groups = cls(parameter_coords(spec) if coords is None else coords)
+        starts, offset = [np.zeros(0, np.int64)], 0
+        for (name, shape), n in zip(spec.selected, spec.numels, strict=False):
+            if n and name in spec.transposed:  # a unit's elements are not contiguous: compare its units
+                unit = groups.coords["unit"][offset : offset + n]
+                starts.append(offset + np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]))
+            elif n:  # unit u is row u of the tensor (a 0-d tensor: one unit)
+                rows = shape[0] if len(shape) else 1
+                starts.append(offset + np.arange(rows, dtype=np.int64) * (n // rows))
+            offset += n
+        runs = np.concatenate(starts)
+        groups.__dict__["_runs"] = (runs, np.diff(np.append(runs, offset)))  # what the cached property would find
+        return groups
+
     def ids(self, by: str) -> np.ndarray:
         """Group id of each parameter (0 .. n_groups - 1, in model order)."""
         by = check_granularity(by)
@@ -370,14 +389,45 @@ class Groups:
 
     @cached_property
     def _pieces(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Runs cut into pieces short enough to count a boolean block in int16 (a sixth of the time of a count
-        in float64, exact): piece starts, and the first piece of each run (None: pieces are the runs)."""
-        starts, lengths = self._runs
-        cuts = -(-lengths // _PIECE)
-        if np.all(cuts == 1):
+        """Runs cut at every multiple of :data:`_PIECE`, so each piece is short enough to count a boolean block in
+        int16 (a sixth of the time of a count in float64, exact) and every block of :meth:`blocks` ends on a piece:
+        piece starts, and the first piece of each run (None: pieces are the runs)."""
+        starts, _ = self._runs
+        pieces = np.union1d(starts, np.arange(0, self.n_parameters, _PIECE))
+        if len(pieces) == len(starts):
             return starts, None
-        pieces = np.repeat(starts, cuts) + _PIECE * (np.arange(cuts.sum()) - np.repeat(np.cumsum(cuts) - cuts, cuts))
-        return pieces, np.cumsum(cuts) - cuts
+        return pieces, np.searchsorted(pieces, starts)
+
+    @cached_property
+    def blocks(self) -> list[tuple[slice, slice, np.ndarray]]:
+        """The parameters in blocks of at most :data:`BLOCK` (cut at pieces), for one pass over a row that stays
+        in the CPU's cache: each block's parameters, its pieces, and their starts within the block."""
+        pieces, _ = self._pieces
+        edges = np.searchsorted(pieces, np.arange(0, self.n_parameters, BLOCK))
+        out = []
+        for a, b in zip(edges, [*edges[1:], len(pieces)], strict=True):
+            start, stop = int(pieces[a]), int(pieces[b]) if b < len(pieces) else self.n_parameters
+            out.append((slice(start, stop), slice(int(a), int(b)), pieces[a:b] - start))
+        return out
+
+    @property
+    def n_pieces(self) -> int:
+        return len(self._pieces[0])
+
+    def from_pieces(self, pieces: np.ndarray, bys: Iterable[str]) -> dict[str, np.ndarray]:
+        """Sums over the pieces of :meth:`blocks` (``(..., n_pieces)``) into ``(..., groups)`` at coarse
+        granularities (int64 for integer pieces)."""
+        first = self._pieces[1]
+        if pieces.dtype.kind in "iub":
+            pieces = pieces.astype(np.int64)
+        return self._from_runs(pieces if first is None else np.add.reduceat(pieces, first, axis=-1), bys)
+
+    def _from_runs(self, runs: np.ndarray, bys: Iterable[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for by in bys:
+            r = self._reducers[by]
+            out[by] = runs if r is None else np.add.reduceat(runs[..., r[0]], r[1], axis=-1)
+        return out
 
     def sums(self, block: np.ndarray, bys: Iterable[str]) -> dict[str, np.ndarray]:
         """Sum a ``(..., parameter)`` array into ``(..., groups)`` at several granularities, reading the block
@@ -394,16 +444,9 @@ class Groups:
             dtype = np.int64 if block.dtype == bool else np.float64
             return out | {by: np.zeros((*block.shape[:-1], len(self.labels(by))), dtype) for by in coarse}
         if block.dtype == bool:
-            pieces, first = self._pieces
-            runs = np.add.reduceat(block.view(np.int8), pieces, axis=-1, dtype=np.int16).astype(np.int64)
-            if first is not None:
-                runs = np.add.reduceat(runs, first, axis=-1)
-        else:
-            runs = np.add.reduceat(block, self._runs[0], axis=-1, dtype=np.float64)
-        for by in coarse:
-            r = self._reducers[by]
-            out[by] = runs if r is None else np.add.reduceat(runs[..., r[0]], r[1], axis=-1)
-        return out
+            counts = np.add.reduceat(block.view(np.int8), self._pieces[0], axis=-1, dtype=np.int16)
+            return out | self.from_pieces(counts, coarse)
+        return out | self._from_runs(np.add.reduceat(block, self._runs[0], axis=-1, dtype=np.float64), coarse)
 
     def sum(self, block: np.ndarray, by: str) -> np.ndarray:
         """Sum a ``(..., parameter)`` array into ``(..., groups)`` (float64; int64 counts of a boolean block)."""
@@ -412,6 +455,10 @@ class Groups:
 
 #: Longest piece of a run counted in int16 (below 2**15).
 _PIECE = 16384
+#: Parameters per block of :meth:`Groups.blocks` and of the engine's arithmetic (a multiple of ``_PIECE``): the
+#: five vectors one block of an iteration touches stay in a 32 MiB L3 cache (measured on a 10M-parameter MLP:
+#: 8 to 32 pieces are equally fast, 4 and a whole vector at once a third slower).
+BLOCK = 16 * _PIECE
 
 
 def _in_model_order(keys: np.ndarray):

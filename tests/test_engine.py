@@ -11,7 +11,7 @@ import torch
 from helpers import digits, full_data_grad, train
 from torch import nn
 
-from lca_notebook import data, layout
+from lca_notebook import data, engine, layout
 from lca_notebook.engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from lca_notebook.quadrature import composite_simpson
 
@@ -64,8 +64,11 @@ def _quadrature_lca(model, x, y, a, b, pieces):
     return (d * avg).numpy()
 
 
+@pytest.mark.parametrize("block", [None, 5])  # the default, and blocks that cut every tensor into pieces
 @pytest.mark.parametrize(("method", "pieces", "evaluations"), [("simpson", 1, 2), ("adaptive", 4, 8)])
-def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pieces, evaluations):
+def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pieces, evaluations, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(engine, "BLOCK", block)
     model, x, y, snaps = run
     spec, evaluate = _parts((model, x, y), snaps)
     # tol far below what Simpson reaches: adaptive refines to max_splits (1 -> 2 -> 4 pieces, reusing points).
@@ -78,6 +81,34 @@ def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pi
         want = _quadrature_lca(model, x, y, snaps[r.t], snaps[r.t + 1], pieces)
         np.testing.assert_allclose(r.lca.double().numpy(), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     assert loss0 == pytest.approx(float(nn.functional.cross_entropy(_logits(model, snaps[1], x), y)), rel=1e-6)
+
+
+@pytest.mark.parametrize("block", [4, 1 << 20])
+def test_combine_is_the_rule_times_the_step_with_the_sums_of_all_and_of_the_selected(block, monkeypatch):
+    """engine.combine in blocks against the formula in float64: tensors without a gradient in some terms or in
+    all, and selected tensors (the first two) apart from the rest."""
+    monkeypatch.setattr(engine, "BLOCK", block)
+    numels = [10, 3, 7, 5]
+    gen = torch.Generator().manual_seed(0)
+    g = [[torch.randn(n, generator=gen) for n in numels] for _ in range(3)]
+    g[1][1] = None  # no gradient in one term
+    g[0][3] = g[1][3] = g[2][3] = None  # none at all: its LCA is 0
+    d = torch.randn(sum(numels), generator=gen)
+    out = torch.full_like(d, float("nan"))
+    weights = (1 / 6, 1 / 6, 4 / 6)
+    total, selected = engine.combine(out, d, list(zip(g, weights, strict=True)), numels, 13)
+    want = (
+        sum(
+            w * torch.cat([torch.zeros(n) if p is None else p for p, n in zip(parts, numels, strict=True)]).double()
+            for parts, w in zip(g, weights, strict=True)
+        )
+        * d.double()
+    )
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
+    assert (out[20:] == 0).all()
+    assert total == pytest.approx(float(want.sum()), rel=1e-6) and selected == pytest.approx(
+        float(want[:13].sum()), rel=1e-6
+    )
 
 
 def test_options_name_what_is_wrong():

@@ -39,6 +39,8 @@ def test_coords_and_groups_match_an_element_by_element_walk():
     naive = _naive(model)
     assert list(zip(coords["tensor"], coords["layer"], coords["unit"].tolist(), strict=True)) == naive
     groups = Groups(coords)
+    from_shapes = Groups.of(spec)  # runs from the tensors' shapes: the same as comparing neighbours' coordinates
+    assert all(np.array_equal(a, b) for a, b in zip(from_shapes._runs, groups._runs, strict=True))
     block = np.random.default_rng(0).normal(size=(3, len(naive))).astype(np.float32)
     keys = {
         "parameter": list(range(len(naive))),

@@ -65,3 +65,36 @@ def test_rows_and_the_memory_sink_keep_what_the_engine_gave():
     assert result.residual.values.tolist() == [0.25] * 3
     with pytest.raises(IndexError):
         sink.write(_row(3, [0.0] * 3, 0.0))  # no fourth iteration in a 4-snapshot run
+
+
+def test_a_reduced_row_over_blocks_equals_numpy_where_runs_cross_piece_and_block_edges():
+    """Rows.reduce works in cache-sized blocks cut at pieces: a layout with units longer than a piece, units that
+    cross block edges, units made of several runs (weight row and bias, a transposed conv's channels) and a single
+    parameter, against masks of each group's parameters built here."""
+    n1, n2, n3 = 270_000, 40_000, 30_000  # three blocks of 131,072 and a bit
+    coords = {
+        "tensor": np.array(["l1.w"] * n1 + ["l1.b"] * n2 + ["l2.w"] * n3 + ["s"]),
+        "layer": np.array(["l1"] * (n1 + n2) + ["l2"] * n3 + ["s"]),
+        "unit": np.concatenate([np.arange(n1) // 4500, np.zeros(n2, int), np.arange(n3) // 7 % 3, [0]]),
+        "index": np.concatenate([np.arange(n1), np.arange(n2), np.arange(n3), [0]]),
+    }
+    rng = np.random.default_rng(3)
+    lca = rng.normal(size=(3, len(coords["unit"]))).astype(np.float32)
+    lca[:, rng.random(lca.shape[1]) < 0.1] = 0.0  # parameters that did not move: neither helped nor hurt
+    rows = Rows(3, lca.shape[1], keep="unit", groups=Groups(coords))
+    for t, row in enumerate(lca):
+        rows.put(t, _row(t, row.tolist(), 1.0))
+    keys = {
+        "unit": np.char.add(np.char.add(coords["layer"], "["), np.char.add(coords["unit"].astype(str), "]")),
+        "tensor": coords["tensor"],
+        "layer": coords["layer"],
+        "total": np.full(lca.shape[1], "total"),
+    }
+    lca64 = lca.astype(np.float64)
+    for by, key in keys.items():
+        masks = [key == label for label in dict.fromkeys(key.tolist())]
+        np.testing.assert_allclose(rows[f"lca_{by}"], np.stack([lca64[:, m].sum(1) for m in masks], 1), rtol=1e-12)
+        assert rows[f"helped_{by}"].tolist() == np.stack([(lca[:, m] < 0).sum(1) for m in masks], 1).tolist(), by
+        assert rows[f"hurt_{by}"].tolist() == np.stack([(lca[:, m] > 0).sum(1) for m in masks], 1).tolist(), by
+    np.testing.assert_allclose(rows.totals.total, lca64.sum(0), rtol=1e-12)
+    assert rows.totals.helped.tolist() == (lca < 0).sum(0).tolist()

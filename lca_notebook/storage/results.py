@@ -214,7 +214,7 @@ class StoreSink:
         self.keep = check_keep(keep)
         self.n_iterations = len(traj) - 1
         self.coords = parameter_coords(spec)
-        self.groups = Groups(self.coords)
+        self.groups = Groups.of(spec, self.coords)
         self.seconds, self.evaluations = 0.0, 0
         self.partial: LCAResult | None = None
         self.spec, self.traj = spec, traj
