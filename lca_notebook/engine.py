@@ -45,9 +45,28 @@ _CHECK_ROWS = 64
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
 
-#: A gradient tensor by tensor, in the path's order (:class:`~lca_notebook.layout.PathSpec`): each flat, in the
-#: path's dtype, or None where a tensor gets none (a tensor that does not move, or that the loss does not use).
+#: A gradient in parts, in the path's order (:class:`~lca_notebook.layout.PathSpec`): a tensor larger than
+#: :data:`~lca_notebook.layout.BLOCK` alone, smaller consecutive ones together (sizes: ``Evaluator.sizes``). Each
+#: part is flat, in the path's dtype, or None where none of its tensors gets a gradient (they do not move, or
+#: the loss does not use them).
 Parts = list[torch.Tensor | None]
+
+
+def segments(numels: Sequence[int], n_selected_tensors: int) -> list[tuple[int, int]]:
+    """The tensors of each part of :data:`Parts`, ``(first, stop)``: consecutive tensors while their sizes add up to
+    at most ``BLOCK`` (arithmetic on a part is one call, however many small tensors it holds), never across the
+    end of the selected tensors.
+
+    >>> segments([10, 3, 1 << 20, 5, 6], 4)
+    [(0, 2), (2, 3), (3, 4), (4, 5)]
+    """
+    out, first, size = [], 0, 0
+    for i, n in enumerate(numels):
+        if i > first and (size + n > BLOCK or i == n_selected_tensors):
+            out.append((first, i))
+            first, size = i, 0
+        size += n
+    return [*out, (first, len(numels))] if len(numels) > first else out
 
 
 @dataclass(frozen=True)
@@ -213,10 +232,19 @@ class Evaluator:
         self._checked = False
         # Per-tensor layout, precomputed: binding runs at every quadrature point.
         self._numels = spec.numels
+        self._segments = segments(spec.numels, spec.n_selected_tensors)
+        #: Sizes of the parts of a gradient (:data:`Parts`).
+        self.sizes = [sum(spec.numels[a:b]) for a, b in self._segments]
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self._layout = [
             (n, s, None if d == spec.dtype else d, g)
             for n, s, d, g in zip(spec.names, spec.shapes, spec.dtypes, spec.with_grad, strict=True)
+        ]
+        offsets = np.cumsum([0, *spec.numels[:-1]]).tolist()
+        # each tensor's place in the flat vector, for as_strided (strides from a meta tensor: no memory)
+        self._strided = [
+            (tuple(s), torch.empty(tuple(s), device="meta").stride(), o)
+            for s, o in zip(spec.shapes, offsets, strict=True)
         ]
 
     def bind(self, flat: torch.Tensor, extras: dict, leaves: list | None = None) -> dict:
@@ -225,14 +253,22 @@ class Evaluator:
         backward graph has no split/view nodes; without, ``torch.func`` transforms differentiate ``flat``."""
         tensors = dict(self.fixed)
         tensors.update(extras)
+        if leaves is not None:  # as_strided: one call a tensor; detached, since autograd is slower on views of `flat`
+            for (name, _, dtype, grad), (shape, stride, offset) in zip(self._layout, self._strided, strict=True):
+                t = flat.as_strided(shape, stride, offset).detach()
+                if grad:
+                    leaves.append(t.requires_grad_(True))
+                tensors[name] = t if dtype is None else t.to(dtype)
+            return self._batch_copies(tensors)
         for (name, shape, dtype, grad), piece in zip(self._layout, torch.split(flat, self._numels), strict=True):
             t = piece.view(shape)
             if not grad:
                 t = t.detach()
-            elif leaves is not None:
-                t.requires_grad_(True)
-                leaves.append(t)
             tensors[name] = t if dtype is None else t.to(dtype)
+        return self._batch_copies(tensors)
+
+    def _batch_copies(self, tensors: dict) -> dict:
+        """``tensors`` with copies of the buffers that batch statistics update in place (batchnorm="batch")."""
         if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
             for name in self._buffer_names:
                 if name in tensors:
@@ -247,7 +283,7 @@ class Evaluator:
     ) -> tuple[float, torch.Tensor]:
         """Loss and flat gradient at ``theta`` (the gradient written into ``out`` when given)."""
         value, parts = self.gradient(theta, extras, where)
-        return value, flat(parts, self._numels, theta, out)
+        return value, flat(parts, self.sizes, theta, out)
 
     def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
         """Loss and gradient at ``theta``, the gradient tensor by tensor as autograd made it (see :data:`Parts`):
@@ -283,10 +319,14 @@ class Evaluator:
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
             )
         it = iter(grads)
-        parts: Parts = []
+        per_tensor: Parts = []
         for _, _, _, grad in self._layout:
             g = next(it) if grad else None
-            parts.append(None if g is None else g.reshape(-1).to(theta.dtype))
+            per_tensor.append(None if g is None else g.reshape(-1))  # in theta's dtype: the leaves are
+        parts: Parts = []
+        for a, b in self._segments:
+            alone = b - a == 1 or all(g is None for g in per_tensor[a:b])
+            parts.append(per_tensor[a] if alone else flat(per_tensor[a:b], self._numels[a:b], theta))
         return value, parts
 
     def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
@@ -473,15 +513,15 @@ def _split(vector: torch.Tensor, numels: Sequence[int]) -> Parts:
     return list(torch.split(vector, list(numels)))
 
 
-def combine(out: torch.Tensor, d: torch.Tensor, terms, numels: Sequence[int], n_selected: int) -> tuple[float, float]:
-    """``out = d * sum_k w_k g_k`` for ``terms`` ``[(g_k, w_k), ...]`` of :data:`Parts`: one rule's LCA, tensor by
-    tensor in blocks of :data:`~lca_notebook.layout.BLOCK` that stay in the CPU's cache (a pass over memory per
-    operation cost twice as much at 10M parameters). Returns the float64 sums of ``out`` and of its first
-    ``n_selected`` entries (the selected tensors come first)."""
+def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_selected: int) -> tuple[float, float]:
+    """``out = d * sum_k w_k g_k`` for ``terms`` ``[(g_k, w_k), ...]`` of :data:`Parts` (of ``sizes``): one rule's
+    LCA, part by part in blocks of :data:`~lca_notebook.layout.BLOCK` that stay in the CPU's cache (a pass over
+    memory per operation cost twice as much at 10M parameters). Returns the float64 sums of ``out`` and of its
+    first ``n_selected`` entries (the selected tensors come first, in parts of their own)."""
     on_cpu = out.device.type == "cpu"
     total = selected = 0.0
     start = 0
-    for i, n in enumerate(numels):
+    for i, n in enumerate(sizes):
         present = [(g[i], w) for g, w in terms if g[i] is not None]
         step = BLOCK if on_cpu else max(n, 1)  # elsewhere one kernel per tensor: launches, not caches, cost there
         for s in range(0, n, step):
@@ -509,7 +549,7 @@ def combine(out: torch.Tensor, d: torch.Tensor, terms, numels: Sequence[int], n_
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, more=None):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
     param_tol = options.param_tol
-    numels = evaluate.spec.numels
+    numels = evaluate.sizes
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
