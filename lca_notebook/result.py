@@ -44,6 +44,7 @@ import os
 from functools import cached_property
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from .layout import GRANULARITIES, GROUP_DIMS, Groups, check_granularity, kept
@@ -591,7 +592,7 @@ def from_arrays(
         coords={
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
-            "parameter": np.arange(p),
+            "parameter": pd.RangeIndex(p),  # lazy: 10M parameters, no 80 MB array and copy
             **{
                 k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
                 for k in ("tensor", "layer", "unit", "index")
@@ -653,7 +654,7 @@ def reduced_from_arrays(
         coords={
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
-            "parameter": np.arange(groups.n_parameters),
+            "parameter": pd.RangeIndex(groups.n_parameters),
             **{
                 k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
                 for k in ("tensor", "layer", "unit", "index")
