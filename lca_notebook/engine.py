@@ -286,8 +286,8 @@ class Evaluator:
         return value, flat(parts, self.sizes, theta, out)
 
     def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
-        """Loss and gradient at ``theta``, the gradient tensor by tensor as autograd made it (see :data:`Parts`):
-        at 10M parameters, copying it into one vector costs more than the arithmetic that reads it."""
+        """Loss and gradient at ``theta`` in :data:`Parts`: a large tensor's gradient as autograd made it (at 10M
+        parameters, copying it into one vector costs more than the arithmetic that reads it), small ones joined."""
         leaves: list[torch.Tensor] = []
         tensors = self.bind(theta.detach(), extras, leaves)
         value, grads = 0.0, None  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
@@ -485,7 +485,7 @@ def iterate(
 
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
-    a, extras_a = read(start)
+    a, extras_a = read(start, out=_vector(sum(read.spec.numels), read.spec.dtype, read.device))
     loss_a, g_a = evaluate.gradient(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
 
@@ -497,6 +497,14 @@ def _growing(start: int, more) -> Iterator[int]:
         t += 1
 
 
+def _vector(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised vector the engine refills; on CPU from numpy's allocator, which asks Linux for 2 MB pages
+    (a 40 MB vector touched for the first time: ~50 page faults instead of torch's ~10,000)."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.empty(n, np.float32 if dtype == torch.float32 else np.float64))
+    return torch.empty(n, dtype=dtype, device=device)
+
+
 def _sum64(x: torch.Tensor) -> float:
     """The float64 sum of a flat vector (numpy's pairwise sum on CPU: torch's casting sum is 5x slower there)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
@@ -504,13 +512,13 @@ def _sum64(x: torch.Tensor) -> float:
     return float(x.sum(dtype=torch.float64))
 
 
-def flat(parts: Parts, numels: Sequence[int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:data:`Parts` as one flat vector (zeros where a tensor has no gradient), written into ``out`` when given."""
-    return torch.cat([like.new_zeros(n) if p is None else p for p, n in zip(parts, numels, strict=True)], out=out)
+def flat(parts: Parts, sizes: Sequence[int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:data:`Parts` (of ``sizes``) as one flat vector (zeros for a None part), written into ``out`` when given."""
+    return torch.cat([like.new_zeros(n) if p is None else p for p, n in zip(parts, sizes, strict=True)], out=out)
 
 
-def _split(vector: torch.Tensor, numels: Sequence[int]) -> Parts:
-    return list(torch.split(vector, list(numels)))
+def _split(vector: torch.Tensor, sizes: Sequence[int]) -> Parts:
+    return list(torch.split(vector, list(sizes)))
 
 
 def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_selected: int) -> tuple[float, float]:
@@ -549,7 +557,7 @@ def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_s
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, more=None):
     method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
     param_tol = options.param_tol
-    numels = evaluate.sizes
+    sizes = evaluate.sizes  # of the gradients' parts
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
     simpson_like = method in ("simpson", "adaptive")
@@ -559,10 +567,14 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
     # than the arithmetic on it (10M parameters: ~13 ms each). Gradients stay as autograd made them (Parts):
     # `combine` reads them in place. `spare` is last iteration's start point, free once this iteration's row is
     # made; lca[0] and lca[1] alternate between levels. `point` and adaptive's flat running sums are made on first
-    # use (out=None allocates): a rule that never uses one holds none.
-    spare = point = ends = mid_flat = None
-    d = torch.empty_like(a)
-    lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
+    # use: a rule that never uses one holds none.
+    point = ends = mid_flat = None
+
+    def vector():
+        return _vector(len(a), a.dtype, a.device)
+
+    spare, d = vector(), vector()
+    lca: list[torch.Tensor] = [vector(), torch.empty(0)]  # the second made when adaptive refines
 
     def points_sum(points, extras, where):
         total = None
@@ -579,7 +591,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         if batched and simpson_like and _same(extras_a, extras_b):
             where = f"snapshot {t + 1} and s=0.5 before it"
             losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, where)
-            loss_b, g_b, g_m = losses[0], _split(grads[0], numels), _split(grads[1], numels)
+            loss_b, g_b, g_m = losses[0], _split(grads[0], sizes), _split(grads[1], sizes)
         else:
             loss_b, g_b = evaluate.gradient(b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
@@ -588,14 +600,14 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         lca_all = lca[0]
         if fixed_rule is not None:
             terms = [((g_a, g_b)[end], w) for end, w in fixed_rule]
-            total, selected = combine(lca_all, d, terms, numels, p_sel)
+            total, selected = combine(lca_all, d, terms, sizes, p_sel)
         else:
             if g_m is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
-                point = torch.add(a, d, alpha=0.5, out=point)
+                point = torch.add(a, d, alpha=0.5, out=vector() if point is None else point)
                 g_m = evaluate.gradient(point, extras_a, where)[1]
             w_end, w_mid, _ = simpson_weights(1)
-            total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], numels, p_sel)
+            total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], sizes, p_sel)
             # Adaptive refinement: composite Simpson as running sums of flat vectors, ends E, current midpoints A,
             # older interior points B (refining costs two gradients or more: the flat copies are small beside them).
             interior = mids = None
@@ -606,10 +618,10 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                 and not (abs(total - change) <= tol and (param_tol is None or error <= param_tol))
             ):  # NaN error (one level so far) is not <= param_tol: refine
                 if lca[1].shape != a.shape:
-                    lca[1] = torch.empty_like(a)
-                if interior is None or mids is None:
-                    ends = flat(g_a, numels, a, out=ends).add_(flat(g_b, numels, a, out=lca[1]))
-                    interior = mid_flat = flat(g_m, numels, a, out=mid_flat)
+                    lca[1] = vector()
+                if interior is None or mids is None:  # the first refinement (lca[1] holds g_b until reused below)
+                    ends = flat(g_a, sizes, a, out=ends).add_(flat(g_b, sizes, a, out=lca[1]))
+                    interior = mid_flat = flat(g_m, sizes, a, out=mid_flat)
                 else:
                     interior.add_(mids)
                 coarse = lca_all
