@@ -485,7 +485,7 @@ def iterate(
 
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
-    a, extras_a = read(start, out=_vector(sum(read.spec.numels), read.spec.dtype, read.device))
+    a, extras_a = read(start)
     loss_a, g_a = evaluate.gradient(a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
 
@@ -495,14 +495,6 @@ def _growing(start: int, more) -> Iterator[int]:
     while more(t + 1):
         yield t
         t += 1
-
-
-def _vector(n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised vector the engine refills; on CPU from numpy's allocator, which asks Linux for 2 MB pages
-    (a 40 MB vector touched for the first time: ~50 page faults instead of torch's ~10,000)."""
-    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(np.empty(n, np.float32 if dtype == torch.float32 else np.float64))
-    return torch.empty(n, dtype=dtype, device=device)
 
 
 def _sum64(x: torch.Tensor) -> float:
@@ -569,12 +561,8 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
     # made; lca[0] and lca[1] alternate between levels. `point` and adaptive's flat running sums are made on first
     # use: a rule that never uses one holds none.
     point = ends = mid_flat = None
-
-    def vector():
-        return _vector(len(a), a.dtype, a.device)
-
-    spare, d = vector(), vector()
-    lca: list[torch.Tensor] = [vector(), torch.empty(0)]  # the second made when adaptive refines
+    spare, d = torch.empty_like(a), torch.empty_like(a)
+    lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
 
     def points_sum(points, extras, where):
         total = None
@@ -604,7 +592,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         else:
             if g_m is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
-                point = torch.add(a, d, alpha=0.5, out=vector() if point is None else point)
+                point = torch.add(a, d, alpha=0.5, out=point)
                 g_m = evaluate.gradient(point, extras_a, where)[1]
             w_end, w_mid, _ = simpson_weights(1)
             total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], sizes, p_sel)
@@ -618,7 +606,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                 and not (abs(total - change) <= tol and (param_tol is None or error <= param_tol))
             ):  # NaN error (one level so far) is not <= param_tol: refine
                 if lca[1].shape != a.shape:
-                    lca[1] = vector()
+                    lca[1] = torch.empty_like(a)
                 if interior is None or mids is None:  # the first refinement (lca[1] holds g_b until reused below)
                     ends = flat(g_a, sizes, a, out=ends).add_(flat(g_b, sizes, a, out=lca[1]))
                     interior = mid_flat = flat(g_m, sizes, a, out=mid_flat)
