@@ -163,7 +163,7 @@ class Rows:
                 np.add.reduceat(x, starts, out=sums[pieces])
                 np.add.reduceat(h.view(np.int8), starts, dtype=np.int16, out=counts[0, pieces])
                 np.add.reduceat(u.view(np.int8), starts, dtype=np.int16, out=counts[1, pieces])
-            totals.add(x, h, at)
+            totals.add(at, x, h)
         bys = kept(self.keep)
         for by, values in g.from_pieces(sums, bys).items():
             self.arrays[f"lca_{by}"][i] = values
@@ -214,11 +214,9 @@ class Totals:
         self.total = np.zeros(n_parameters)
         self.helped = np.zeros(n_parameters, np.int32)
 
-    def add(self, lca_row: np.ndarray, helped: np.ndarray | None = None, at: slice = slice(None)):
-        """Add one iteration's LCA (``helped``: its ``lca_row < 0``, when already at hand; ``at``: the parameters
-        ``lca_row`` holds, when a block)."""
-        np.add(self.total[at], lca_row, out=self.total[at])
-        helped = lca_row < 0 if helped is None else helped
+    def add(self, at: slice, lca: np.ndarray, helped: np.ndarray):
+        """Add one iteration's LCA of the parameters ``at`` (a block of the row) and its ``lca < 0``."""
+        np.add(self.total[at], lca, out=self.total[at])
         np.add(self.helped[at], helped, out=self.helped[at], casting="unsafe")
 
 

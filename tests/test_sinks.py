@@ -71,7 +71,7 @@ def test_a_reduced_row_over_blocks_equals_numpy_where_runs_cross_piece_and_block
     """Rows.reduce works in cache-sized blocks cut at pieces: a layout with units longer than a piece, units that
     cross block edges, units made of several runs (weight row and bias, a transposed conv's channels) and a single
     parameter, against masks of each group's parameters built here."""
-    n1, n2, n3 = 270_000, 40_000, 30_000  # three blocks of 131,072 and a bit
+    n1, n2, n3 = 270_000, 40_000, 30_000  # two blocks of 262,144 (layout.BLOCK), the first edge inside l1.w
     coords = {
         "tensor": np.array(["l1.w"] * n1 + ["l1.b"] * n2 + ["l2.w"] * n3 + ["s"]),
         "layer": np.array(["l1"] * (n1 + n2) + ["l2"] * n3 + ["s"]),
