@@ -246,26 +246,42 @@ class Evaluator:
             (tuple(s), torch.empty(tuple(s), device="meta").stride(), o)
             for s, o in zip(spec.shapes, offsets, strict=True)
         ]
+        self._bound: dict[tuple, tuple[dict, list, list]] = {}  # _leaves' cache, by buffer
 
-    def bind(self, flat: torch.Tensor, extras: dict, leaves: list | None = None) -> dict:
-        """The model's tensors at the point ``flat``: views into it, cast to each tensor's dtype. With a
-        ``leaves`` list, each tensor that gets a gradient becomes a leaf of its own (appended there), so the
-        backward graph has no split/view nodes; without, ``torch.func`` transforms differentiate ``flat``."""
+    def bind(self, flat: torch.Tensor, extras: dict) -> dict:
+        """The model's tensors at the point ``flat``: views into it, cast to each tensor's dtype, for ``torch.func``
+        transforms that differentiate ``flat`` (:meth:`many`)."""
         tensors = dict(self.fixed)
         tensors.update(extras)
-        if leaves is not None:  # as_strided: one call a tensor; detached, since autograd is slower on views of `flat`
-            for (name, _, dtype, grad), (shape, stride, offset) in zip(self._layout, self._strided, strict=True):
-                t = flat.as_strided(shape, stride, offset).detach()
-                if grad:
-                    leaves.append(t.requires_grad_(True))
-                tensors[name] = t if dtype is None else t.to(dtype)
-            return self._batch_copies(tensors)
         for (name, shape, dtype, grad), piece in zip(self._layout, torch.split(flat, self._numels), strict=True):
             t = piece.view(shape)
             if not grad:
                 t = t.detach()
             tensors[name] = t if dtype is None else t.to(dtype)
         return self._batch_copies(tensors)
+
+    def _leaves(self, theta: torch.Tensor) -> tuple[dict, list, list]:
+        """Each tensor at ``theta`` as a view of it, detached (autograd is slower on views of one vector), those
+        that get a gradient made leaves: ``(views by name, names cast to their own dtype, leaves)``. Made once per
+        buffer: the engine refills the same few vectors, and a view shows what its buffer holds now. The views
+        keep the buffer's memory alive, so no other vector can have its address while it is cached."""
+        key = (theta.data_ptr(), theta.shape, theta.dtype, theta.device)
+        hit = self._bound.get(key)
+        if hit is not None:
+            return hit
+        views, cast, leaves = {}, [], []
+        offset = theta.storage_offset()
+        for (name, _, dtype, grad), (shape, stride, o) in zip(self._layout, self._strided, strict=True):
+            t = theta.as_strided(shape, stride, offset + o).detach()
+            if grad:
+                leaves.append(t.requires_grad_(True))
+            views[name] = t
+            if dtype is not None:
+                cast.append((name, dtype))
+        if len(self._bound) >= 4:  # the engine's buffers are three or four (start, end, midpoint, spare)
+            del self._bound[next(iter(self._bound))]
+        self._bound[key] = hit = (views, cast, leaves)
+        return hit
 
     def _batch_copies(self, tensors: dict) -> dict:
         """``tensors`` with copies of the buffers that batch statistics update in place (batchnorm="batch")."""
@@ -288,8 +304,11 @@ class Evaluator:
     def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
         """Loss and gradient at ``theta`` in :data:`Parts`: a large tensor's gradient as autograd made it (at 10M
         parameters, copying it into one vector costs more than the arithmetic that reads it), small ones joined."""
-        leaves: list[torch.Tensor] = []
-        tensors = self.bind(theta.detach(), extras, leaves)
+        views, cast, leaves = self._leaves(theta)
+        tensors = {**self.fixed, **extras, **views}
+        for name, dtype in cast:
+            tensors[name] = views[name].to(dtype)
+        tensors = self._batch_copies(tensors)
         value, grads = 0.0, None  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
         with self._loss_mode():
             for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
@@ -299,7 +318,7 @@ class Evaluator:
                     loss = self.loss_fn(functional_call(self.model, tensors, b.args, b.kwargs), b.target)
                 else:
                     loss = self._first_loss(tensors, i, first=grads is None)
-                value += loss.detach().item() * w
+                value += loss.item() * w
                 gs = [
                     g.to_dense() if g is not None and g.is_sparse else g
                     for g in torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -430,27 +449,35 @@ class SnapshotReader:
         return describe(k) if describe is not None else f"snapshot {k}"
 
     def __call__(self, k: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Snapshot ``k``'s flat vector (written into ``out`` when given) and its non-floating tensors."""
-        spec, where = self.spec, self._where(k)
+        """Snapshot ``k``'s flat vector (written into ``out`` when given) and its non-floating tensors. Values are
+        not searched here: a non-finite one makes the loss or the iteration's LCA sum non-finite, and the engine
+        then calls :meth:`check_finite` to name the tensor (a pass over every snapshot would cost more, at small
+        models, than the rest of the reading)."""
+        spec, where, device = self.spec, self._where(k), torch.device(self.device)
         snap = canonical(self.traj[k], spec.aliases, where, expected=spec.names)
         parts = []
         for name, shape in zip(spec.names, spec.shapes, strict=True):
             t = snap[name]
-            if tuple(t.shape) != tuple(shape):
+            if t.shape != shape:
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            if not (t.is_floating_point() or t.is_complex()):
-                raise TypeError(integer_snapshot_message(where, name, t.dtype, spec.dtypes[spec.names.index(name)]))
-            parts.append(t.detach().to(self.device, spec.dtype).reshape(-1))
+            if t.dtype != spec.dtype or t.device != device or t.requires_grad:  # one call fewer a tensor otherwise
+                if not (t.is_floating_point() or t.is_complex()):
+                    want = spec.dtypes[spec.names.index(name)]
+                    raise TypeError(integer_snapshot_message(where, name, t.dtype, want))
+                t = t.detach().to(device, spec.dtype)
+            parts.append(t.reshape(-1))
         flat = torch.cat(parts, out=out)
-        # One cheap pass (a float32 sum: a float64 one casts, 30x slower on CPU); search tensors only if it is not
-        # finite (a finite vector whose sum overflows is searched and passes).
-        if not math.isfinite(float(flat.sum(dtype=torch.float32 if flat.element_size() < 4 else None))):
-            for name, piece in zip(spec.names, torch.split(flat, spec.numels), strict=True):
-                if not bool(torch.isfinite(piece).all()):
-                    bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
-                    raise ValueError(f"{where} (iteration {k}): tensor {name!r} holds {bad}")
         extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
         return flat, extras
+
+    def check_finite(self, k: int, flat: torch.Tensor):
+        """Raise naming the tensor of snapshot ``k`` (read into ``flat``) that holds nan or inf, if one does."""
+        if bool(torch.isfinite(flat).all()):
+            return
+        for name, piece in zip(self.spec.names, torch.split(flat, self.spec.numels), strict=True):
+            if not bool(torch.isfinite(piece).all()):
+                bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
+                raise ValueError(f"{self._where(k)} (iteration {k}): tensor {name!r} holds {bad}")
 
 
 def _same(x: dict, y: dict) -> bool:
@@ -486,8 +513,18 @@ def iterate(
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
     a, extras_a = read(start)
-    loss_a, g_a = evaluate.gradient(a, extras_a, f"snapshot {start}")
+    loss_a, g_a = _checked(read, start, a, evaluate.gradient, a, extras_a, f"snapshot {start}")
     return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
+
+
+def _checked(read: SnapshotReader, k: int, flat: torch.Tensor, function, *args):
+    """``function(*args)``; if it finds a loss that is not finite, first name the tensor of snapshot ``k`` (read
+    into ``flat``) that holds nan or inf, if one does."""
+    try:
+        return function(*args)
+    except FloatingPointError:
+        read.check_finite(k, flat)
+        raise
 
 
 def _growing(start: int, more) -> Iterator[int]:
@@ -526,15 +563,17 @@ def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_s
         step = BLOCK if on_cpu else max(n, 1)  # elsewhere one kernel per tensor: launches, not caches, cost there
         for s in range(0, n, step):
             e = min(s + step, n)
-            block = out[start + s : start + e]
+            # a slice is a call too: at small models most of what this function costs
+            whole = e - s == len(out)
+            block = out if whole else out[start + s : start + e]
             if not present:
                 block.zero_()
                 continue
             (g0, w0), *more = present
-            torch.mul(g0[s:e], w0, out=block)
+            torch.mul(g0 if whole else g0[s:e], w0, out=block)
             for g, w in more:
-                block.add_(g[s:e], alpha=w)
-            block.mul_(d[start + s : start + e])
+                block.add_(g if whole else g[s:e], alpha=w)
+            block.mul_(d if whole else d[start + s : start + e])
             if on_cpu:  # summed while in cache
                 part = _sum64(block)
                 total += part
@@ -581,7 +620,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, where)
             loss_b, g_b, g_m = losses[0], _split(grads[0], sizes), _split(grads[1], sizes)
         else:
-            loss_b, g_b = evaluate.gradient(b, extras_b, f"snapshot {t + 1}")
+            loss_b, g_b = _checked(read, t + 1, b, evaluate.gradient, b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         pieces = 1
         error = math.nan
@@ -596,14 +635,16 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
                 g_m = evaluate.gradient(point, extras_a, where)[1]
             w_end, w_mid, _ = simpson_weights(1)
             total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], sizes, p_sel)
+        if not math.isfinite(total):  # a snapshot's nan or inf reaches the sum through d: name it
+            read.check_finite(t + 1, b)
+            read.check_finite(t, a)
+        if method == "adaptive":
             # Adaptive refinement: composite Simpson as running sums of flat vectors, ends E, current midpoints A,
             # older interior points B (refining costs two gradients or more: the flat copies are small beside them).
             interior = mids = None
             changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
-            while (
-                method == "adaptive"
-                and pieces < max_splits
-                and not (abs(total - change) <= tol and (param_tol is None or error <= param_tol))
+            while pieces < max_splits and not (
+                abs(total - change) <= tol and (param_tol is None or error <= param_tol)
             ):  # NaN error (one level so far) is not <= param_tol: refine
                 if lca[1].shape != a.shape:
                     lca[1] = torch.empty_like(a)
