@@ -45,6 +45,10 @@ _CHECK_ROWS = 64
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
 
+#: Most buffers whose leaves an Evaluator keeps: the points the engine refills, one at a time (start, end,
+#: midpoint, spare, a refinement's point) or in chunks (every row of :func:`_chunks`' matrices).
+_BOUND = 2 * 32 + 8
+
 #: A gradient in parts, in the path's order (:class:`~lca_notebook.layout.PathSpec`): a tensor larger than
 #: :data:`~lca_notebook.layout.BLOCK` alone, smaller consecutive ones together (sizes: ``Evaluator.sizes``). Each
 #: part is flat, in the path's dtype, or None where none of its tensors gets a gradient (they do not move, or
@@ -278,7 +282,7 @@ class Evaluator:
             views[name] = t
             if dtype is not None:
                 cast.append((name, dtype))
-        if len(self._bound) >= 4:  # the engine's buffers are three or four (start, end, midpoint, spare)
+        if len(self._bound) >= _BOUND:
             del self._bound[next(iter(self._bound))]
         self._bound[key] = hit = (views, cast, leaves)
         return hit
@@ -298,12 +302,23 @@ class Evaluator:
         self, theta: torch.Tensor, extras: dict, where: str, out: torch.Tensor | None = None
     ) -> tuple[float, torch.Tensor]:
         """Loss and flat gradient at ``theta`` (the gradient written into ``out`` when given)."""
-        value, parts = self.gradient(theta, extras, where)
-        return value, flat(parts, self.sizes, theta, out)
+        value, grads = self._gradients(theta, extras, where)
+        return value, flat(_flat_each(grads), self._numels, theta, out)
 
     def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
         """Loss and gradient at ``theta`` in :data:`Parts`: a large tensor's gradient as autograd made it (at 10M
         parameters, copying it into one vector costs more than the arithmetic that reads it), small ones joined."""
+        value, grads = self._gradients(theta, extras, where)
+        per_tensor = _flat_each(grads)
+        parts: Parts = []
+        for a, b in self._segments:
+            alone = b - a == 1 or all(g is None for g in per_tensor[a:b])
+            parts.append(per_tensor[a] if alone else flat(per_tensor[a:b], self._numels[a:b], theta))
+        return value, parts
+
+    def _gradients(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, list[torch.Tensor | None]]:
+        """Loss and gradient at ``theta``: one a path tensor, in its shape and theta's dtype (None where it gets
+        none)."""
         views, cast, leaves = self._leaves(theta)
         tensors = {**self.fixed, **extras, **views}
         for name, dtype in cast:
@@ -337,16 +352,8 @@ class Evaluator:
             raise FloatingPointError(
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
             )
-        it = iter(grads)
-        per_tensor: Parts = []
-        for _, _, _, grad in self._layout:
-            g = next(it) if grad else None
-            per_tensor.append(None if g is None else g.reshape(-1))  # in theta's dtype: the leaves are
-        parts: Parts = []
-        for a, b in self._segments:
-            alone = b - a == 1 or all(g is None for g in per_tensor[a:b])
-            parts.append(per_tensor[a] if alone else flat(per_tensor[a:b], self._numels[a:b], theta))
-        return value, parts
+        it = iter(grads)  # one a leaf
+        return value, [next(it) if grad else None for *_, grad in self._layout]
 
     def many(self, thetas: torch.Tensor, extras: dict, where: str) -> tuple[list[float], torch.Tensor]:
         """Losses and gradients at ``k`` points at once (``thetas`` is ``(k, P)``): one ``torch.func.vmap``
@@ -453,9 +460,32 @@ class SnapshotReader:
         not searched here: a non-finite one makes the loss or the iteration's LCA sum non-finite, and the engine
         then calls :meth:`check_finite` to name the tensor (a pass over every snapshot would cost more, at small
         models, than the rest of the reading)."""
+        tensors, extras = self._tensors(k)
+        return torch.cat([t.reshape(-1) for t in tensors], out=out), extras
+
+    def rows(self, first: int, out: torch.Tensor) -> tuple[list[dict], BaseException | None]:
+        """Snapshots ``first, first + 1, ...`` into the rows of ``out`` (one call a tensor for all of them), up to
+        the first that cannot be read: the non-floating tensors of those read, and that snapshot's error (or
+        None)."""
+        read: list[list[torch.Tensor]] = []
+        extras: list[dict] = []
+        failure = None
+        for k in range(first, first + len(out)):
+            try:
+                tensors, more = self._tensors(k)
+            except Exception as exc:
+                failure = exc
+                break
+            read.append(tensors)
+            extras.append(more)
+        _fill(out[: len(read)], [[row[i] for row in read] for i in range(len(self.spec.names))], self.spec.numels)
+        return extras, failure
+
+    def _tensors(self, k: int) -> tuple[list[torch.Tensor], dict]:
+        """Snapshot ``k``'s path tensors (checked, in the path's dtype, on the device) and non-floating tensors."""
         spec, where, device = self.spec, self._where(k), torch.device(self.device)
         snap = canonical(self.traj[k], spec.aliases, where, expected=spec.names)
-        parts = []
+        tensors = []
         for name, shape in zip(spec.names, spec.shapes, strict=True):
             t = snap[name]
             if t.shape != shape:
@@ -465,10 +495,9 @@ class SnapshotReader:
                     want = spec.dtypes[spec.names.index(name)]
                     raise TypeError(integer_snapshot_message(where, name, t.dtype, want))
                 t = t.detach().to(device, spec.dtype)
-            parts.append(t.reshape(-1))
-        flat = torch.cat(parts, out=out)
+            tensors.append(t)
         extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
-        return flat, extras
+        return tensors, extras
 
     def check_finite(self, k: int, flat: torch.Tensor):
         """Raise naming the tensor of snapshot ``k`` (read into ``flat``) that holds nan or inf, if one does."""
@@ -478,6 +507,28 @@ class SnapshotReader:
             if not bool(torch.isfinite(piece).all()):
                 bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
                 raise ValueError(f"{self._where(k)} (iteration {k}): tensor {name!r} holds {bad}")
+
+
+def _by_tensor(rows: list[list]) -> list[list]:
+    """Per-row lists of per-tensor values, as per-tensor lists of per-row values."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _fill(out: torch.Tensor, columns: list[list[torch.Tensor | None]], numels: Sequence[int]):
+    """Rows of ``out`` from per-tensor values: ``columns[i][j]`` is tensor ``i`` of row ``j`` (None: zeros). One
+    ``stack`` and one copy a tensor for all rows, not a join a row: between gradients each call costs the most."""
+    if not len(out):
+        return
+    start = 0
+    for values, n in zip(columns, numels, strict=True):
+        block = out[:, start : start + n]
+        if all(v is None for v in values):
+            block.zero_()
+        else:
+            like = next(v for v in values if v is not None)
+            rows = [torch.zeros_like(like) if v is None else v for v in values]
+            block.copy_(torch.stack(rows).view(len(rows), n))
+        start += n
 
 
 def _same(x: dict, y: dict) -> bool:
@@ -514,7 +565,11 @@ def iterate(
     than the arithmetic on it): use or copy it before asking for the next row."""
     a, extras_a = read(start)
     loss_a, g_a = _checked(read, start, a, evaluate.gradient, a, extras_a, f"snapshot {start}")
-    return loss_a, _rows(evaluate, read, start, stop, options, (a, extras_a, loss_a, g_a), more)
+    first = (a, extras_a, loss_a, g_a)
+    k = 1 if more is not None or options.batched_points else min(chunk_rows(len(a)), max(stop - start, 1))
+    if k > 1:
+        return loss_a, _chunks(evaluate, read, start, stop, options, first, k)
+    return loss_a, _rows(evaluate, read, start, stop, options, first, more)
 
 
 def _checked(read: SnapshotReader, k: int, flat: torch.Tensor, function, *args):
@@ -534,11 +589,20 @@ def _growing(start: int, more) -> Iterator[int]:
         t += 1
 
 
-def _sum64(x: torch.Tensor) -> float:
-    """The float64 sum of a flat vector (numpy's pairwise sum on CPU: torch's casting sum is 5x slower there)."""
+def _flat_each(grads: list[torch.Tensor | None]) -> Parts:
+    return [None if g is None else g.reshape(-1) for g in grads]
+
+
+def _sums64(x: torch.Tensor) -> np.ndarray:
+    """Float64 sums along the last dimension (numpy's pairwise sum on CPU: torch's casting sum is 5x slower there)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return float(np.add.reduce(x.numpy(), dtype=np.float64))
-    return float(x.sum(dtype=torch.float64))
+        return np.add.reduce(x.numpy(), axis=-1, dtype=np.float64)
+    return x.sum(-1, dtype=torch.float64).cpu().numpy()
+
+
+def _sum64(x: torch.Tensor) -> float:
+    """The float64 sum of a flat vector."""
+    return float(_sums64(x))
 
 
 def flat(parts: Parts, sizes: Sequence[int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -546,17 +610,22 @@ def flat(parts: Parts, sizes: Sequence[int], like: torch.Tensor, out: torch.Tens
     return torch.cat([like.new_zeros(n) if p is None else p for p, n in zip(parts, sizes, strict=True)], out=out)
 
 
-def _split(vector: torch.Tensor, sizes: Sequence[int]) -> Parts:
-    return list(torch.split(vector, list(sizes)))
+def _split(vectors: torch.Tensor, sizes: Sequence[int]) -> Parts:
+    """A flat gradient (or a matrix of them, one a row) as :data:`Parts` of ``sizes`` (views)."""
+    return list(torch.split(vectors, list(sizes), dim=-1)) if len(sizes) > 1 else [vectors]
 
 
-def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_selected: int) -> tuple[float, float]:
+def combine(
+    out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_selected: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``out = d * sum_k w_k g_k`` for ``terms`` ``[(g_k, w_k), ...]`` of :data:`Parts` (of ``sizes``): one rule's
     LCA, part by part in blocks of :data:`~lca_notebook.layout.BLOCK` that stay in the CPU's cache (a pass over
-    memory per operation cost twice as much at 10M parameters). Returns the float64 sums of ``out`` and of its
-    first ``n_selected`` entries (the selected tensors come first, in parts of their own)."""
+    memory per operation cost twice as much at 10M parameters). ``out``, ``d`` and the parts are vectors (one
+    iteration) or matrices with one row an iteration (a chunk). Returns the float64 sums of each row of ``out``
+    and of its first ``n_selected`` columns (the selected tensors come first, in parts of their own)."""
     on_cpu = out.device.type == "cpu"
-    total = selected = 0.0
+    width = out.shape[-1]
+    total, selected = np.zeros(out.shape[:-1]), np.zeros(out.shape[:-1])
     start = 0
     for i, n in enumerate(sizes):
         present = [(g[i], w) for g, w in terms if g[i] is not None]
@@ -564,30 +633,100 @@ def combine(out: torch.Tensor, d: torch.Tensor, terms, sizes: Sequence[int], n_s
         for s in range(0, n, step):
             e = min(s + step, n)
             # a slice is a call too: at small models most of what this function costs
-            whole = e - s == len(out)
-            block = out if whole else out[start + s : start + e]
+            whole = e - s == width
+            block = out if whole else out[..., start + s : start + e]
             if not present:
                 block.zero_()
                 continue
             (g0, w0), *more = present
-            torch.mul(g0 if whole else g0[s:e], w0, out=block)
+            torch.mul(g0 if whole else g0[..., s:e], w0, out=block)
             for g, w in more:
-                block.add_(g if whole else g[s:e], alpha=w)
-            block.mul_(d if whole else d[start + s : start + e])
+                block.add_(g if whole else g[..., s:e], alpha=w)
+            block.mul_(d if whole else d[..., start + s : start + e])
             if on_cpu:  # summed while in cache
-                part = _sum64(block)
+                part = _sums64(block)
                 total += part
-                selected += part if start + e <= n_selected else 0.0
+                if start + e <= n_selected:
+                    selected += part
         start += n
     if not on_cpu:  # one synchronisation each, at the end
-        total = _sum64(out)
-        selected = _sum64(out[:n_selected]) if n_selected < len(out) else total
+        total = _sums64(out)
+        selected = _sums64(out[..., :n_selected]) if n_selected < width else total
     return total, selected
 
 
+class _Refinement:
+    """Adaptive quadrature for one iteration at a time: composite Simpson as running sums of flat vectors, ends E,
+    current midpoints A, older interior points B (refining costs two gradients or more: the flat copies are small
+    beside them). Its vectors are made when an iteration first refines and refilled by the next ones."""
+
+    def __init__(self, evaluate: Evaluator, options: Options):
+        self.evaluate, self.options = evaluate, options
+        self.other: torch.Tensor | None = None  # LCA levels alternate between the caller's row and this
+        self.ends: torch.Tensor | None = None
+        self.interior: torch.Tensor | None = None
+        self.point: torch.Tensor | None = None
+
+    def __call__(self, t, a, d, extras_a, g_a: Parts, g_b: Parts, g_m: Parts, lca, total, selected, change):
+        """Refine iteration ``t`` (start ``a``, step ``d``, Simpson's gradients) from its Simpson ``lca``, until its
+        residual meets ``tol`` (and every parameter's error estimate ``param_tol``) or ``max_splits``. Returns
+        ``(lca, total, selected, pieces, error)``; ``lca`` is the given row or a vector of this object's."""
+        evaluate, o = self.evaluate, self.options
+        sizes, p_sel = evaluate.sizes, evaluate.spec.n_selected
+        pieces, error = 1, math.nan
+        changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
+        levels = [lca, self.other]
+        interior = mids = None
+        while pieces < o.max_splits and not (
+            abs(total - change) <= o.tol and (o.param_tol is None or error <= o.param_tol)
+        ):  # NaN error (one level so far) is not <= param_tol: refine
+            if levels[1] is None:
+                levels[1] = self.other = torch.empty_like(a)
+            if interior is None or mids is None:  # the first refinement (levels[1] holds g_b until reused below)
+                self.ends = flat(g_a, sizes, a, out=self.ends).add_(flat(g_b, sizes, a, out=levels[1]))
+                interior = self.interior = flat(g_m, sizes, a, out=self.interior)
+            else:
+                interior.add_(mids)
+            coarse = lca
+            levels.reverse()
+            new = refinement_points(pieces)
+            if o.batched_points:
+                where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
+                s_col = torch.as_tensor(new, dtype=a.dtype, device=a.device)[:, None]
+                mids = self._points_sum(a + s_col * d, extras_a, where)
+            else:
+                mids = torch.zeros_like(a)
+                for s in new:
+                    where = f"s={s:g} between snapshots {t} and {t + 1}"
+                    self.point = torch.add(a, d, alpha=float(s), out=self.point)
+                    mids += evaluate(self.point, extras_a, where)[1]
+            pieces *= 2
+            w_end, w_mid, w_interior = simpson_weights(pieces)
+            assert self.ends is not None  # made at the first refinement
+            lca = torch.mul(self.ends, w_end, out=levels[0]).add_(mids, alpha=w_mid)
+            lca.add_(interior, alpha=w_interior).mul_(d)
+            changes.append(level_change(lca[:p_sel], coarse[:p_sel]))  # Richardson's, at no evaluation
+            error = simpson_error(changes)
+            total = _sum64(lca)
+            selected = _sum64(lca[:p_sel]) if p_sel < len(lca) else total
+        return lca, total, selected, pieces, error
+
+    def _points_sum(self, points, extras, where):
+        total = None
+        for chunk in torch.split(points, MAX_POINTS_PER_CALL):
+            g = self.evaluate.many(chunk, extras, where)[1].sum(0)
+            total = g if total is None else total.add_(g)
+        return total
+
+
+def _row(t, lca, total, selected, change, pieces, loss_end, evaluations, error, p_sel) -> IterationResult:
+    rest = total - selected if p_sel < len(lca) else 0.0
+    return IterationResult(t, lca[:p_sel], rest, total - change, pieces, loss_end, evaluations, error=error)
+
+
 def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, more=None):
-    method, tol, max_splits, batched = options.method, options.tol, options.max_splits, options.batched_points
-    param_tol = options.param_tol
+    """One iteration at a time (models too large for :func:`_chunks`, batched points, a growing trajectory)."""
+    method, batched = options.method, options.batched_points
     sizes = evaluate.sizes  # of the gradients' parts
     p_sel = evaluate.spec.n_selected
     a, extras_a, loss_a, g_a = first
@@ -597,19 +736,10 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
     # Vectors of P elements are refilled, never allocated per iteration: a fresh one costs more in page faults
     # than the arithmetic on it (10M parameters: ~13 ms each). Gradients stay as autograd made them (Parts):
     # `combine` reads them in place. `spare` is last iteration's start point, free once this iteration's row is
-    # made; lca[0] and lca[1] alternate between levels. `point` and adaptive's flat running sums are made on first
-    # use: a rule that never uses one holds none.
-    point = ends = mid_flat = None
-    spare, d = torch.empty_like(a), torch.empty_like(a)
-    lca: list[torch.Tensor] = [torch.empty_like(a), torch.empty(0)]  # the second made when adaptive refines
-
-    def points_sum(points, extras, where):
-        total = None
-        for chunk in torch.split(points, MAX_POINTS_PER_CALL):
-            g = evaluate.many(chunk, extras, where)[1].sum(0)
-            total = g if total is None else total.add_(g)
-        return total
-
+    # made. `point` is made on first use: a rule that never uses it holds none.
+    point = None
+    spare, d, lca = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+    refine = _Refinement(evaluate, options) if method == "adaptive" else None
     for t in range(start, stop) if more is None else _growing(start, more):
         before = evaluate.evaluations
         b, extras_b = read(t + 1, out=spare)
@@ -622,65 +752,129 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         else:
             loss_b, g_b = _checked(read, t + 1, b, evaluate.gradient, b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
-        pieces = 1
-        error = math.nan
-        lca_all = lca[0]
         if fixed_rule is not None:
             terms = [((g_a, g_b)[end], w) for end, w in fixed_rule]
-            total, selected = combine(lca_all, d, terms, sizes, p_sel)
         else:
             if g_m is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
                 point = torch.add(a, d, alpha=0.5, out=point)
                 g_m = evaluate.gradient(point, extras_a, where)[1]
             w_end, w_mid, _ = simpson_weights(1)
-            total, selected = combine(lca_all, d, [(g_a, w_end), (g_b, w_end), (g_m, w_mid)], sizes, p_sel)
+            terms = [(g_a, w_end), (g_b, w_end), (g_m, w_mid)]
+        totals, selections = combine(lca, d, terms, sizes, p_sel)
+        total, selected = float(totals), float(selections)
         if not math.isfinite(total):  # a snapshot's nan or inf reaches the sum through d: name it
             read.check_finite(t + 1, b)
             read.check_finite(t, a)
-        if method == "adaptive":
-            # Adaptive refinement: composite Simpson as running sums of flat vectors, ends E, current midpoints A,
-            # older interior points B (refining costs two gradients or more: the flat copies are small beside them).
-            interior = mids = None
-            changes: list[float] = []  # largest |S_2n - S_n| between each two successive levels
-            while pieces < max_splits and not (
-                abs(total - change) <= tol and (param_tol is None or error <= param_tol)
-            ):  # NaN error (one level so far) is not <= param_tol: refine
-                if lca[1].shape != a.shape:
-                    lca[1] = torch.empty_like(a)
-                if interior is None or mids is None:  # the first refinement (lca[1] holds g_b until reused below)
-                    ends = flat(g_a, sizes, a, out=ends).add_(flat(g_b, sizes, a, out=lca[1]))
-                    interior = mid_flat = flat(g_m, sizes, a, out=mid_flat)
-                else:
-                    interior.add_(mids)
-                coarse = lca_all
-                lca.reverse()
-                where = f"{2 * pieces} new points between snapshots {t} and {t + 1}"
-                new = refinement_points(pieces)
-                if batched:
-                    s_col = torch.as_tensor(new, dtype=a.dtype, device=a.device)[:, None]
-                    mids = points_sum(a + s_col * d, extras_a, where)
-                else:
-                    mids = torch.zeros_like(a)
-                    for s in new:
-                        where = f"s={s:g} between snapshots {t} and {t + 1}"
-                        point = torch.add(a, d, alpha=float(s), out=point)
-                        mids += evaluate(point, extras_a, where)[1]
-                pieces *= 2
-                assert ends is not None  # made at the first refinement
-                w_end, w_mid, w_interior = simpson_weights(pieces)
-                lca_all = torch.mul(ends, w_end, out=lca[0]).add_(mids, alpha=w_mid)
-                lca_all.add_(interior, alpha=w_interior).mul_(d)
-                changes.append(level_change(lca_all[:p_sel], coarse[:p_sel]))  # Richardson's, at no evaluation
-                error = simpson_error(changes)
-                total = _sum64(lca_all)
-                selected = _sum64(lca_all[:p_sel]) if p_sel < len(lca_all) else total
-        rest = total - selected if p_sel < len(lca_all) else 0.0
-        yield IterationResult(
-            t, lca_all[:p_sel], rest, total - change, pieces, loss_b, evaluate.evaluations - before, error=error
-        )
+        row, pieces, error = lca, 1, math.nan
+        if refine is not None:
+            assert g_m is not None
+            row, total, selected, pieces, error = refine(t, a, d, extras_a, g_a, g_b, g_m, lca, total, selected, change)
+        yield _row(t, row, total, selected, change, pieces, loss_b, evaluate.evaluations - before, error, p_sel)
         spare = a
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
+
+
+#: Iterations of a small model are computed in chunks of up to this many (see :func:`_chunks`) ...
+MAX_CHUNK = (_BOUND - 8) // 2
+#: ... as long as a chunk's matrix holds at most this many numbers ...
+CHUNK_ELEMENTS = 1 << 20
+#: ... and a chunk takes about this long (rows reach the sink and the progress bar at least this often).
+CHUNK_SECONDS = 0.2
+
+
+def chunk_rows(n_parameters: int) -> int:
+    """How many iterations :func:`_chunks` computes together for a model of ``n_parameters`` (1: one at a time).
+
+    >>> chunk_rows(2_410), chunk_rows(100_000), chunk_rows(10_000_000)
+    (32, 10, 1)
+    """
+    return max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // max(n_parameters, 1)))
+
+
+def _chunks(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, k: int):
+    """The iterations of a small model ``k`` at a time: read ``k`` snapshots, then their ``2k`` gradients back to
+    back, then write snapshots and gradients into the rows of matrices (one call a tensor for the chunk), and make
+    every row's LCA and sums in a few calls on the matrices.
+    Between two gradients, every call costs 5-20 us more than it does warm (the gradient's work evicts it from the
+    CPU's caches): one iteration at a time, a model of a few thousand parameters spent 20% beyond its gradients.
+    Chunks take about :data:`CHUNK_SECONDS` (slow gradients: one row each), and give the same bits as one row at a
+    time. A chunk that meets an error (or Ctrl-C) yields the rows it completed, then raises it."""
+    method = options.method
+    sizes, p_sel = evaluate.sizes, evaluate.spec.n_selected
+    a, extras_a, loss_a, g_a = first
+    simpson_like = method in ("simpson", "adaptive")
+    # ends[j]: snapshot t0 + j, grads[j] its gradient (row 0 carried over from the last chunk); d[j]: the step of
+    # iteration t0 + j; mids / g_mids: Simpson's midpoints and their gradients.
+    ends, grads = a.new_empty(k + 1, len(a)), a.new_empty(k + 1, len(a))
+    d, lca = a.new_empty(k, len(a)), a.new_empty(k, len(a))
+    mids, g_mids = (a.new_empty(k, len(a)), a.new_empty(k, len(a))) if simpson_like else (None, None)
+    ends[0].copy_(a)
+    flat(g_a, sizes, a, out=grads[0])
+    extras, losses = [extras_a] * (k + 1), [loss_a] * (k + 1)
+    if simpson_like:
+        w_end, w_mid, _ = simpson_weights(1)
+        rule_terms = [(0, w_end), (1, w_end), (2, w_mid)]  # start, end, midpoint
+    else:
+        rule_terms = [(int(s), float(w)) for s, w in zip(*rule(method), strict=True)]
+    refine = _Refinement(evaluate, options) if method == "adaptive" else None
+    t0, rows = start, 1  # the first chunk is one row: it times a row for the next one's size
+    while t0 < stop:
+        began = time.perf_counter()
+        n = min(rows, stop - t0)
+        spent = [0] * n
+        # a snapshot that cannot be read ends the chunk (Ctrl-C while reading: nothing of it is computed yet)
+        got, failure = read.rows(t0 + 1, ends[1 : n + 1])
+        n = len(got)
+        extras[1 : n + 1] = got
+        torch.sub(ends[1 : n + 1], ends[:n], out=d[:n])
+        if mids is not None:
+            torch.add(ends[:n], d[:n], alpha=0.5, out=mids[:n])
+        at_ends: list[list] = []  # each row's gradients, one a tensor: written into the matrices below
+        at_mids: list[list] = []
+        try:
+            for j in range(n):
+                t, before = t0 + j, evaluate.evaluations
+                where = f"snapshot {t + 1}"
+                losses[j + 1], g = _checked(
+                    read, t + 1, ends[j + 1], evaluate._gradients, ends[j + 1], extras[j + 1], where
+                )
+                if mids is not None:
+                    at_mids.append(
+                        evaluate._gradients(mids[j], extras[j], f"s=0.5 between snapshots {t} and {t + 1}")[1]
+                    )
+                at_ends.append(g)
+                spent[j] = evaluate.evaluations - before
+        except BaseException as exc:  # rows before j are complete: they come out first
+            n, failure = j, exc
+        _fill(grads[1 : n + 1], _by_tensor(at_ends), evaluate._numels)
+        if g_mids is not None:
+            _fill(g_mids[:n], _by_tensor(at_mids), evaluate._numels)
+        matrices = [grads[:n], grads[1 : n + 1], *([g_mids[:n]] if g_mids is not None else [])]
+        terms = [(_split(matrices[which], sizes), w) for which, w in rule_terms]
+        totals, selections = combine(lca[:n], d[:n], terms, sizes, p_sel)
+        for j in range(n):
+            t = t0 + j
+            total, selected, change = float(totals[j]), float(selections[j]), losses[j + 1] - losses[j]
+            if not math.isfinite(total):  # a snapshot's nan or inf reaches the sum through d: name it
+                read.check_finite(t + 1, ends[j + 1])
+                read.check_finite(t, ends[j])
+            row, pieces, error = lca[j], 1, math.nan
+            if refine is not None and mids is not None and g_mids is not None:
+                before = evaluate.evaluations
+                g_a, g_b, g_m = _split(grads[j], sizes), _split(grads[j + 1], sizes), _split(g_mids[j], sizes)
+                row, total, selected, pieces, error = refine(
+                    t, ends[j], d[j], extras[j], g_a, g_b, g_m, row, total, selected, change
+                )
+                spent[j] += evaluate.evaluations - before
+            yield _row(t, row, total, selected, change, pieces, losses[j + 1], spent[j], error, p_sel)
+        if failure is not None:
+            raise failure
+        ends[0].copy_(ends[n])
+        grads[0].copy_(grads[n])
+        extras[0], losses[0] = extras[n], losses[n]
+        t0 += n
+        rows = max(1, min(k, int(CHUNK_SECONDS * n / max(time.perf_counter() - began, 1e-9))))
 
 
 def run(evaluate, read, sink, options: Options, *, progress=True, start=None, stop=None, more=None):

@@ -129,10 +129,10 @@ class Rows:
     def put(self, i: int, row: IterationResult) -> np.ndarray:
         """Row ``i`` from the engine's; returns the iteration's LCA as numpy ``(P,)`` (with ``keep`` coarser,
         reduced here and not kept)."""
-        lca = row.lca
-        if lca.device.type != "cpu" or lca.dtype != self._torch_dtype:  # one call fewer a row otherwise
-            lca = lca.to("cpu", self._torch_dtype)
-        lca = lca.numpy()
+        engine_row = row.lca
+        if engine_row.device.type != "cpu" or engine_row.dtype != self._torch_dtype:  # one call fewer a row otherwise
+            engine_row = engine_row.to("cpu", self._torch_dtype)
+        lca = engine_row.numpy()
         if self.keep == "parameter":
             self.arrays["lca"][i] = lca
             lca = self.arrays["lca"][i]

@@ -64,11 +64,17 @@ def _quadrature_lca(model, x, y, a, b, pieces):
     return (d * avg).numpy()
 
 
+@pytest.mark.parametrize("chunk", [None, 1])  # iterations in chunks (the default for small models), one at a time
 @pytest.mark.parametrize("block", [None, 5])  # the default, and blocks that cut every tensor into pieces
 @pytest.mark.parametrize(("method", "pieces", "evaluations"), [("simpson", 1, 2), ("adaptive", 4, 8)])
-def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pieces, evaluations, block, monkeypatch):
+def test_iterate_is_composite_simpson_and_counts_its_evaluations(
+    run, method, pieces, evaluations, block, chunk, monkeypatch
+):
     if block is not None:
         monkeypatch.setattr(engine, "BLOCK", block)
+    if chunk is not None:
+        monkeypatch.setattr(engine, "MAX_CHUNK", chunk)
+    monkeypatch.setattr(engine, "CHUNK_SECONDS", 1e9)  # chunks as large as MAX_CHUNK allows, whatever the timing
     model, x, y, snaps = run
     spec, evaluate = _parts((model, x, y), snaps)
     # tol far below what Simpson reaches: adaptive refines to max_splits (1 -> 2 -> 4 pieces, reusing points).
@@ -81,6 +87,61 @@ def test_iterate_is_composite_simpson_and_counts_its_evaluations(run, method, pi
         want = _quadrature_lca(model, x, y, snaps[r.t], snaps[r.t + 1], pieces)
         np.testing.assert_allclose(r.lca.double().numpy(), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     assert loss0 == pytest.approx(float(nn.functional.cross_entropy(_logits(model, snaps[1], x), y)), rel=1e-6)
+
+
+def test_chunks_give_the_same_bits_as_one_iteration_at_a_time_and_keep_rows_before_an_error(monkeypatch):
+    """Chunks of 1, 3 and 32 iterations (T=7: chunks that do not divide T), every rule; then a snapshot that
+    cannot be read and Ctrl-C in the middle of a chunk: the rows before it come out, then the error."""
+    x, y = digits(300)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    snaps = train(model, x, y, steps=7, lr=0.5)
+    spec = layout.build_spec(model, snaps[0])
+    monkeypatch.setattr(engine, "CHUNK_SECONDS", 1e9)
+
+    def rows(method, chunk, traj=snaps, loss_fn=nn.functional.cross_entropy):
+        monkeypatch.setattr(engine, "MAX_CHUNK", chunk)
+        evaluate = Evaluator(model, data.batches((x, y)), loss_fn, spec, "cpu")
+        out = []
+        try:
+            for r in iterate(evaluate, SnapshotReader(traj, spec, "cpu"), 0, len(traj) - 1, Options(method, tol=1e-6))[
+                1
+            ]:
+                out.append(dataclasses.replace(r, lca=r.lca.clone()))
+        except (ValueError, KeyboardInterrupt) as exc:
+            return out, exc
+        return out, None
+
+    for method in ("first_order", "trapezoid", "simpson", "adaptive"):
+        one, _ = rows(method, 1)
+        assert len(one) == 7
+        for chunk in (3, 32):
+            other, _ = rows(method, chunk)
+            for a, b in zip(one, other, strict=True):
+                assert torch.equal(a.lca, b.lca), (method, chunk, a.t)
+                assert (a.residual, a.rest, a.splits, a.loss_end, a.evaluations) == (
+                    b.residual, b.rest, b.splits, b.loss_end, b.evaluations
+                )  # fmt: skip
+    # snapshot 5 cannot be read: iterations 0..3 (both ends read) come out of the chunk first
+    broken = [dict(s) for s in snaps]
+    broken[5]["2.bias"] = torch.zeros(3)
+    done, exc = rows("simpson", 32, broken)
+    assert [r.t for r in done] == [0, 1, 2, 3] and "snapshot 5: tensor '2.bias' has shape (3,)" in str(exc)
+    calls, at = [0], [math.inf]
+
+    def interrupted(out, target):  # Ctrl-C at iteration 3's end point (iterations 0..2 take 2 losses each)
+        calls[0] += 1
+        if calls[0] == at[0]:
+            raise KeyboardInterrupt
+        return nn.functional.cross_entropy(out, target)
+
+    rows("simpson", 32, snaps[: 1 + 1], loss_fn=interrupted)  # the start point's losses (it checks the loss too)
+    calls[0], at[0] = 0, calls[0] - 2 + 7  # S start losses + 2 = calls; iteration 3 ends at S + 7
+
+    done, exc = rows("simpson", 32, loss_fn=interrupted)
+    assert isinstance(exc, KeyboardInterrupt) and [r.t for r in done] == [0, 1, 2]
+    for a, b in zip(done, rows("simpson", 1)[0], strict=False):
+        assert torch.equal(a.lca, b.lca)
 
 
 @pytest.mark.parametrize("block", [4, 1 << 20])
