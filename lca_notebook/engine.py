@@ -209,6 +209,9 @@ def fixed_function(model: torch.nn.Module, batchnorm: str):
             m.training = training
 
 
+_NO_MODE = contextlib.nullcontext()  # reusable: it holds no state
+
+
 class Evaluator:
     """Full-data mean loss and its gradient with respect to the flat path vector.
 
@@ -234,6 +237,7 @@ class Evaluator:
         own_params = dict(model.named_parameters())
         self._bn_mode = batchnorm == "eval" and any(n not in own_params for n in spec.names)
         self._checked = False
+        self._all_grad = all(spec.with_grad)
         # Per-tensor layout, precomputed: binding runs at every quadrature point.
         self._numels = spec.numels
         self._segments = segments(spec.numels, spec.n_selected_tensors)
@@ -269,7 +273,7 @@ class Evaluator:
         that get a gradient made leaves: ``(views by name, names cast to their own dtype, leaves)``. Made once per
         buffer: the engine refills the same few vectors, and a view shows what its buffer holds now. The views
         keep the buffer's memory alive, so no other vector can have its address while it is cached."""
-        key = (theta.data_ptr(), theta.shape, theta.dtype, theta.device)
+        key = (theta.data_ptr(), theta.numel())  # one device and dtype an Evaluator
         hit = self._bound.get(key)
         if hit is not None:
             return hit
@@ -296,7 +300,7 @@ class Evaluator:
         return tensors
 
     def _loss_mode(self):
-        return _DifferentiableBatchNorm() if self._bn_mode else contextlib.nullcontext()
+        return _DifferentiableBatchNorm() if self._bn_mode else _NO_MODE
 
     def __call__(
         self, theta: torch.Tensor, extras: dict, where: str, out: torch.Tensor | None = None
@@ -320,11 +324,14 @@ class Evaluator:
         """Loss and gradient at ``theta``: one a path tensor, in its shape and theta's dtype (None where it gets
         none)."""
         views, cast, leaves = self._leaves(theta)
-        tensors = {**self.fixed, **extras, **views}
-        for name, dtype in cast:
-            tensors[name] = views[name].to(dtype)
-        tensors = self._batch_copies(tensors)
-        value, grads = 0.0, None  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
+        tensors = views  # functional_call only reads it; a merged copy only when there is more to bind
+        if self.fixed or extras or cast or self.batchnorm == "batch":
+            tensors = {**self.fixed, **extras, **views}
+            for name, dtype in cast:
+                tensors[name] = views[name].to(dtype)
+            tensors = self._batch_copies(tensors)
+        value = 0.0  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
+        grads: list[torch.Tensor | None] | None = None
         with self._loss_mode():
             for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
                 if w == 0.0:
@@ -334,12 +341,11 @@ class Evaluator:
                 else:
                     loss = self._first_loss(tensors, i, first=grads is None)
                 value += loss.item() * w
-                gs = [
-                    g.to_dense() if g is not None and g.is_sparse else g
-                    for g in torch.autograd.grad(loss, leaves, allow_unused=True)
-                ]
+                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+                if any(g is not None and g.is_sparse for g in gs):
+                    gs = tuple(g.to_dense() if g is not None and g.is_sparse else g for g in gs)
                 if grads is None:
-                    grads = [g if g is None or w == 1.0 else g.mul_(w) for g in gs]
+                    grads = list(gs) if w == 1.0 else [g if g is None else g.mul_(w) for g in gs]
                 else:
                     grads = [
                         a if g is None else (g.mul_(w) if a is None else a.add_(g, alpha=w))
@@ -352,6 +358,8 @@ class Evaluator:
             raise FloatingPointError(
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
             )
+        if self._all_grad:
+            return value, grads
         it = iter(grads)  # one a leaf
         return value, [next(it) if grad else None for *_, grad in self._layout]
 

@@ -111,7 +111,7 @@ def _shares_storage(x, y) -> bool:
         if not (isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not v.is_meta):
             continue
         w = y.get(k)
-        if not (isinstance(w, torch.Tensor) and w.device == v.device and w.data_ptr() == v.data_ptr()):
+        if not (isinstance(w, torch.Tensor) and w.data_ptr() == v.data_ptr() and w.device == v.device):
             return False
         seen = True
     return seen
