@@ -5,7 +5,7 @@ every midpoint, prepared before the clock starts) with ``functional_call`` + ``t
 and nothing else. The ratio analyze / floor is what the library spends beyond the mathematics.
 Runs alternate (floor, analyze, floor, analyze, ...) so drifting machine load hits both alike.
 
-    .venv/bin/python benchmarks/bench_core.py            # MLP T=300 and CNN T=200, 9 repeats
+    .venv/bin/python benchmarks/bench_core.py            # MLPs T=300/200 and CNN T=200, 9 pairs (27 and 13 for the fastest)
     .venv/bin/python benchmarks/bench_core.py --quick    # T=60, 3 repeats
 """
 
@@ -49,12 +49,17 @@ def case(name, model, x, y, steps, repeats, lr=0.05):
         t0 = time.perf_counter()
         result = lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
         a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        lca.analyze(model, (x, y), snaps, method="simpson", batched_points=True, progress=False)
-        batched.append((time.perf_counter() - t0) / a)  # batched-points path against the plain one
         t_floor.append(f)
         t_lca.append(a)
         ratios.append(a / f)
+    # The batched-points path against the plain one, in pairs of their own (not between the floor's runs).
+    for _ in range(max(3, repeats // 3)):
+        t0 = time.perf_counter()
+        lca.analyze(model, (x, y), snaps, method="simpson", progress=False)
+        a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lca.analyze(model, (x, y), snaps, method="simpson", batched_points=True, progress=False)
+        batched.append((time.perf_counter() - t0) / a)
     n_params = sum(p.numel() for p in model.parameters())
     res = float(abs(result.residual).max())
     print(
@@ -81,8 +86,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     x, y = models.digits_data()
     # The quickstart's model (64 -> 32 -> 10), the one issue 15 measured: the smallest gradient, so the most overhead.
-    case("digits MLP, quickstart", models.mlp(seed=0, hidden=(32,)), x, y, 60 if args.quick else 300, repeats)
-    case("digits MLP", models.mlp(seed=0), x, y, 60 if args.quick else 300, repeats)
+    # Pairs vary by +-15% on this shared machine: the fast models get more of them (about 30 s each model).
+    case("digits MLP, quickstart", models.mlp(seed=0, hidden=(32,)), x, y, 60 if args.quick else 300, 3 * repeats)
+    case("digits MLP", models.mlp(seed=0), x, y, 60 if args.quick else 300, repeats + repeats // 2)
     # The design notes' size: an 84k-parameter MLP (64 -> 512 -> 100 -> 10).
     case("digits MLP, wide", models.mlp(seed=0, hidden=(512, 100)), x, y, 60 if args.quick else 200, repeats)
     xi, yi = models.digits_data(image=True)

@@ -486,7 +486,7 @@ class SnapshotReader:
                 break
             read.append(tensors)
             extras.append(more)
-        _fill(out[: len(read)], [[row[i] for row in read] for i in range(len(self.spec.names))], self.spec.numels)
+        _fill(out[: len(read)], _by_tensor(read), self.spec.numels)
         return extras, failure
 
     def _tensors(self, k: int) -> tuple[list[torch.Tensor], dict]:
@@ -568,6 +568,9 @@ def iterate(
     ``more`` (following a trajectory still being recorded): instead of stopping at ``stop``, iteration t
     is computed when ``more(t + 1)`` returns True (it waits until snapshot t + 1 is readable) and the rows
     end when it returns False.
+
+    A small model's iterations are computed in chunks (:func:`_chunks`; same results, fewer calls between
+    gradients), a large model's one at a time (:func:`_rows`), as are batched points and a growing trajectory.
 
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
