@@ -524,19 +524,16 @@ def _by_tensor(rows: list[list]) -> list[list]:
 
 def _fill(out: torch.Tensor, columns: list[list[torch.Tensor | None]], numels: Sequence[int]):
     """Rows of ``out`` from per-tensor values: ``columns[i][j]`` is tensor ``i`` of row ``j`` (None: zeros). One
-    ``stack`` and one copy a tensor for all rows, not a join a row: between gradients each call costs the most."""
+    ``stack`` a tensor and one ``cat`` for all rows, not a join a row: between gradients each call costs the most."""
     if not len(out):
         return
-    start = 0
+    blocks = []  # each tensor's rows as one (rows, numel) matrix
     for values, n in zip(columns, numels, strict=True):
-        block = out[:, start : start + n]
-        if all(v is None for v in values):
-            block.zero_()
-        else:
-            like = next(v for v in values if v is not None)
-            rows = [torch.zeros_like(like) if v is None else v for v in values]
-            block.copy_(torch.stack(rows).view(len(rows), n))
-        start += n
+        present = [v for v in values if v is not None]
+        if len(present) < len(values):
+            present = [torch.zeros_like(present[0]) if v is None else v for v in values] if present else []
+        blocks.append(torch.stack(present).view(len(out), n) if present else out.new_zeros(len(out), n))
+    torch.cat(blocks, 1, out=out)
 
 
 def _same(x: dict, y: dict) -> bool:

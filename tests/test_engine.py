@@ -144,6 +144,21 @@ def test_chunks_give_the_same_bits_as_one_iteration_at_a_time_and_keep_rows_befo
         assert torch.equal(a.lca, b.lca)
 
 
+def test_fill_writes_rows_of_per_tensor_values_with_zeros_for_none():
+    """engine._fill (how chunks write snapshots and gradients) against one torch.cat a row: a matrix, a 0-d
+    tensor, a tensor that is None in one row only (unused at one point) and one None in every row."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [[torch.randn(2, 3, generator=gen), torch.randn((), generator=gen), None, None] for _ in range(3)]
+    rows[1][2] = torch.randn(4, generator=gen)
+    numels = [6, 1, 4, 5]
+    out = torch.full((4, 16), float("nan"))
+    engine._fill(out[1:], engine._by_tensor(rows), numels)
+    for j, row in enumerate(rows):
+        want = torch.cat([torch.zeros(n) if v is None else v.reshape(-1) for v, n in zip(row, numels, strict=True)])
+        assert torch.equal(out[j + 1], want)
+    assert out[0].isnan().all()  # nothing outside the rows given
+
+
 @pytest.mark.parametrize("block", [4, 1 << 20])
 def test_combine_is_the_rule_times_the_step_with_the_sums_of_all_and_of_the_selected(block, monkeypatch):
     """engine.combine in blocks against the formula in float64: tensors without a gradient in some terms or in
