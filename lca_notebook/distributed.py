@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - distributed is an optional depe
 
 import contextlib
 
+from . import heap
 from .checkpoints import CheckpointFiles
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from .layout import Groups, PathSpec
@@ -71,7 +72,7 @@ class Sharding:
     chunk, or more when that leaves at least four shards per worker thread). ``retries``: how often a
     task that raised is run again. ``torch_threads``: torch intra-op threads inside each task (Dask
     already runs one task per worker thread). ``tune_malloc``: undo, inside each worker process, the
-    ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask's nanny starts workers with (see :func:`_tune_malloc`).
+    ``MALLOC_TRIM_THRESHOLD_=65536`` that Dask's nanny starts workers with (see :func:`lca_notebook.heap.tune_worker`).
     """
 
     client: Client
@@ -171,24 +172,6 @@ class _Job:
         return self._cache["groups"]
 
 
-def _tune_malloc():
-    """Let glibc keep freed tensors' memory for reuse in this worker process (no-op off glibc).
-
-    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` so workers hand memory back to the OS. That also
-    pins glibc's mmap threshold at 128 kB, so every activation and gradient tensor is a fresh mmap,
-    page-faulted in and unmapped again: autograd on the digits CNN ran 2.5x slower in a worker than in a
-    plain process (benchmarks/bench_distributed.py). A worker's RSS then stays near its peak instead.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest glibc allows on 64-bit
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _load_job(payload: bytes) -> _Job:
     return cloudpickle.loads(payload)
 
@@ -208,7 +191,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     """Compute iterations ``[a, b)`` and write their rows (and losses ``a..b-1``; ``..T`` for the last shard)."""
     torch.set_num_threads(job.torch_threads)
     if job.tune_malloc:
-        _tune_malloc()
+        heap.tune_worker()
     t0 = time.perf_counter()
     model = copy.deepcopy(
         job.model

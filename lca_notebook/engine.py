@@ -37,6 +37,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from . import data as data_mod
+from . import heap
 from .layout import BATCHNORM_MODES, BLOCK, PathSpec, canonical, integer_snapshot_message
 from .quadrature import check_method, level_change, refinement_points, rule, simpson_error, simpson_weights
 
@@ -903,12 +904,13 @@ def run(evaluate, read, sink, options: Options, *, progress=True, start=None, st
     bar = tqdm(total=stop - start if more is None else None, desc="LCA", unit="it", disable=not progress, leave=False)
     done = start
     try:
-        loss, rows = iterate(evaluate, read, start, stop, options, more)
-        sink.write_loss(start, loss)
-        for row in rows:
-            sink.write(row)
-            done = row.t + 1
-            bar.update(1)
+        with heap.kept(read.device):  # autograd's freed blocks reused, not mapped again (see lca_notebook.heap)
+            loss, rows = iterate(evaluate, read, start, stop, options, more)
+            sink.write_loss(start, loss)
+            for row in rows:
+                sink.write(row)
+                done = row.t + 1
+                bar.update(1)
     except BaseException as exc:
         sink.interrupted(done)
         if getattr(sink, "partial", None) is not None:
