@@ -31,12 +31,12 @@ _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TO
 def _libc():
     """glibc, or None elsewhere (musl, macOS, Windows)."""
     try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
             return None
         libc = ctypes.CDLL(None)
         libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
         return libc
-    except (OSError, AttributeError, ValueError):  # no such confstr name (not glibc), no such function
+    except (OSError, AttributeError, ValueError):  # no confstr (Windows) or no such name, no such function
         return None
 
 
