@@ -49,8 +49,17 @@ def _set(settings: dict[int, int]) -> bool:
     return True
 
 
+@functools.cache
 def _user_set() -> bool:
-    return any(v in os.environ for v in _USER_SETTINGS) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+    """Whether the process started with glibc malloc settings of its own. Read from /proc/self/environ, the
+    environment glibc read at startup: ``os.environ`` may have changed since (importing Dask's ``distributed``
+    sets ``MALLOC_TRIM_THRESHOLD_`` there for its workers, which this process never applied)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            start = dict(v.partition(b"=")[::2] for v in f.read().split(b"\0") if v)
+    except OSError:
+        return True  # unknown: leave the allocator alone
+    return any(v.encode() in start for v in _USER_SETTINGS) or b"glibc.malloc." in start.get(b"GLIBC_TUNABLES", b"")
 
 
 @contextmanager

@@ -1,7 +1,10 @@
 """glibc keeps freed blocks for reuse while the engine runs, and gives them back afterwards (counted in page
 faults: a block mapped afresh faults once per 4 kB page it touches, one reused from the heap does not)."""
 
+import os
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,9 +39,25 @@ def test_kept_leaves_the_users_own_settings_and_other_devices_alone(monkeypatch)
     pages = N * 4 // 4096
     with heap.kept("cuda:0"):
         assert _faults_of_touching_twice() > pages // 2
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.setattr(heap, "_user_set", lambda: True)
     with heap.kept("cpu"):
         assert _faults_of_touching_twice() > pages // 2
+
+
+def test_the_users_settings_are_those_the_process_started_with(tmp_path):
+    """glibc reads MALLOC_* once, at startup: a variable set later (Dask's ``distributed`` does, on import) is
+    not the process's setting; one set before it started is."""
+    code = (
+        "import os; from lca_notebook import heap; os.environ['MALLOC_TRIM_THRESHOLD_'] = '65536'; "
+        "print(heap._user_set())"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    for extra, expected in (({}, "False"), ({"MALLOC_TOP_PAD_": "131072"}, "True"),
+                            ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"}, "True")):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env | extra, capture_output=True, text=True, cwd=tmp_path
+        )
+        assert out.stdout.strip() == expected, (extra, out.stderr)
 
 
 def test_kept_settles_even_when_the_body_raises():
