@@ -5,7 +5,7 @@ block over its mmap threshold (at most 32 MB) with a fresh ``mmap`` and hands th
 system whenever more than twice that is free there. A model whose tensors pass 32 MB (a 3,200 x 3,200 layer:
 41 MB) then gets fresh pages for them at every gradient: measured on a 10.5M-parameter MLP, ``analyze``'s
 gradients took 10,000-44,000 page faults each (1-9 us a page on a VM) where a plain loop of gradients took none,
-and ``analyze`` ran 1.09x that loop instead of 1.03x (benchmarks/results.md).
+and ``analyze`` ran 1.09x that loop, 1.03x with the heap kept by MALLOC_* variables (benchmarks/results.md).
 """
 
 from __future__ import annotations
@@ -40,13 +40,10 @@ def _libc():
         return None
 
 
-def _set(settings: dict[int, int]) -> bool:
+def _set(settings: dict[int, int]):
     libc = _libc()
-    if libc is None:
-        return False
-    for option, value in settings.items():
+    for option, value in settings.items() if libc is not None else ():
         libc.mallopt(option, value)
-    return True
 
 
 @functools.cache
