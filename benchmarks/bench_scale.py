@@ -8,14 +8,14 @@ with SGD while ``lca.record(path=...)`` writes its snapshots to disk.
 2. Peak RSS of ``analyze(keep="unit")`` on the recording on disk, at T=t_small and T=t_large, each in a
    fresh subprocess (``resource.getrusage``): the ratio must not grow with T (target <= 1.2).
 3. ``analyze(method="simpson", keep="unit")`` against its floor over T=50 iterations (the T >= 50 the issue
-   asks of this benchmark): 2T+1 plain ``torch.autograd.grad`` of the
-   full-data loss via ``functional_call`` at the same points (every snapshot and midpoint, prepared before the
-   clock starts), alternating, best of ``--repeats`` (target <= 1.05). The floor runs twice: as a plain process
-   runs it, and inside ``heap.kept`` with the allocator settings ``analyze``'s loop has (the fair floor: the
-   allocator's settings change what a gradient costs, and ``analyze`` should not be credited with that). The full data here is all 1,797 digits
-   (``--floor-samples``), the training set LCA is defined on; the ratio is also given on the 256 digits of
-   parts 1 and 2, where a gradient costs a seventh as much and the same overhead weighs seven times more. The
-   overhead per iteration (analyze - floor) / T is the figure that does not depend on the data.
+   asks of this benchmark): 2T+1 plain ``torch.autograd.grad`` of the full-data loss via ``functional_call`` at
+   the same points (every snapshot and midpoint, prepared before the clock starts), alternating, best of
+   ``--repeats`` (target <= 1.05). The floor runs twice: as a plain process runs it, and inside ``heap.kept``
+   with the allocator settings ``analyze``'s loop has (the fair floor: the allocator's settings change what a
+   gradient costs, and ``analyze`` should not be credited with that). The full data here is all 1,797 digits
+   (``--floor-samples``), the training set LCA is defined on; the ratio is also given on the 256 digits of parts
+   1 and 2, where a gradient costs a seventh as much and the same overhead weighs seven times more. The overhead
+   per iteration (analyze - kept floor) / T is the figure that does not depend on the data.
 4. Explorer build time on the stored results (``lca.explore(lca.open(store))``).
 
 CPU only (``device="cpu"``); the CUDA path is not measured here.

@@ -63,11 +63,15 @@ print(json.dumps(out))
 """
 
 
+def _environment() -> dict[str, str]:
+    """This process's environment without glibc malloc settings: a child starts with glibc's defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
 def _run(case: str, tmp_path, **env) -> dict:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     out = subprocess.run(
         [sys.executable, "-c", CASES, case, str(N), str(BIG)],
-        env=base | env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=_environment() | env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,7 +97,7 @@ def test_the_users_settings_are_those_the_process_started_with(tmp_path):
         "import os; from lca_notebook import heap; os.environ['MALLOC_TRIM_THRESHOLD_'] = '65536'; "
         "print(heap._user_set())"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = _environment()
     for extra, expected in (({}, "False"), ({"MALLOC_TOP_PAD_": "131072"}, "True"),
                             ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"}, "True")):  # fmt: skip
         out = subprocess.run(
