@@ -401,9 +401,8 @@ def _reversals(result: LCAResult, trajectory) -> tuple[np.ndarray, np.ndarray]:
             f"the trajectory has {len(traj)} snapshots but the result has {result.n_iterations} iterations: "
             f"pass the same T+1 = {result.n_iterations + 1} snapshots that were given to analyze()"
         )
-    tensors = np.asarray(result.groups.coords["tensor"])
-    index = np.asarray(result.groups.coords["index"])
-    where = {name: np.flatnonzero(tensors == name) for name in dict.fromkeys(tensors.tolist())}
+    ids, index = result.groups.ids("tensor"), result.groups.coords["index"]
+    where = {name: np.flatnonzero(ids == i) for i, name in enumerate(result.groups.labels("tensor").tolist())}
 
     def flat(k: int) -> np.ndarray:
         snap = traj[k]
@@ -489,14 +488,14 @@ def concentration(
         raise ValueError(f"share must be in (0, 1], got {share}")
     total = np.asarray(result.total(by="parameter", start=start, stop=stop).values, dtype=np.float64)
     x = np.maximum(-total, 0.0) if of == "helped" else np.abs(total)
-    layer = np.asarray(result.groups.coords["layer"])
+    layer = result.groups.ids("layer")
     names = result.layers
     return xr.Dataset(
         {
             "gini": gini(x),
             "fraction": _fraction_for(x, share),
-            "layer_gini": (("layer",), [gini(x[layer == n]) for n in names]),
-            "layer_fraction": (("layer",), [_fraction_for(x[layer == n], share) for n in names]),
+            "layer_gini": (("layer",), [gini(x[layer == i]) for i in range(len(names))]),
+            "layer_fraction": (("layer",), [_fraction_for(x[layer == i], share) for i in range(len(names))]),
         },
         coords={"layer": names},
         attrs={"of": of, "share": share},

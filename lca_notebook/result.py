@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .layout import GRANULARITIES, GROUP_DIMS, Groups, check_granularity, kept
+from .layout import GRANULARITIES, GROUP_DIMS, NAMED, PER_PARAMETER, Groups, check_granularity, fixed_width, kept, names
 
 __all__ = ["GRANULARITIES", "CompactPrefix", "LCAResult", "ReducedResultError", "from_arrays", "reduced_from_arrays"]
 
@@ -243,7 +243,7 @@ class LCAResult:
     @cached_property
     def groups(self) -> Groups:
         """The parameters' groups at every granularity (ids, labels in model order, sizes, sums)."""
-        return Groups({k: np.asarray(self.dataset[k].values) for k in ("tensor", "layer", "unit", "index")})
+        return Groups({k: self.dataset[k] if k in NAMED else self.dataset[k].values for k in PER_PARAMETER})
 
     @property
     def layers(self) -> list[str]:
@@ -279,12 +279,12 @@ class LCAResult:
                 value = indexers.pop(key)
                 values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
                 coord = self.groups.coords[key]
-                known = set(coord.tolist())
-                unknown = [v for v in values if v not in known]
+                known = (self.groups.labels(key) if key in NAMED else pd.unique(coord)).tolist()
+                unknown = [v for v in values if v not in set(known)]
                 if unknown:
-                    shown = ", ".join(map(str, list(dict.fromkeys(coord.tolist()))[:20]))
+                    shown = ", ".join(map(str, known[:20]))
                     raise KeyError(f"no {key} {unknown[0]!r} in this result; it has: {shown}")
-                mask &= np.isin(coord, values)
+                mask &= coord.isin(values) if isinstance(coord, pd.Categorical) else np.isin(coord, values)
         if not mask.all():
             da = da.isel(parameter=np.flatnonzero(mask))
         if indexers:
@@ -523,12 +523,13 @@ class LCAResult:
         progress = ("completed_iterations", "completed_checkpoints", "complete", "shards")
         ds.attrs = {k: v for k, v in ds.attrs.items() if k not in progress} | {KIND: "result", "format": RESULT_FORMAT}
         ds.attrs["saved"] = 1  # whole, no prefix sums: lca.open reads it as it is; analyze(store=) never continues it
-        if netcdf:
-            ds.to_netcdf(path, engine="h5netcdf")
+        if netcdf:  # netCDF has no categorical type: names as fixed-width strings, as before codes
+            names = {k: ("parameter", fixed_width(self.groups.coords[k])) for k in NAMED}
+            ds.assign_coords(names).to_netcdf(path, engine="h5netcdf")
             return
         # Names on `parameter` as int32 codes (files.coded_names); group labels as variable-length strings: zarr v3
         # has a spec for them, not for numpy's fixed-width unicode.
-        coded = {k: files.coded_names(self.groups.ids(k), self.groups.labels(k)) for k in ("tensor", "layer")}
+        coded = {k: files.coded_names(self.groups.coords[k]) for k in NAMED}
         strings = {k: ds[k].astype(object) for k in ds.coords if ds[k].dtype.kind == "U" and k not in coded}
         ds = ds.assign_coords(strings | coded)
         encoding = {str(k): {"compressors": checksummed()} for k in [*ds.data_vars, *ds.coords]}
@@ -593,16 +594,20 @@ def from_arrays(
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
             "parameter": pd.RangeIndex(p),  # lazy: 10M parameters, no 80 MB array and copy
-            **{
-                k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
-                for k in ("tensor", "layer", "unit", "index")
-            },
+            **_on_parameter(coords),
         },
         attrs=dict(attrs or {}),
     )
     if steps is not None:
         ds = ds.assign_coords(step=("checkpoint", np.asarray(steps, dtype=np.int64)))
     return LCAResult(ds)
+
+
+def _on_parameter(coords) -> dict:
+    """The coordinates on ``parameter`` as a result holds them: names as codes (:func:`~.layout.names`), int64."""
+    return {
+        k: ("parameter", names(coords[k]) if k in NAMED else np.asarray(coords[k], np.int64)) for k in PER_PARAMETER
+    }
 
 
 def _run_vars(loss, lca_sum, residual, lca_rest, splits, evaluations, error) -> dict:
@@ -636,7 +641,7 @@ def reduced_from_arrays(
     loss = np.asarray(loss, dtype=np.float64)
     t = len(loss) - 1
     if groups is None:
-        groups = Groups({k: np.asarray(coords[k]) for k in ("tensor", "layer", "unit", "index")})
+        groups = Groups(coords)
     total = np.asarray(sums["total"], dtype=np.float64).reshape(t, 1)
     data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
         **_run_vars(loss, total[:, 0], residual, lca_rest, splits, evaluations, error),
@@ -655,10 +660,7 @@ def reduced_from_arrays(
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
             "parameter": pd.RangeIndex(groups.n_parameters),
-            **{
-                k: ("parameter", np.asarray(coords[k], dtype=str if k in ("tensor", "layer") else np.int64))
-                for k in ("tensor", "layer", "unit", "index")
-            },
+            **_on_parameter(groups.coords),
             **extra,
         },
         attrs=dict(attrs or {}, keep=keep),

@@ -63,6 +63,11 @@ def test_coords_and_groups_match_an_element_by_element_walk():
         owners = [layer_labels[i] for i in groups.layer_of(by)]
         firsts = [keys["layer"][keys[by].index(k)] for k in dict.fromkeys(keys[by])]
         assert owners == firsts
+    # Names as plain strings (a format 2 store, a user's arrays) give the same groups as the codes analyze makes.
+    plain = Groups({k: np.asarray(list(v), dtype=str) if k in ("tensor", "layer") else v for k, v in coords.items()})
+    assert list(plain.coords["tensor"].categories) == list(dict.fromkeys(keys["tensor"]))
+    for by in GRANULARITIES:
+        assert np.array_equal(plain.labels(by), groups.labels(by)) and np.array_equal(plain.ids(by), groups.ids(by))
 
 
 def test_spec_puts_selected_parameters_first_and_shares_tied_weights():

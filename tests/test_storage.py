@@ -4,6 +4,7 @@ import os
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import zarr
@@ -170,7 +171,11 @@ def test_names_on_parameter_are_stored_as_codes_and_format_2_strings_still_read(
     back = lca.open(path)
     np.testing.assert_array_equal(back.dataset["tensor"].values, r.dataset["tensor"].values)
     np.testing.assert_array_equal(back.dataset["layer"].values, r.dataset["layer"].values)
-    assert back.dataset["tensor"].dtype.kind == "U" and "categories" not in back.dataset["tensor"].attrs
+    # Read back as held in memory: codes into the names (a pandas Categorical), not 10M strings.
+    for name in ("tensor", "layer"):
+        assert isinstance(r.dataset[name].dtype, pd.CategoricalDtype)
+        assert isinstance(back.dataset[name].dtype, pd.CategoricalDtype)
+        assert "categories" not in back.dataset[name].attrs
     # Format 2 kept the names as variable-length strings: written that way, read the same.
     ds = r.dataset.assign_coords({k: r.dataset[k].astype(object) for k in ("tensor", "layer")})
     ds.attrs |= {files.KIND: "result", "format": 2, "saved": 1}
@@ -179,7 +184,7 @@ def test_names_on_parameter_are_stored_as_codes_and_format_2_strings_still_read(
     ds.to_zarr(old, zarr_format=3, consolidated=False, encoding=encoding, write_empty_chunks=True)  # as format 2 did
     np.testing.assert_array_equal(lca.open(old).dataset["tensor"].values, r.dataset["tensor"].values)
     # A code past the names is damage, named.
-    for codes, names in (([0, 3], ["a", "b", "c"]), ([], "abc"), ([0], ["a", 1])):
+    for codes, names in (([0, 3], ["a", "b", "c"]), ([], "abc"), ([0], ["a", 1]), ([0], ["a", "a"])):
         with pytest.raises(
             files.StoreDamagedError, match=r"attribute 'categories' of its coordinate 'tensor'.*tensor/zarr"
         ):

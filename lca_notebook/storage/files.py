@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import google_crc32c
 import numpy as np
+import pandas as pd
 import zarr
 from zarr.codecs import Crc32cCodec
 
@@ -90,20 +91,21 @@ def check_format(path: str, attrs: dict, newest: int = FORMAT) -> int:
 CATEGORIES = "categories"
 
 
-def coded_names(ids: np.ndarray, labels) -> tuple[tuple[str], np.ndarray, dict]:
-    """A per-parameter name coordinate as a store keeps it: int32 codes (``ids``: each parameter's group id) and
-    the names in the attribute ``categories`` (10M parameters: 40 MB written in a fraction of a second, where
-    variable-length strings took 10-20 s to write and as long to read)."""
-    return ("parameter",), np.asarray(ids, dtype=np.int32), {CATEGORIES: [str(x) for x in labels]}
+def coded_names(names: pd.Categorical) -> tuple[tuple[str], np.ndarray, dict]:
+    """A per-parameter name coordinate as a store keeps it: int32 codes and the names they index in the attribute
+    ``categories`` (10M parameters: 40 MB written in a fraction of a second, where variable-length strings took
+    10-20 s to write and as long to read)."""
+    return ("parameter",), np.asarray(names.codes, dtype=np.int32), {CATEGORIES: [str(x) for x in names.categories]}
 
 
-def decoded_names(path: str, name: str, codes, attrs) -> np.ndarray | None:
-    """The names of a coordinate stored by :func:`coded_names` (fixed-width str), or None if it is not one."""
+def decoded_names(path: str, name: str, codes, attrs) -> pd.Categorical | None:
+    """The names of a coordinate stored by :func:`coded_names` (as a result holds them in memory: the codes and
+    their names, :func:`~lca_notebook.layout.names`), or None if it is not one."""
     names = attrs.get(CATEGORIES)
     codes = np.asarray(codes)
     if names is None or codes.dtype.kind not in "iu":
         return None
-    bad = not isinstance(names, list) or not all(isinstance(x, str) for x in names)
+    bad = not isinstance(names, list) or not all(isinstance(x, str) for x in names) or len(set(names)) < len(names)
     if not bad and codes.size and (codes.min() < 0 or codes.max() >= len(names)):
         bad = True
     if bad:
@@ -114,7 +116,7 @@ def decoded_names(path: str, name: str, codes, attrs) -> np.ndarray | None:
             f"{os.path.join(path, name, 'zarr.json')}). Restore the store from a backup, or delete it and compute "
             "it again."
         )
-    return np.asarray(names, dtype=str)[codes]
+    return pd.Categorical.from_codes(codes, categories=names)
 
 
 def damaged_attribute(path: str, name: str, value, expected: str) -> StoreDamagedError:

@@ -25,6 +25,7 @@ import warnings
 
 import google_crc32c
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 from zarr.codecs import ZstdCodec
@@ -409,8 +410,8 @@ class StoreSink:
             "iteration": np.arange(t),
             "checkpoint": np.arange(t + 1),
             "parameter": np.arange(p),
-            "tensor": coded_names(self.groups.ids("tensor"), self.groups.labels("tensor")),
-            "layer": coded_names(self.groups.ids("layer"), self.groups.labels("layer")),
+            "tensor": coded_names(self.coords["tensor"]),
+            "layer": coded_names(self.coords["layer"]),
             "unit": ("parameter", self.coords["unit"]),
             "index": ("parameter", self.coords["index"]),
         }
@@ -720,15 +721,17 @@ def open_store(path) -> LCAResult:
     if "slot" in ds.dims:  # a reduced store's per-parameter totals: the slot counted with `completed_iterations`
         ds = ds.isel(slot=int_attr(path, attrs, "parameter_slot", default=0, high=1))
         ds.attrs.pop("parameter_slot", None)
-    # Names are stored as variable-length strings (numpy's StringDType on read); the result's group
-    # tables want plain fixed-width str, as in a result computed in memory. The other coordinates on
-    # `parameter` are read now too: every sum needs them.
+    # Names on `parameter` are read as a result computed in memory holds them: codes into the names. Group
+    # labels (and names before format 3) are stored as variable-length strings (numpy's StringDType on read):
+    # plain fixed-width str, as in memory. The other coordinates on `parameter` are read now too: every sum
+    # needs them.
     try:
         for name in ("tensor", "layer"):  # int32 codes into their names (format 3)
             if name in ds.coords and (names := decoded_names(path, name, ds[name].values, ds[name].attrs)) is not None:
                 ds = ds.assign_coords({name: ("parameter", names)})
         for name in ("tensor", "layer", *GROUP_DIMS.values()):
-            if name in ds.coords and ds[name].dtype.kind not in "U":
+            coded = name in ds.coords and isinstance(ds[name].dtype, pd.CategoricalDtype)
+            if name in ds.coords and not coded and ds[name].dtype.kind not in "U":
                 ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values).astype(object).astype(str))})
         for name in ("unit", "index", "step"):
             if name in ds.coords:

@@ -428,11 +428,11 @@ class Explorer(widgets.VBox):
             finite = _Finite(lca)
             self._prefix = finite.group_prefixes(groups, coarse)
             self._parameters = ParameterRanges(finite, budget_bytes=budget, on_block=count)
-            tensor, index = np.asarray(r.lca["tensor"].values), np.asarray(r.lca["index"].values)
             it, col = finite.first_bad
+            tensor, index = r.groups.coords["tensor"][col], r.groups.coords["index"][col]
             self.notes.append(
                 f"lca holds {finite.n_bad:,} NaN or infinite values (first: iteration {it}, "
-                f"{tensor[col]}[{index[col]}]); they are drawn as 0 and left out of every sum. "
+                f"{tensor}[{index}]); they are drawn as 0 and left out of every sum. "
                 "Look for the iteration where the loss or the parameters diverged."
             )
 
