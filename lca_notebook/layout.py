@@ -19,6 +19,7 @@ sums at every granularity (unit, tensor, layer, total). A leaf: nothing here imp
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -380,6 +381,24 @@ class Groups:
             return self.ids("layer")
         out = np.zeros(len(self.labels(by)), dtype=np.int64)
         out[self._table[by][0]] = self._table["layer"][0]
+        return out
+
+    def columns(self, by: str) -> list[slice | np.ndarray]:
+        """Each group's parameters at a coarse granularity: a slice where they are contiguous, else their indices
+        (from the runs: no pass over every parameter)."""
+        if by not in COARSE:
+            raise ValueError(f"columns are for the coarse granularities {COARSE}, got {by!r}")
+        starts, lengths = self._runs
+        run_ids = self._table[by][0]
+        order = np.argsort(run_ids, kind="stable")
+        bounds = np.searchsorted(run_ids[order], np.arange(len(self.labels(by)) + 1))
+        out: list[slice | np.ndarray] = []
+        for a, b in itertools.pairwise(bounds.tolist()):
+            runs = order[a:b]
+            if len(runs) and np.all(np.diff(runs) == 1):
+                out.append(slice(int(starts[runs[0]]), int(starts[runs[-1]] + lengths[runs[-1]])))
+            else:
+                out.append(np.concatenate([np.arange(starts[r], starts[r] + lengths[r]) for r in runs]))
         return out
 
     @cached_property

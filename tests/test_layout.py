@@ -58,6 +58,10 @@ def test_coords_and_groups_match_an_element_by_element_walk():
             want[:, labels.index(key)] += block[:, j]
         np.testing.assert_allclose(sums[by], want, rtol=1e-12, atol=1e-12, err_msg=by)
         assert groups.sizes(by).tolist() == [keys[by].count(k) for k in labels]
+        for label, cols in zip(labels, groups.columns(by), strict=True) if by != "parameter" else ():
+            want = [j for j, key in enumerate(keys[by]) if key == label]  # contiguous ones as a slice
+            assert np.arange(len(naive))[cols].tolist() == want, (by, label)
+            assert isinstance(cols, slice) == (want == list(range(want[0], want[-1] + 1))), (by, label)
     layer_labels = list(groups.labels("layer"))
     for by in ("unit", "tensor"):
         owners = [layer_labels[i] for i in groups.layer_of(by)]

@@ -331,7 +331,6 @@ class Explorer(widgets.VBox):
     def _precompute(self, budget):
         r = self.result
         groups = r.groups
-        layer_ids = groups.ids("layer")
         self.layers = [str(x) for x in groups.labels("layer")]
         n_layers = len(self.layers)
         self._loss = np.asarray(r.loss.values, dtype=np.float64)
@@ -345,15 +344,11 @@ class Explorer(widgets.VBox):
         for by in ("parameter", "unit", "tensor", "layer"):
             self._labels[by], self._elem_layer[by] = np.asarray(groups.labels(by)), groups.layer_of(by)
         self._units_of_layer = groups.unit_coords()["unit_index"]
-        self._n_elements = {
-            by: np.bincount(o, minlength=n_layers).astype(np.float64) for by, o in self._elem_layer.items()
-        }
+        self._n_elements = {"parameter": groups.sizes("layer").astype(np.float64)}  # from runs, not P ids
+        for by in ("unit", "tensor", "layer"):
+            self._n_elements[by] = np.bincount(self._elem_layer[by], minlength=n_layers).astype(np.float64)
         # each layer's parameter columns: a slice where contiguous (cheap to read), else an index array
-        self._columns = []
-        for i in range(n_layers):
-            cols = np.flatnonzero(layer_ids == i)
-            contiguous = len(cols) and cols[-1] - cols[0] + 1 == len(cols)
-            self._columns.append(slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols)
+        self._columns = groups.columns("layer")
 
         # per-iteration counts of helping / hurting elements per layer, at each granularity
         t = r.n_iterations
