@@ -395,7 +395,7 @@ class Groups:
         out: list[slice | np.ndarray] = []
         for a, b in itertools.pairwise(bounds.tolist()):
             runs = order[a:b]
-            if len(runs) and np.all(np.diff(runs) == 1):
+            if np.all(np.diff(runs) == 1):  # every group is made of runs: never empty
                 out.append(slice(int(starts[runs[0]]), int(starts[runs[-1]] + lengths[runs[-1]])))
             else:
                 out.append(np.concatenate([np.arange(starts[r], starts[r] + lengths[r]) for r in runs]))

@@ -730,8 +730,7 @@ def open_store(path) -> LCAResult:
             if name in ds.coords and (names := decoded_names(path, name, ds[name].values, ds[name].attrs)) is not None:
                 ds = ds.assign_coords({name: ("parameter", names)})
         for name in ("tensor", "layer", *GROUP_DIMS.values()):
-            coded = name in ds.coords and isinstance(ds[name].dtype, pd.CategoricalDtype)
-            if name in ds.coords and not coded and ds[name].dtype.kind not in "U":
+            if name in ds.coords and ds[name].dtype.kind != "U" and not isinstance(ds[name].dtype, pd.CategoricalDtype):
                 ds = ds.assign_coords({name: (ds[name].dims, np.asarray(ds[name].values).astype(object).astype(str))})
         for name in ("unit", "index", "step"):
             if name in ds.coords:
