@@ -98,3 +98,18 @@ def test_a_reduced_row_over_blocks_equals_numpy_where_runs_cross_piece_and_block
         assert rows[f"hurt_{by}"].tolist() == np.stack([(lca[:, m] > 0).sum(1) for m in masks], 1).tolist(), by
     np.testing.assert_allclose(rows.totals.total, lca64.sum(0), rtol=1e-12)
     assert rows.totals.helped.tolist() == (lca < 0).sum(0).tolist()
+
+
+def test_totals_count_past_what_their_uint8_counters_hold():
+    """Counts of iterations helped go through uint8 counters flushed every 255 rows and when read: 600 rows of
+    a parameter that always helped, one that never did and one that helped every third, read in the middle and
+    at the end, against counts made here."""
+    rows = Rows(600, 3, keep="layer", groups=Groups({k: v[:3] for k, v in _groups().coords.items()}))
+    values = np.zeros((600, 3), np.float32)
+    values[:, 0], values[:, 1], values[::3, 2] = -1.0, 2.0, -0.5
+    for t, row in enumerate(values):
+        rows.put(t, _row(t, row.tolist(), 1.0))
+        if t == 299:
+            assert rows.totals.helped.tolist() == [300, 0, 100]
+    assert rows.totals.helped.dtype == np.int32 and rows.totals.helped.tolist() == [600, 0, 200]
+    np.testing.assert_array_equal(rows.totals.total, values.astype(np.float64).sum(0))
