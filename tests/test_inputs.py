@@ -169,6 +169,13 @@ def test_parameter_globs_and_tied_weights(small):
     result = lca.analyze(tied, (x, y), snaps, method="simpson", progress=False)
     assert result.tensors == ["enc.weight", "head.weight", "head.bias"]  # the shared tensor counted once
     assert np.abs(result.residual.values).max() < 1e-4
+    # both uses of the shared tensor move with the snapshots: the losses of the model loaded with each one
+    check = Tied()
+    for k in (0, len(snaps) // 2, len(snaps) - 1):
+        check.load_state_dict(snaps[k])
+        with torch.no_grad():
+            want = float(nn.functional.cross_entropy(check(x), y))
+        assert result.loss.values[k] == pytest.approx(want, rel=1e-5), k
 
 
 def _raises(match, *args, **kwargs):
