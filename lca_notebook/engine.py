@@ -260,6 +260,7 @@ class Evaluator:
             for s, o in zip(spec.shapes, offsets, strict=True)
         ]
         self._bound: dict[tuple, tuple[dict, list, list]] = {}  # _leaves' cache, by buffer
+        self._into: dict[tuple, list[torch.Tensor]] = {}  # _targets' cache, by buffer
 
     def bind(self, flat: torch.Tensor, extras: dict) -> dict:
         """The model's tensors at the point ``flat``: views into it, cast to each tensor's dtype, for ``torch.func``
@@ -296,6 +297,23 @@ class Evaluator:
         self._bound[key] = hit = (views, cast, leaves)
         return hit
 
+    def _targets(self, into: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the flat vector ``into`` where the leaves' gradients go (:meth:`_gradients`), made once per
+        buffer as :meth:`_leaves` makes its views."""
+        key = (into.data_ptr(), into.numel())
+        hit = self._into.get(key)
+        if hit is None:
+            offset = into.storage_offset()
+            hit = [
+                into.as_strided(shape, stride, offset + o)
+                for (*_, grad), (shape, stride, o) in zip(self._layout, self._strided, strict=True)
+                if grad
+            ]
+            if len(self._into) >= _BOUND:
+                del self._into[next(iter(self._into))]
+            self._into[key] = hit
+        return hit
+
     def _batch_copies(self, tensors: dict) -> dict:
         """``tensors`` with copies of the buffers that batch statistics update in place (batchnorm="batch")."""
         if self.batchnorm == "batch":  # batch statistics update running buffers in place: never the user's
@@ -316,12 +334,14 @@ class Evaluator:
     ) -> tuple[float, torch.Tensor]:
         """Loss and flat gradient at ``theta`` (the gradient written into ``out`` when given)."""
         value, grads = self._gradients(theta, extras, where)
+        assert grads is not None  # asked for without `into`
         return value, flat(_flat_each(grads), self._numels, theta, out)
 
     def gradient(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, Parts]:
         """Loss and gradient at ``theta`` in :data:`Parts`: a large tensor's gradient as autograd made it (at 10M
         parameters, copying it into one vector costs more than the arithmetic that reads it), small ones joined."""
         value, grads = self._gradients(theta, extras, where)
+        assert grads is not None  # asked for without `into`
         per_tensor = _flat_each(grads)
         parts: Parts = []
         for a, b in self._segments:
@@ -329,9 +349,13 @@ class Evaluator:
             parts.append(per_tensor[a] if alone else flat(per_tensor[a:b], self._numels[a:b], theta))
         return value, parts
 
-    def _gradients(self, theta: torch.Tensor, extras: dict, where: str) -> tuple[float, list[torch.Tensor | None]]:
+    def _gradients(
+        self, theta: torch.Tensor, extras: dict, where: str, into: torch.Tensor | None = None
+    ) -> tuple[float, list[torch.Tensor | None] | None]:
         """Loss and gradient at ``theta``: one a path tensor, in its shape and theta's dtype (None where it gets
-        none)."""
+        none). With ``into`` (a flat vector like ``theta``), autograd adds the gradient into it instead (zeros
+        where a tensor gets none) and none is returned: a chunk of a small model's gradients, held and then
+        copied into its matrix, made each gradient 7% dearer than the floor's (17k parameters)."""
         views, cast, leaves = self._leaves(theta)
         tensors = views  # functional_call only reads it; a merged copy only when there is more to bind
         if self.fixed or extras or cast or self.batchnorm == "batch":
@@ -341,32 +365,49 @@ class Evaluator:
             tensors = self._batch_copies(tensors)
         value = 0.0  # the loss summed in Python floats (doubles): cheaper than a float64 tensor
         grads: list[torch.Tensor | None] | None = None
-        with self._loss_mode():
-            for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
-                if w == 0.0:
-                    continue  # every target of this batch is ignored by the loss
-                if self._checked:
-                    loss = self.loss_fn(self._forward(tensors, b.args, b.kwargs), b.target)
-                else:
-                    loss = self._first_loss(tensors, i, first=grads is None)
-                value += loss.item() * w
-                gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-                if any(g is not None and g.is_sparse for g in gs):
-                    gs = tuple(g.to_dense() if g is not None and g.is_sparse else g for g in gs)
-                if grads is None:
-                    grads = list(gs) if w == 1.0 else [g if g is None else g.mul_(w) for g in gs]
-                else:
-                    grads = [
-                        a if g is None else (g.mul_(w) if a is None else a.add_(g, alpha=w))
-                        for a, g in zip(grads, gs, strict=True)
-                    ]
+        first = True
+        if into is not None:
+            into.zero_()
+            for leaf, target in zip(leaves, self._targets(into), strict=True):
+                leaf.grad = target  # autograd adds into a leaf's .grad in place
+        try:
+            with self._loss_mode():
+                for i, (b, w) in enumerate(zip(self.batches, self.weights, strict=True)):
+                    if w == 0.0:
+                        continue  # every target of this batch is ignored by the loss
+                    if self._checked:
+                        loss = self.loss_fn(self._forward(tensors, b.args, b.kwargs), b.target)
+                    else:
+                        loss = self._first_loss(tensors, i, first=first)
+                    first = False
+                    value += loss.item() * w
+                    if w != 1.0:  # the batch's weight scales its loss: both ways below give the same bits
+                        loss = loss * w
+                    if into is not None:
+                        torch.autograd.backward(loss, inputs=leaves)
+                        continue
+                    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+                    if any(g is not None and g.is_sparse for g in gs):
+                        gs = tuple(g.to_dense() if g is not None and g.is_sparse else g for g in gs)
+                    if grads is None:
+                        grads = list(gs)
+                    else:
+                        grads = [
+                            a if g is None else (g if a is None else a.add_(g)) for a, g in zip(grads, gs, strict=True)
+                        ]
+        finally:
+            if into is not None:
+                for leaf in leaves:
+                    leaf.grad = None
         self.evaluations += 1
         self._checked = True
-        assert grads is not None  # batch_weights never makes every weight zero
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
             )
+        if into is not None:
+            return value, None
+        assert grads is not None  # batch_weights never makes every weight zero
         if self._all_grad:
             return value, grads
         it = iter(grads)  # one a leaf
@@ -794,9 +835,8 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         a, extras_a, loss_a, g_a = b, extras_b, loss_b, g_b
 
 
-#: Iterations of a small model are computed in chunks of up to this many (see :func:`_chunks`; a chunk holds its
-#: gradients until they are written into its matrices, and more of them slowed the gradients down: 2,410
-#: parameters, 32 rows: 66 us more a gradient than the floor's, 16 rows: 34 us) ...
+#: Iterations of a small model are computed in chunks of up to this many (see :func:`_chunks`; two points a row
+#: keep their views in :meth:`Evaluator._leaves`' cache, and a row's gradients theirs in ``_targets``') ...
 MAX_CHUNK = (_BOUND - 8) // 2
 #: ... as long as a chunk's matrix holds at most this many numbers ...
 CHUNK_ELEMENTS = 1 << 19
@@ -814,9 +854,9 @@ def chunk_rows(n_parameters: int) -> int:
 
 
 def _chunks(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, options: Options, first, k: int):
-    """The iterations of a small model ``k`` at a time: read ``k`` snapshots, then their ``2k`` gradients back to
-    back, then write snapshots and gradients into the rows of matrices (one call a tensor for the chunk), and make
-    every row's LCA and sums in a few calls on the matrices.
+    """The iterations of a small model ``k`` at a time: read ``k`` snapshots into the rows of a matrix (one call a
+    tensor for the chunk), then their ``2k`` gradients back to back, each added by autograd into its row of a
+    matrix, and make every row's LCA and sums in a few calls on the matrices.
     Between two gradients, every call costs 5-20 us more than it does warm (the gradient's work evicts it from the
     CPU's caches): one iteration at a time, a model of a few thousand parameters spent 20% beyond its gradients.
     Chunks take about :data:`CHUNK_SECONDS` (slow gradients: one row each), and give the same bits as one row at a
@@ -851,26 +891,19 @@ def _chunks(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, op
         torch.sub(ends[1 : n + 1], ends[:n], out=d[:n])
         if mids is not None:
             torch.add(ends[:n], d[:n], alpha=0.5, out=mids[:n])
-        at_ends: list[list] = []  # each row's gradients, one a tensor: written into the matrices below
-        at_mids: list[list] = []
-        try:
+        try:  # each gradient goes straight into its row of grads / g_mids
             for j in range(n):
                 t, before = t0 + j, evaluate.evaluations
                 where = f"snapshot {t + 1}"
-                losses[j + 1], g = _checked(
-                    read, t + 1, ends[j + 1], evaluate._gradients, ends[j + 1], extras[j + 1], where
+                losses[j + 1], _ = _checked(
+                    read, t + 1, ends[j + 1], evaluate._gradients, ends[j + 1], extras[j + 1], where, grads[j + 1]
                 )
-                if mids is not None:
-                    at_mids.append(
-                        evaluate._gradients(mids[j], extras[j], f"s=0.5 between snapshots {t} and {t + 1}")[1]
-                    )
-                at_ends.append(g)
+                if mids is not None and g_mids is not None:
+                    where = f"s=0.5 between snapshots {t} and {t + 1}"
+                    evaluate._gradients(mids[j], extras[j], where, g_mids[j])
                 spent[j] = evaluate.evaluations - before
         except BaseException as exc:  # rows before j are complete: they come out first
             n, failure = j, exc
-        _fill(grads[1 : n + 1], _by_tensor(at_ends), evaluate._numels)
-        if g_mids is not None:
-            _fill(g_mids[:n], _by_tensor(at_mids), evaluate._numels)
         matrices = [grads[:n], grads[1 : n + 1], *([g_mids[:n]] if g_mids is not None else [])]
         terms = [(_split(matrices[which], sizes), w) for which, w in rule_terms]
         totals, selections = combine(lca[:n], d[:n], terms, sizes, p_sel)

@@ -157,13 +157,13 @@ class Rows:
             n, m = min(BLOCK, len(lca)), g.n_pieces
             self._buffers = (np.empty(n), np.empty(n, bool), np.empty(n, bool), np.empty(m), np.empty((2, m), np.int16))
         x64, helped, hurt, sums, counts = self._buffers
-        x64_t, values = torch.from_numpy(x64), lca.numpy()
+        x64_t, row = torch.from_numpy(x64), lca.numpy()
         for at, pieces, starts in g.blocks:
             n = at.stop - at.start
             x, h, u = x64[:n], helped[:n], hurt[:n]
             x64_t[:n].copy_(lca[at])
-            np.less(values[at], 0, out=h)
-            np.greater(values[at], 0, out=u)
+            np.less(row[at], 0, out=h)
+            np.greater(row[at], 0, out=u)
             if len(starts):
                 np.add.reduceat(x, starts, out=sums[pieces])
                 np.add.reduceat(h.view(np.int8), starts, dtype=np.int16, out=counts[0, pieces])
