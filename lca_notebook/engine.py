@@ -368,7 +368,8 @@ class Evaluator:
         first = True
         if into is not None:
             into.zero_()
-            for leaf, target in zip(leaves, self._targets(into), strict=True):
+            targets = self._targets(into)
+            for leaf, target in zip(leaves, targets, strict=True):
                 leaf.grad = target  # autograd adds into a leaf's .grad in place
         try:
             with self._loss_mode():
@@ -387,18 +388,23 @@ class Evaluator:
                         torch.autograd.backward(loss, inputs=leaves)
                         continue
                     gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-                    if any(g is not None and g.is_sparse for g in gs):
-                        gs = tuple(g.to_dense() if g is not None and g.is_sparse else g for g in gs)
-                    if grads is None:
-                        grads = list(gs)
+                    if grads is None:  # a sparse gradient made dense once, then added to as autograd adds to .grad
+                        grads = [g.to_dense() if g is not None and g.is_sparse else g for g in gs]
                     else:
                         grads = [
-                            a if g is None else (g if a is None else a.add_(g)) for a, g in zip(grads, gs, strict=True)
+                            a if g is None else ((g.to_dense() if g.is_sparse else g) if a is None else a.add_(g))
+                            for a, g in zip(grads, gs, strict=True)
                         ]
         finally:
             if into is not None:
+                moved = [leaf.grad is not target for leaf, target in zip(leaves, targets, strict=True)]
                 for leaf in leaves:
                     leaf.grad = None
+        if into is not None and any(moved):  # the gradient would be lost: say so rather than give zeros
+            raise RuntimeError(
+                "autograd replaced a leaf's .grad instead of adding into it; analyze cannot use this version of "
+                f"torch ({torch.__version__}) for small models: please report it"
+            )
         self.evaluations += 1
         self._checked = True
         if not math.isfinite(value):
@@ -652,10 +658,10 @@ def _flat_each(grads: list[torch.Tensor | None]) -> Parts:
 
 
 def _sums64(x: torch.Tensor) -> np.ndarray:
-    """Float64 sums along the last dimension: numpy's pairwise sum for the rows of a CPU matrix and short vectors
-    (torch's casting sum costs up to 1.5x there), torch's for a long vector (two threads: 262,144 numbers, 39 us
-    against 93). Rows of a matrix always take numpy's, so a chunk's sums do not depend on its number of rows."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and (x.dim() > 1 or len(x) < 1 << 15):
+    """Float64 sums along the last dimension: numpy's pairwise sum on CPU, the same bits for a vector and a matrix's
+    rows, whatever the number of threads (torch's parallel sum changes with them: a sharded run on workers of one
+    thread would not give the bits of one process of two)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return np.add.reduce(x.numpy(), axis=-1, dtype=np.float64)
     return x.sum(-1, dtype=torch.float64).cpu().numpy()
 

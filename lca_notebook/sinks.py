@@ -232,6 +232,12 @@ class Totals:
         self._flush()
         return self._helped
 
+    def load(self, total: np.ndarray, helped: np.ndarray):
+        """Start from stored totals and counts (a resumed store), in place: ``total`` stays the memory torch adds to."""
+        self.total[:] = total
+        self._recent[:], self._rows = 0, 0
+        self._helped[:] = helped
+
     def add(self, at: slice, lca: torch.Tensor, helped: np.ndarray):
         """Add one iteration's float64 LCA of the parameters ``at`` (a block of the row) and its ``lca < 0``;
         :meth:`added_row` once the row's blocks are in."""

@@ -44,6 +44,51 @@ def test_the_evaluator_is_the_full_data_gradient(run, batch_size):
     assert evaluate.evaluations == 1
 
 
+class _Bag(nn.Module):
+    """Tokens through a sparse embedding (repeated ids: a sparse gradient with duplicates), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5, sparse=True)
+        self.head = nn.Linear(5, 3)
+        self.unused = nn.Linear(2, 2)  # gets no gradient: zeros either way
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("batch_size", [None, 64])
+def test_a_gradient_added_into_a_row_has_the_bits_of_the_one_autograd_returns(run, batch_size):
+    """The two ways the engine takes a gradient (chunks add it into a row of their matrix, one row at a time
+    keeps autograd's tensors) give the same bits, with one batch or several weighted ones (a sharded run starts
+    each shard the second way), also for a sparse embedding with repeated ids; and the row is the full-data
+    gradient."""
+    model, x, y, snaps = run
+    spec, evaluate = _parts((model, x, y), snaps, batch_size)
+    flat, extras = SnapshotReader(snaps, spec, "cpu")(2)
+    row = torch.full_like(flat, 7.0)  # whatever it held before is overwritten
+    loss_into, none = evaluate._gradients(flat, extras, "here", row)
+    loss, grad = evaluate(flat, extras, "here")
+    assert none is None and loss_into == loss and torch.equal(row, grad)
+    np.testing.assert_allclose(
+        row.double().numpy(), full_data_grad(model, snaps[2], x, y).numpy(), rtol=1e-4, atol=1e-7
+    )
+
+    torch.manual_seed(5)
+    bag = _Bag()
+    ids, labels = torch.randint(0, 7, (150, 9)), torch.randint(0, 3, (150,))
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in bag.state_dict().items()}
+    spec = layout.build_spec(bag, state)
+    evaluate = Evaluator(
+        bag, data.batches((ids, labels), batch_size=batch_size), nn.functional.cross_entropy, spec, "cpu"
+    )
+    flat, extras = SnapshotReader([state], spec, "cpu")(0)
+    row = torch.full_like(flat, 7.0)
+    assert evaluate._gradients(flat, extras, "here", row)[0] == evaluate(flat, extras, "here")[0]
+    assert torch.equal(row, evaluate(flat, extras, "here")[1])
+    assert not row[-6:].any()  # `unused` (last in the path) got no gradient
+
+
 def _logits(model, state, x):
     import copy
 

@@ -488,8 +488,7 @@ class StoreSink:
             self.loss[:n] = self.arrays["loss"][self.b0 : self.done]
             self.hash[:n] = self.arrays[HASH_VAR][self.b0 : self.done]
         if self.totals is not None:  # the totals at `done`, from the slot counted with it
-            self.totals.total[:] = self.arrays["parameter_total"][self.slot]
-            self.totals.helped[:] = self.arrays["parameter_helped"][self.slot]
+            self.totals.load(self.arrays["parameter_total"][self.slot], self.arrays["parameter_helped"][self.slot])
         else:
             assert self.prefix is not None
             self.boundary[:] = self.arrays["prefix_parameter"][self.b0 // ct]
