@@ -213,6 +213,18 @@ def fixed_function(model: torch.nn.Module, batchnorm: str):
 _NO_MODE = contextlib.nullcontext()  # reusable: it holds no state
 
 
+def _by_buffer(cache: dict, flat: torch.Tensor, make):
+    """``make(flat)``, kept in ``cache`` for the buffer ``flat`` (its address and size; one device and dtype a
+    cache), the oldest of :data:`_BOUND` dropped first."""
+    key = (flat.data_ptr(), flat.numel())
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _BOUND:
+            del cache[next(iter(cache))]
+        cache[key] = hit = make(flat)
+    return hit
+
+
 class Evaluator:
     """Full-data mean loss and its gradient with respect to the flat path vector.
 
@@ -279,10 +291,9 @@ class Evaluator:
         that get a gradient made leaves: ``(views by name, names cast to their own dtype, leaves)``. Made once per
         buffer: the engine refills the same few vectors, and a view shows what its buffer holds now. The views
         keep the buffer's memory alive, so no other vector can have its address while it is cached."""
-        key = (theta.data_ptr(), theta.numel())  # one device and dtype an Evaluator
-        hit = self._bound.get(key)
-        if hit is not None:
-            return hit
+        return _by_buffer(self._bound, theta, self._make_leaves)
+
+    def _make_leaves(self, theta: torch.Tensor) -> tuple[dict, list, list]:
         views, cast, leaves = {}, [], []
         offset = theta.storage_offset()
         for (name, _, dtype, grad), (shape, stride, o) in zip(self._layout, self._strided, strict=True):
@@ -292,27 +303,21 @@ class Evaluator:
             views[name] = t
             if dtype is not None:
                 cast.append((name, dtype))
-        if len(self._bound) >= _BOUND:
-            del self._bound[next(iter(self._bound))]
-        self._bound[key] = hit = (views, cast, leaves)
-        return hit
+        return views, cast, leaves
 
     def _targets(self, into: torch.Tensor) -> list[torch.Tensor]:
         """Views of the flat vector ``into`` where the leaves' gradients go (:meth:`_gradients`), made once per
         buffer as :meth:`_leaves` makes its views."""
-        key = (into.data_ptr(), into.numel())
-        hit = self._into.get(key)
-        if hit is None:
-            offset = into.storage_offset()
-            hit = [
-                into.as_strided(shape, stride, offset + o)
+
+        def make(flat):
+            offset = flat.storage_offset()
+            return [
+                flat.as_strided(shape, stride, offset + o)
                 for (*_, grad), (shape, stride, o) in zip(self._layout, self._strided, strict=True)
                 if grad
             ]
-            if len(self._into) >= _BOUND:
-                del self._into[next(iter(self._into))]
-            self._into[key] = hit
-        return hit
+
+        return _by_buffer(self._into, into, make)
 
     def _batch_copies(self, tensors: dict) -> dict:
         """``tensors`` with copies of the buffers that batch statistics update in place (batchnorm="batch")."""
