@@ -46,8 +46,9 @@ _CHECK_ROWS = 64
 #: Most points one batched call evaluates (memory grows with it: activations of every point at once).
 MAX_POINTS_PER_CALL = 8
 
-#: Most buffers whose leaves an Evaluator keeps: the points the engine refills, one at a time (start, end,
-#: midpoint, spare, a refinement's point) or in chunks (every row of :func:`_chunks`' matrices).
+#: Most buffers an Evaluator keeps views of, in each of its caches: the points the engine refills, one at a time
+#: (start, end, midpoint, spare, a refinement's point) or in chunks (every row of :func:`_chunks`' matrices), and
+#: the rows of those matrices that gradients go into.
 _BOUND = 2 * 16 + 8
 
 #: A gradient in parts, in the path's order (:class:`~lca_notebook.layout.PathSpec`): a tensor larger than
