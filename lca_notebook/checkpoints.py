@@ -97,6 +97,13 @@ def load_checkpoint(path) -> dict:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch.save writes a zip, or once a pickle
+            raise ValueError(
+                f"{path!r} is not a PyTorch checkpoint: torch.save writes a zip file (or, before PyTorch 1.6, a "
+                f"pickle), and this file starts with {head!r}. Give the files torch.save wrote."
+            ) from exc
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc):
             raise ValueError(
                 f"checkpoint file {path!r} was refused: it holds Python objects beyond tensors and plain containers, "

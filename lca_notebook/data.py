@@ -113,6 +113,12 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
     """
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(type(v).__module__ == "numpy" for v in data):
+        kinds = " and ".join(f"{type(v).__name__} {getattr(v, 'dtype', '')}".strip() for v in data)
+        raise TypeError(
+            f"data is a pair of {kinds}: give torch tensors in the model's dtype, e.g. "
+            "(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)) for a float32 classifier"
+        )
     if _is_whole_pair(data):
         rows = [t.shape[0] for t in tensors_in(data[0])], [t.shape[0] for t in tensors_in(data[1])]
         if len(set(rows[0] + rows[1])) > 1:
@@ -148,7 +154,17 @@ def batches(data, *, batch_size: int | None = None, device=None) -> list[Batch]:
             )
         out = _read(data)
         if batch_size is not None and out:
-            # Re-batch to the requested size (useful to bound memory with a loader of large batches).
+            # Re-batch to the requested size (useful to bound memory with a loader of large batches): only where
+            # every tensor has a row per sample, or an input the batch shares would be cut up with the samples.
+            for i, b in enumerate(out):
+                for key, x in (("input", b.kwargs or b.args), ("target", b.target)):
+                    if (culprit := _rowless(x, b.size, key)) is not None:
+                        raise ValueError(
+                            f"cannot re-batch the data to batch_size={batch_size}: in data batch {i} of {b.size} "
+                            f"samples, {culprit}, so it is not one row per sample (an input the batch shares, as a "
+                            "context set or a mask is, would be cut into pieces). Pass the data without batch_size= "
+                            "(its batches are used as they are), or give that tensor a row per sample."
+                        )
             flat_in = _concat([b.args if not b.kwargs else b.kwargs for b in out])
             flat_target = _concat([b.target for b in out], "targets")
             out = [
@@ -229,8 +245,17 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
             pin_memory=loader.pin_memory,
             worker_init_fn=loader.worker_init_fn,
         )
-    if loader.batch_size is None:
-        return loader  # the user's own batching (a batch_sampler)
+    if loader.batch_size is None:  # the user's own batching (a batch_sampler): kept, but nothing dropped
+        sampler = loader.batch_sampler
+        if not (isinstance(sampler, BatchSampler) and sampler.drop_last):
+            return loader
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=BatchSampler(sorted(sampler.sampler), sampler.batch_size, drop_last=False),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+        )
     if isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
         return loader
     indices = sorted(loader.sampler)  # any finite sampler: the same samples, sorted (a shuffle reads the same)
@@ -451,15 +476,24 @@ def explain_loss_error(exc: Exception, out, batch_list: list[Batch], index: int,
     return None
 
 
+def _rowless(x, n: int, key: str) -> str | None:
+    """The first leaf of ``x`` that is not a tensor of ``n`` rows, in words (``key``: where ``x`` sits), or None."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() > 0 and x.shape[0] == n:
+            return None
+        return f"{key} has shape {tuple(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        found = (_rowless(v, n, f"{key}[{i}]") for i, v in enumerate(x))
+    elif isinstance(x, dict):
+        found = (_rowless(v, n, f"{key}[{k!r}]") for k, v in x.items())
+    else:
+        return f"{key} is a {type(x).__name__}"
+    return next((f for f in found if f is not None), None)
+
+
 def _batched(x, n: int) -> bool:
     """Whether every leaf of ``x`` is a tensor with ``n`` rows (so halving it along dim 0 halves the batch)."""
-    if isinstance(x, torch.Tensor):
-        return x.dim() > 0 and x.shape[0] == n
-    if isinstance(x, (list, tuple)):
-        return all(_batched(v, n) for v in x)
-    if isinstance(x, dict):
-        return all(_batched(v, n) for v in x.values())
-    return False
+    return _rowless(x, n, "") is None
 
 
 def halves(batch: Batch, most: int | None = None) -> tuple[Batch, Batch, Batch] | None:

@@ -55,7 +55,7 @@ from .checkpoints import CheckpointFiles
 from .engine import Evaluator, Options, SnapshotReader, fixed_function, iterate, warn_if_stuck
 from .layout import Groups, PathSpec
 from .record import Recorder
-from .sinks import PrefixBlock, Rows, iteration_vars
+from .sinks import PrefixBlock, Rows, iteration_vars, lca_dtype
 from .storage.files import Arrays, open_array, read_attrs, update_attrs
 from .storage.results import HASH_VAR, PREFIX_VARS, HashingTrajectory, StoreSink, open_store
 from .storage.trajectories import RecordedTrajectory
@@ -200,7 +200,7 @@ def _compute_shard(job: _Job, a: int, b: int, window) -> dict:
     ct = job.chunk
     arrays = Arrays(job.path, (*iteration_vars(job.keep), "loss", HASH_VAR))
     reduced = job.keep != "parameter"
-    rows = Rows(ct, job.spec.n_selected, keep=job.keep, groups=job.groups() if reduced else None)
+    rows = Rows(ct, job.spec.n_selected, lca_dtype(job.spec), job.keep, job.groups() if reduced else None)
     totals = rows.totals  # with keep coarser: added to by rows.put
     stop_loss = job.n_iterations + 1 if b == job.n_iterations else b  # loss[b] is the next shard's (its chunk)
     loss = np.full(stop_loss - a, np.nan)

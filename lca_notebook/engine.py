@@ -520,6 +520,7 @@ class SnapshotReader:
 
     def __init__(self, traj: Sequence, spec: PathSpec, device):
         self.traj, self.spec, self.device = traj, spec, device
+        self._warned_precision = False
 
     def _where(self, k: int) -> str:
         describe = getattr(self.traj, "describe", None)
@@ -561,9 +562,20 @@ class SnapshotReader:
             if t.shape != shape:
                 raise ValueError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             if t.dtype != spec.dtype or t.device != device or t.requires_grad:  # one call fewer a tensor otherwise
+                want = spec.dtypes[spec.names.index(name)]
                 if not (t.is_floating_point() or t.is_complex()):
-                    want = spec.dtypes[spec.names.index(name)]
                     raise TypeError(integer_snapshot_message(where, name, t.dtype, want))
+                # 16-bit snapshots of a wider model: saved rounded (a float64 copy of a float32 model's snapshots
+                # is the advised way to more precision, and meant)
+                if t.dtype in (torch.float16, torch.bfloat16) and want.itemsize > 2 and not self._warned_precision:
+                    self._warned_precision = True  # once a run: every snapshot of such a trajectory is alike
+                    warnings.warn(
+                        f"{where}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')} but the model's is "
+                        f"{str(want).removeprefix('torch.')}: snapshots rounded to a lower precision are not the "
+                        "points training passed through, so the LCA misses each loss change by that rounding (see "
+                        "the result's residual). Save snapshots in the model's dtypes, or record with lca.record",
+                        stacklevel=2,
+                    )
                 t = t.detach().to(device, spec.dtype)
             tensors.append(t)
         extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
@@ -576,7 +588,7 @@ class SnapshotReader:
         for name, piece in zip(self.spec.names, torch.split(flat, self.spec.numels), strict=True):
             if not bool(torch.isfinite(piece).all()):
                 bad = "nan" if bool(torch.isnan(piece).any()) else "inf"
-                raise ValueError(f"{self._where(k)} (iteration {k}): tensor {name!r} holds {bad}")
+                raise ValueError(f"{self._where(k)}: tensor {name!r} holds {bad}")
 
 
 def _by_tensor(rows: list[list]) -> list[list]:
@@ -594,7 +606,8 @@ def _fill(out: torch.Tensor, columns: list[list[torch.Tensor | None]], numels: S
         present = [v for v in values if v is not None]
         if len(present) < len(values):
             present = [torch.zeros_like(present[0]) if v is None else v for v in values] if present else []
-        blocks.append(torch.stack(present).view(len(out), n) if present else out.new_zeros(len(out), n))
+        # reshape, not view: a channels_last tensor stacks into strides no flat view has
+        blocks.append(torch.stack(present).reshape(len(out), n) if present else out.new_zeros(len(out), n))
     torch.cat(blocks, 1, out=out)
 
 
@@ -634,7 +647,7 @@ def iterate(
     Each row's ``lca`` is a view of a buffer the next row refills (at 10M parameters a fresh vector costs more
     than the arithmetic on it): use or copy it before asking for the next row."""
     a, extras_a = read(start)
-    loss_a, g_a = _checked(read, start, a, evaluate.gradient, a, extras_a, f"snapshot {start}")
+    loss_a, g_a = _checked(read, [(start, a)], evaluate.gradient, a, extras_a, f"snapshot {start}")
     first = (a, extras_a, loss_a, g_a)
     k = 1 if more is not None or options.batched_points else min(chunk_rows(len(a)), max(stop - start, 1))
     if k > 1:
@@ -642,13 +655,15 @@ def iterate(
     return loss_a, _rows(evaluate, read, start, stop, options, first, more)
 
 
-def _checked(read: SnapshotReader, k: int, flat: torch.Tensor, function, *args):
-    """``function(*args)``; if it finds a loss that is not finite, first name the tensor of snapshot ``k`` (read
-    into ``flat``) that holds nan or inf, if one does."""
+def _checked(read: SnapshotReader, snapshots: Sequence[tuple[int, torch.Tensor]], function, *args):
+    """``function(*args)``; if it finds a loss that is not finite, first name the tensor that holds nan or inf in
+    the ``snapshots`` it was computed from (pairs of ``k`` and snapshot ``k`` read into a flat vector), if one
+    does: a midpoint is nan where either end holds inf."""
     try:
         return function(*args)
     except FloatingPointError:
-        read.check_finite(k, flat)
+        for k, flat in snapshots:
+            read.check_finite(k, flat)
         raise
 
 
@@ -819,10 +834,11 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
         g_m: Parts | None = None  # the gradient at the midpoint
         if batched and simpson_like and _same(extras_a, extras_b):
             where = f"snapshot {t + 1} and s=0.5 before it"
-            losses, grads = evaluate.many(torch.stack([b, torch.add(a, d, alpha=0.5)]), extras_a, where)
+            both = torch.stack([b, torch.add(a, d, alpha=0.5)])
+            losses, grads = _checked(read, [(t + 1, b), (t, a)], evaluate.many, both, extras_a, where)
             loss_b, g_b, g_m = losses[0], _split(grads[0], sizes), _split(grads[1], sizes)
         else:
-            loss_b, g_b = _checked(read, t + 1, b, evaluate.gradient, b, extras_b, f"snapshot {t + 1}")
+            loss_b, g_b = _checked(read, [(t + 1, b)], evaluate.gradient, b, extras_b, f"snapshot {t + 1}")
         change = loss_b - loss_a
         if fixed_rule is not None:
             terms = [((g_a, g_b)[end], w) for end, w in fixed_rule]
@@ -830,7 +846,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             if g_m is None:
                 where = f"s=0.5 between snapshots {t} and {t + 1}"
                 point = torch.add(a, d, alpha=0.5, out=point)
-                g_m = evaluate.gradient(point, extras_a, where)[1]
+                g_m = _checked(read, [(t, a), (t + 1, b)], evaluate.gradient, point, extras_a, where)[1]
             w_end, w_mid, _ = simpson_weights(1)
             terms = [(g_a, w_end), (g_b, w_end), (g_m, w_mid)]
         totals, selections = combine(lca, d, terms, sizes, p_sel)
@@ -907,12 +923,13 @@ def _chunks(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, op
             for j in range(n):
                 t, before = t0 + j, evaluate.evaluations
                 where = f"snapshot {t + 1}"
+                end = [(t + 1, ends[j + 1])]
                 losses[j + 1], _ = _checked(
-                    read, t + 1, ends[j + 1], evaluate._gradients, ends[j + 1], extras[j + 1], where, grads[j + 1]
+                    read, end, evaluate._gradients, ends[j + 1], extras[j + 1], where, grads[j + 1]
                 )
                 if mids is not None and g_mids is not None:
                     where = f"s=0.5 between snapshots {t} and {t + 1}"
-                    evaluate._gradients(mids[j], extras[j], where, g_mids[j])
+                    _checked(read, [(t, ends[j]), *end], evaluate._gradients, mids[j], extras[j], where, g_mids[j])
                 spent[j] = evaluate.evaluations - before
         except BaseException as exc:  # rows before j are complete: they come out first
             n, failure = j, exc

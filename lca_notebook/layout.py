@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class PathSpec:
     # Transposed-convolution weights, (in, out // groups, ...): their output unit is dim 1 within the group
     # of dim 0. Name -> groups. Every other tensor's unit is dim 0.
     transposed: dict[str, int] = field(default_factory=dict)
+    #: The layer of the tensors the model itself holds (its class name): the root's path is empty.
+    root: str = "model"
 
     @cached_property
     def numels(self) -> list[int]:
@@ -141,7 +144,8 @@ def canonical(snapshot: Mapping, aliases: Mapping[str, str], where: str, expecte
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         also = f"; it holds tensors the model does not have: {extra}" if unknown else ""
         raise ValueError(
-            f"{where} has no tensor {missing[0]!r}{more}{also}. Every snapshot needs every trainable tensor: save "
+            f"{where} has no tensor {missing[0]!r}{more}{also}. Every snapshot needs every tensor the path "
+            "follows (trainable tensors, and buffers such as batch norm's running statistics): save "
             "model.state_dict(), or fill in tensors that never changed with {**model.state_dict(), **snapshot}"
         )
     if unknown:
@@ -226,7 +230,13 @@ def build_spec(
         if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) and n.endswith("weight"):
             transposed[n] = owner.groups
     shapes = [module_tensors[n].shape for n in names]
-    return PathSpec(names, shapes, dtypes, with_grad, len(selected), dtype, aliases, fixed, transposed)
+    root = type(model).__name__
+    return PathSpec(names, shapes, dtypes, with_grad, len(selected), dtype, aliases, fixed, transposed, root)
+
+
+#: The tensors of layer k of PyTorch's LSTM, GRU and RNN (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...): each
+#: layer of a stack is a layer of its own, so a unit is one row of its gates, not rows of every layer merged.
+_RNN_LAYER = re.compile(r"(?:weight|bias)_(?:ih|hh|hr)_(l\d+(?:_reverse)?)")
 
 
 def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
@@ -238,8 +248,12 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
         if ".parametrizations." in f".{name}":  # torch.nn.utils.parametrize: the layer is the parametrized module
             owner = f".{name}".split(".parametrizations.")[0][1:]
             layer = owner or name.split(".")[1]
-        else:
-            layer = name.rsplit(".", 1)[0] if "." in name else name
+        else:  # the owning module's path; the model's own tensors (a bare nn.Linear's) share one layer
+            layer = name.rsplit(".", 1)[0] if "." in name else spec.root
+            if stacked := _RNN_LAYER.fullmatch(
+                name.rsplit(".", 1)[-1]
+            ):  # layer k of an RNN: "rnn.l0", "rnn.l1_reverse"
+                layer = f"{layer}.{stacked[1]}"
         tensors.append(name)
         layers.append(layer)
         sizes.append(math.prod(shape))

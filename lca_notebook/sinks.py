@@ -43,6 +43,12 @@ SCALAR_VARS = ITERATION_VARS[1:]
 KEEP_BUDGET = 4 << 30
 
 
+def lca_dtype(spec: PathSpec) -> type:
+    """The dtype of a path's LCA rows: float64 for a float64 path (its LCA's sum meets the loss change to float64's
+    rounding, in memory and in a store alike), else float32."""
+    return np.float64 if spec.dtype == torch.float64 else np.float32
+
+
 def reduced_vars(keep: str) -> tuple[str, ...]:
     """The per-iteration variables of a reduced result besides the scalars: sums at ``keep`` and coarser, counts."""
     return tuple(f"{name}_{by}" for name in ("lca", "helped", "hurt") for by in kept(keep))
@@ -264,8 +270,7 @@ class MemorySink:
         self.coords = parameter_coords(spec)
         self.keep = check_keep(keep)
         groups = Groups.of(spec, self.coords) if keep != "parameter" else None
-        dtype = np.float64 if spec.dtype == torch.float64 else np.float32
-        self.rows = Rows(t, spec.n_selected, dtype, keep, groups)
+        self.rows = Rows(t, spec.n_selected, lca_dtype(spec), keep, groups)
         self.loss = np.full(t + 1, np.nan)
         self.options, self.steps = options, steps
         self.seconds, self.evaluations = 0.0, 0

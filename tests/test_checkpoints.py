@@ -100,8 +100,13 @@ def test_a_file_that_is_not_a_checkpoint_is_named(run, tmp_path):
     model, x, y, snaps = run
     d = _write_dir(tmp_path, snaps)
     (d / "step_3.pt").write_bytes(b"this is a text file, not a checkpoint\n")
-    with pytest.raises(ValueError, match=r"step_3\.pt.*not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"step_3\.pt.*not a PyTorch checkpoint") as err:
         lca.analyze(model, (x, y), d, progress=False)
+    assert "run code" not in str(err.value)  # not taken for a pickle refused for safety
+    np.save(d / "arr.npy", np.zeros(3))
+    os.replace(d / "arr.npy", d / "step_3.pt")  # numpy's format: no pickle, no zip
+    with pytest.raises(ValueError, match=r"step_3\.pt.*not a PyTorch checkpoint.*starts with b'\\x93NUM'"):
+        CheckpointFiles([d / "step_3.pt"])[0]
     torch.save({"epoch": 3, "notes": "no tensors"}, d / "step_3.pt")
     with pytest.raises(ValueError, match=r"step_3\.pt.*no state_dict"):
         CheckpointFiles([d / "step_3.pt"])[0]

@@ -138,6 +138,37 @@ def test_an_unknown_loss_on_labels_with_ignored_entries_warns_that_batches_weigh
     assert data.batch_weights(read, F.cross_entropy) == pytest.approx([0.5, 0.5])  # 2 kept labels in each
 
 
+def test_rebatching_refuses_an_input_the_batch_shares_naming_it():
+    """A context set shared by the batch has no row per sample: cut up with the samples, it would change the
+    loss. Without batch_size the batches are used as they are."""
+    x, y, context = torch.randn(60, 6), torch.randint(0, 3, (60,)), torch.randn(20, 6)
+    loader = [((x[i : i + 20], context[:7]), y[i : i + 20]) for i in range(0, 60, 20)]
+    with pytest.raises(ValueError, match=r"batch_size=2: in data batch 0 of 20 samples, input\[1\] has shape \(7, 6\)"):
+        data.batches(loader, batch_size=2)
+    assert [b.size for b in data.batches(loader)] == [20, 20, 20]
+    with pytest.raises(ValueError, match=r"target\['y'\] has shape \(\)"):
+        data.batches([(x[:4], {"y": torch.tensor(1.0)})], batch_size=2)
+
+
+def test_a_batch_samplers_drop_last_is_undone_in_a_fixed_order():
+    from torch.utils.data import BatchSampler, RandomSampler, TensorDataset
+
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    sampler = BatchSampler(RandomSampler(range(10)), batch_size=4, drop_last=True)
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler)
+    assert sum(len(b) for b in sampler) == 8  # the loader as the user built it drops two samples
+    got = data.batches(loader)
+    assert [b.size for b in got] == [4, 4, 2]
+    assert torch.cat([b.target for b in got]).tolist() == list(range(10))
+
+
+def test_numpy_arrays_are_refused_with_the_conversion():
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"ndarray float64 and ndarray int64: give torch tensors.*torch\.as_tensor"):
+        data.batches((np.zeros((5, 2)), np.zeros(5, np.int64)))
+
+
 def test_rebatching_batches_padded_to_their_own_length_names_the_key():
     loader = [
         _labelled(2, 5, torch.zeros(2, 5, dtype=torch.long)),

@@ -126,6 +126,22 @@ def test_sharded_equals_single_process(client, run, tmp_path):
             lca.analyze(models.mlp(), (x, y), changed, store=tmp_path / "sharded", progress=False, **call)
 
 
+def test_a_float64_model_is_sharded_in_float64(client, tmp_path):
+    """Shards write a float64 model's LCA as float64, the bits of a single-process store."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
+    model = nn.Linear(5, 3).double()
+    snaps = [{k: v + 0.1 * i * torch.ones_like(v) for k, v in model.state_dict().items()} for i in range(17)]
+    single = lca.analyze(model, (x, y), snaps, store=tmp_path / "single", progress=False)
+    sharded = lca.analyze(
+        model, (x, y), snaps, store=tmp_path / "sharded", client=Sharding(client, shard_iterations=8), progress=False
+    )
+    assert single.lca.dtype == sharded.lca.dtype == np.float64
+    np.testing.assert_array_equal(sharded.lca.values, single.lca.values)
+    identity = sharded.lca.values.sum(1) + sharded.lca_rest.values - sharded.residual.values
+    np.testing.assert_allclose(identity, np.diff(sharded.loss.values), rtol=0, atol=1e-13)
+
+
 class BNNet(nn.Module):
     """BatchNorm (running statistics move along the path) and a frozen-parameter selection."""
 

@@ -68,6 +68,22 @@ def test_quadratic_loss_is_allocated_exactly(method):
     assert (result.splits.values == 1).all()  # exact rules never need a split
 
 
+def test_a_float64_models_lca_stays_float64_in_a_store(tmp_path):
+    """A store of a float64 model holds float64 LCA (float32 would cut the closed form's agreement to 1e-7), as
+    the in-memory result does, and so does its saved copy."""
+    model, x, y, snaps = _quadratic_problem()
+    store = tmp_path / "run.zarr"
+    result = lca.analyze(
+        model, (x, y), snaps, loss_fn=torch.nn.functional.mse_loss, method="simpson", store=store, progress=False
+    )
+    expected, _ = _closed_form(x, y, snaps)
+    saved = lca.open(store).save(tmp_path / "copy.zarr")
+    for r in (result, lca.open(store), lca.open(saved)):
+        assert r.lca.dtype == np.float64
+        np.testing.assert_allclose(r.lca.values, expected, rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(r.total("parameter").values, expected.sum(0), rtol=1e-9, atol=1e-13)
+
+
 def test_first_order_is_not_exact_on_a_quadratic():
     model, x, y, snaps = _quadratic_problem()
     result = lca.analyze(

@@ -143,6 +143,42 @@ def test_batchnorm_running_statistics_are_accounted_for():
     assert not np.allclose(batch_stats.loss.values, result.loss.values)
 
 
+@pytest.mark.parametrize("batched_points", [False, True])
+def test_inf_in_the_first_snapshots_buffer_is_named_though_its_loss_is_finite(batched_points):
+    """inf in a running variance: batch norm divides by it, so snapshot 0's loss is finite; the midpoint after it
+    (inf + d / 2, d = -inf) is nan. The error names the tensor of snapshot 0, not only the midpoint."""
+    torch.manual_seed(2)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    snaps = _train(model, x, y, steps=4)
+    snaps[0] = dict(snaps[0], **{"1.running_var": torch.full((8,), float("inf"))})
+    model.eval()
+    with torch.no_grad():
+        model.load_state_dict(snaps[0])
+        assert torch.isfinite(nn.functional.cross_entropy(model(x), y))  # what makes the case hard
+    kw = {"method": "simpson", "batched_points": batched_points}
+    _raises(r"snapshot 0: tensor '1.running_var' holds inf", model, (x, y), snaps, **kw)
+
+
+def test_a_channels_last_model_gives_the_lca_of_its_contiguous_copy():
+    """Snapshots of a channels_last model have strides no flat view of theirs has: they are read (copied) all the
+    same, in chunks of iterations and one at a time."""
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 3, 6, 6), torch.randint(0, 3, (48,))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    contiguous_snaps = _train(model, x, y, steps=5)
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    snaps = [{k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in s.items()}
+             for s in contiguous_snaps]  # fmt: skip
+    assert not snaps[2]["0.weight"].is_contiguous()
+    want = lca.analyze(model, (x, y), contiguous_snaps, method="simpson", progress=False)
+    for batched in (False, True):
+        got = lca.analyze(last, (x, y), snaps, method="simpson", batched_points=batched, progress=False)
+        np.testing.assert_allclose(got.lca.values, want.lca.values, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(got.loss.values, want.loss.values, rtol=1e-6)
+
+
 def test_parameter_globs_and_tied_weights(small):
     model, x, y, snaps = small
     part = lca.analyze(model, (x, y), snaps, parameters="2.*", method="simpson", progress=False)
@@ -193,12 +229,17 @@ def test_bad_snapshots_name_the_culprit(small):
     reshaped[2]["2.bias"] = torch.zeros(4)
     _raises(r"snapshot 2: tensor '2.bias' has shape \(4,\), expected \(3,\)", model, (x, y), reshaped)
     _raises(r"at least two", model, (x, y), snaps[:1])
+    bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    first = {k: v.clone() for k, v in bn.state_dict().items()}
+    later = {k: v + 0.01 if v.is_floating_point() else v for k, v in first.items() if k != "1.running_mean"}
+    _raises(r"snapshot 1 has no tensor '1.running_mean'.*trainable tensors, and buffers such as batch norm's", bn,
+            (x, y), [first, later])  # fmt: skip
     _raises(r"at least two", model, (x, y), [])
     for bad, word in ((float("nan"), "nan"), (float("inf"), "inf")):
         broken = [dict(s) for s in snaps]
         broken[4]["2.weight"] = broken[4]["2.weight"].clone()
         broken[4]["2.weight"][1, 2] = bad
-        _raises(rf"snapshot 4 \(iteration 4\): tensor '2.weight' holds {word}", model, (x, y), broken)
+        _raises(rf"snapshot 4: tensor '2.weight' holds {word}", model, (x, y), broken)
     prefixed = [{f"module.{k}": v for k, v in s.items()} for s in snaps]
     _raises(r"strip that prefix", model, (x, y), prefixed)
 
@@ -267,6 +308,17 @@ def test_losses_that_do_not_average_over_a_batch_are_refused(small):
     ref.load_state_dict(snaps[2])
     with torch.no_grad():
         assert float(result.loss[2]) == pytest.approx(float(squared(ref(x), y)), rel=1e-6)
+
+
+def test_half_precision_snapshots_of_a_float32_model_warn_once(small):
+    model, x, y, snaps = small
+    halves = [{k: v.half() for k, v in s.items()} for s in snaps]
+    with pytest.warns(UserWarning, match=r"snapshot 0: tensor '0.weight' is float16 but the model's is float32") as got:
+        lca.analyze(model, (x, y), halves, method="simpson", progress=False)
+    assert sum("lower precision" in str(w.message) for w in got) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 snapshots of a float64 copy: the advised way, no warning
+        lca.analyze(copy.deepcopy(model).double(), (x.double(), y), snaps, method="simpson", progress=False)
 
 
 def test_snapshots_that_alias_the_live_model_warn_with_the_fix():

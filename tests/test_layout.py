@@ -22,7 +22,7 @@ def _naive(model):
     """(tensor, layer, unit) of every scalar parameter, element by element in flatten() order."""
     out = []
     for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0] if "." in name else name
+        layer = name.rsplit(".", 1)[0] if "." in name else type(model).__name__  # the model's own: its class
         for flat in range(p.numel()):
             ix = np.unravel_index(flat, tuple(p.shape)) if p.dim() else ()
             unit = ix[0] if ix else 0
@@ -72,6 +72,29 @@ def test_coords_and_groups_match_an_element_by_element_walk():
     assert list(plain.coords["tensor"].categories) == list(dict.fromkeys(keys["tensor"]))
     for by in GRANULARITIES:
         assert np.array_equal(plain.labels(by), groups.labels(by)) and np.array_equal(plain.ids(by), groups.ids(by))
+
+
+def test_a_bare_modules_weight_and_bias_are_one_layer_whose_units_span_both():
+    model = nn.Linear(4, 3)
+    spec = build_spec(model, model.state_dict())
+    g = Groups(parameter_coords(spec))
+    assert g.labels("layer").tolist() == ["Linear"]
+    assert g.labels("unit").tolist() == ["Linear[0]", "Linear[1]", "Linear[2]"]
+    assert g.sizes("unit").tolist() == [5, 5, 5]  # a row of the weight and its bias
+
+
+def test_each_layer_of_a_stacked_rnn_is_a_layer_whose_units_are_rows_of_its_gates():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+
+    model = Tagger()
+    g = Groups(parameter_coords(build_spec(model, model.state_dict())))
+    assert g.labels("layer").tolist() == ["rnn.l0", "rnn.l0_reverse", "rnn.l1", "rnn.l1_reverse"]
+    # unit i of layer 0: row i of weight_ih_l0 (3 inputs), of weight_hh_l0 (4) and of both biases
+    assert g.sizes("unit")[:16].tolist() == [3 + 4 + 1 + 1] * 16
+    assert g.sizes("unit")[32:48].tolist() == [8 + 4 + 1 + 1] * 16  # layer 1 reads both directions' 4 + 4
 
 
 def test_spec_puts_selected_parameters_first_and_shares_tied_weights():

@@ -102,6 +102,14 @@ def test_open_names_the_bad_file(tmp_path):
     bad.write_bytes(b"not a netcdf file")
     with pytest.raises(ValueError, match="garbage.nc"):
         lca.open(bad)
+    text = tmp_path / "notes.txt"
+    text.write_text("a plain text file")
+    with pytest.raises(ValueError, match=r"notes\.txt' is a file but not a readable LCA result.*lca\.open reads"):
+        lca.open(text)
+    foreign = tmp_path / "foreign.zarr"
+    xr.Dataset({"temperature": ("time", np.arange(3.0))}).to_zarr(foreign, zarr_format=3, consolidated=False)
+    with pytest.raises(ValueError, match=r"foreign\.zarr' is a zarr store but not an LCA result.*temperature"):
+        lca.open(foreign)
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".zarr"])

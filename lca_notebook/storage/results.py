@@ -34,7 +34,7 @@ from ..data import tensors_in
 from ..engine import IterationResult, Options
 from ..layout import COARSE, GROUP_DIMS, Groups, PathSpec, check_keep, kept, parameter_coords
 from ..result import LCAResult
-from ..sinks import ITERATION_VARS, PrefixBlock, Rows, Totals, iteration_vars  # noqa: F401 (ITERATION_VARS: tests read it here)
+from ..sinks import ITERATION_VARS, PrefixBlock, Rows, Totals, iteration_vars, lca_dtype  # noqa: F401 (ITERATION_VARS: tests read it here)
 from ..trajectory import Trajectory
 from .files import (
     KIND,
@@ -418,7 +418,7 @@ class StoreSink:
         if self.steps is not None:
             coords["step"] = ("checkpoint", np.asarray(self.steps, dtype=np.int64))
         if self.keep == "parameter":
-            data["lca"] = (("iteration", "parameter"), lazy((t, p), (ct, cp), np.float32))
+            data["lca"] = (("iteration", "parameter"), lazy((t, p), (ct, cp), lca_dtype(self.spec)))
             data["prefix_parameter"] = (("boundary", "parameter"), lazy((t // ct + 1, p), (1, cp), np.float64))
             for by, dim in GROUP_DIMS.items():
                 labels = self.groups.labels(by)
@@ -470,7 +470,7 @@ class StoreSink:
     def _load_buffers(self, ckpts):
         ct, p = self.ct, len(self.coords["tensor"])
         self.b0 = (self.done // ct) * ct
-        self.rows = Rows(ct, p, keep=self.keep, groups=self.groups)
+        self.rows = Rows(ct, p, lca_dtype(self.spec), self.keep, self.groups)
         self.loss = np.full(ct + 1, np.nan)
         self.hash = np.zeros(ct + 1, np.uint64)  # snapshot hashes of the checkpoint rows buffered (0: not read yet)
         self.prefix = PrefixBlock(self.groups, ct) if self.keep == "parameter" else None
@@ -696,6 +696,12 @@ def open_store(path) -> LCAResult:
         if named is not None:
             raise named from exc
         raise ValueError(f"{path!r} is not a readable LCA store ({type(exc).__name__}: {exc})") from exc
+    if not ({"iteration", "checkpoint"} <= set(ds.dims) and "loss" in ds.data_vars):
+        raise ValueError(
+            f"{path!r} is a zarr store but not an LCA result: it has no 'loss' over 'iteration' and 'checkpoint' "
+            f"dimensions (its variables: {', '.join(map(str, list(ds.data_vars)[:8])) or 'none'}). lca.open reads a "
+            "store analyze(store=...) or LCAResult.save wrote."
+        )
     ds = ds.drop_vars([HASH_VAR], errors="ignore")
     t = ds.sizes.get("iteration", 0)
     if kind == "result" and not attrs.get("saved"):
@@ -753,12 +759,15 @@ def open(path) -> LCAResult:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no LCA result at {path!r}")
-    if not path.endswith(".nc"):
+    if os.path.isdir(path):
         return open_store(path)
     try:
         ds = xr.open_dataset(path, engine="h5netcdf")
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path!r} is not a readable LCA result ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{path!r} is a file but not a readable LCA result ({type(exc).__name__}: {exc}). lca.open reads a "
+            "folder analyze(store=...) or LCAResult.save(...zarr) wrote, or a netCDF file LCAResult.save(...nc) wrote."
+        ) from exc
     ds = _without_save_marks(ds)
     ds.encoding["source"] = os.path.abspath(path)
     return LCAResult(ds)
