@@ -19,10 +19,14 @@ with SGD while ``lca.record(path=...)`` writes its snapshots to disk.
    is what ``analyze`` spends beyond its own gradients (timed inside the run), as a share of them: a gradient's
    cost moves by up to 30% between rounds on this VM, which moves the ratio of two runs but not this share.
 4. Explorer build time on the stored results (``lca.explore(lca.open(store))``).
+5. Part 3 on a small ResNet of as many parameters (``--channels 544``: 10.67M), on its own T=50 recording over 256
+   digits (``--resnet-samples``). The MLP is the hard case for the ratio: each of its weights is used once a digit,
+   so its gradient is the cheapest a model of 10M parameters has, while ``analyze``'s work between gradients
+   grows with the parameters only. A convolution uses each weight at every position (16 here), as real models do.
 
 CPU only (``device="cpu"``); the CUDA path is not measured here.
 
-    .venv/bin/python benchmarks/bench_scale.py           # W=3200, 256 samples, T 48 / 50 vs 200 / 50
+    .venv/bin/python benchmarks/bench_scale.py           # W=3200, 256 samples, T 48 / 50 vs 200 / 50, ResNet
     .venv/bin/python benchmarks/bench_scale.py --quick   # W=3200, 128 samples, T 16 / 20 vs 80 / 4
 """
 
@@ -55,14 +59,36 @@ def mlp(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
+class Block(nn.Module):
+    """A ResNet basic block: two 3x3 convolutions with batch norm, and the identity added back."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def resnet(channels: int) -> nn.Module:
+    """A small ResNet on the 8x8 digits: a stride-2 stem to 4x4 (as ResNet's stem quarters its input), two basic
+    blocks of ``channels``, global average pooling, a linear head. 544 channels: 10.67M parameters."""
+    torch.manual_seed(0)
+    c = channels
+    stem = [nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c)]
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Sequential(*stem, nn.ReLU(), Block(c), Block(c), *head)
+
+
 def data(samples: int):
     x, y = models.digits_data()
     return x[:samples], y[:samples]
 
 
-def record(path: str, width: int, samples: int, steps: int) -> float:
-    """Train ``steps`` full-batch SGD steps, recording every one to ``path``; seconds taken."""
-    model, (x, y) = mlp(width), data(samples)
+def record(path: str, model: nn.Module, samples: int, steps: int) -> float:
+    """Train ``model`` ``steps`` full-batch SGD steps, recording every one to ``path``; seconds taken."""
+    x, y = data(samples)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     t0 = time.perf_counter()
     with lca.record(model, opt, path=path):
@@ -102,11 +128,14 @@ def child_rss(traj: str, width: int, samples: int, keep: str, method: str) -> di
 
 
 def floor(model, x, y, points) -> float:
+    """Seconds of one full-data gradient at each point (parameters differentiated, buffers as the snapshot has
+    them, batch norm in eval mode as ``analyze``'s default)."""
     names = [n for n, _ in model.named_parameters()]
+    model.eval()
     t0 = time.perf_counter()
     for p in points:
         leaves = {n: p[n].detach().requires_grad_() for n in names}
-        loss = nn.functional.cross_entropy(functional_call(model, leaves, (x,)), y)
+        loss = nn.functional.cross_entropy(functional_call(model, p | leaves, (x,)), y)
         torch.autograd.grad(loss, list(leaves.values()))
     return time.perf_counter() - t0
 
@@ -132,20 +161,18 @@ def gradient_clock():
         engine.Evaluator._gradients = inner  # type: ignore[method-assign]
 
 
-def against_floor(
-    traj_path: str, width: int, samples: int, t: int, repeats: int
-) -> tuple[float, float, float, int, float]:
+def against_floor(traj_path: str, make, samples: int, t: int, repeats: int) -> tuple[float, float, float, int, float]:
     """Best of ``repeats`` of: the floor as a plain process runs it, the floor with glibc's heap kept as
     ``analyze`` keeps it during its loop (``heap.kept``: the settings change what a gradient costs, so without
     it the ratio may flatter ``analyze``), and ``analyze``; and the median over the runs of what ``analyze``
     spent outside its gradients, as a share of its gradients' time."""
-    model, (x, y) = mlp(width), data(samples)
+    model, (x, y) = make(), data(samples)
     recorded = RecordedTrajectory(traj_path, upto=t + 1)
     snaps = [{k: v.clone() for k, v in recorded[k].items()} for k in range(t + 1)]
     names = [n for n, _ in model.named_parameters()]
-    points = [{n: snaps[0][n] for n in names}]
+    points = [snaps[0]]  # the midpoint between two snapshots has the first one's buffers, as analyze's has
     for a, b in itertools.pairwise(snaps):
-        points += [{n: (a[n] + b[n]) / 2 for n in names}, {n: b[n] for n in names}]
+        points += [a | {n: (a[n] + b[n]) / 2 for n in names}, b]
     floors, kept_floors, runs, outside = [], [], [], []
     for _ in range(repeats):
         floors.append(floor(model, x, y, points))
@@ -169,7 +196,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--floor-samples", type=int, default=1797, help="digits used as the full data in part 3")
     ap.add_argument("--child-rss", nargs=3, metavar=("TRAJ", "KEEP", "OUT"))
-    ap.add_argument("--parts", default="1234", help="which parts to run (1: stores and 4: explorer go together)")
+    ap.add_argument("--channels", type=int, default=544, help="the ResNet's channels (part 5; 544: 10.67M parameters)")
+    ap.add_argument("--resnet-samples", type=int, default=256, help="digits used as the full data in part 5")
+    ap.add_argument("--parts", default="12345", help="which parts to run (1: stores and 4: explorer go together)")
     args = ap.parse_args()
     samples = args.samples or (128 if args.quick else 256)
     if args.child_rss:
@@ -187,7 +216,7 @@ def main():
     try:
         rec = {t: os.path.join(tmp, f"traj{t}") for t in ((t_small, t_large) if "2" in args.parts else (t_small,))}
         for t, path in rec.items():
-            s = record(path, args.width, samples, t)
+            s = record(path, mlp(args.width), samples, t)
             print(f"recorded {t} steps in {s:.1f} s ({du(path) / 1e9:.2f} GB on disk)")
 
         builds: dict[str, str] = {}
@@ -249,18 +278,33 @@ def main():
                 f"   ratio T={t_large} / T={t_small}: {rss[t_large]['peak_mb'] / rss[t_small]['peak_mb']:.3f} (target <= 1.2)"
             )
 
-        if "3" in args.parts:
-            # 3. analyze against its floor, on all the digits and on the 256 of parts 1 and 2
+        if "3" in args.parts or "5" in args.parts:
+            # 3. analyze against its floor: the MLP on all the digits and on the 256 of parts 1 and 2; 5. a small
+            # ResNet of as many parameters, whose gradient costs more a parameter (each weight is used 16 times
+            # a digit), on its own recording
+            rows = []
+            if "3" in args.parts:
+                rows += [(f"MLP {n_params / 1e6:.2f}M", rec[t_small], lambda: mlp(args.width), n)
+                         for n in dict.fromkeys((args.floor_samples, samples))]  # fmt: skip
+            if "5" in args.parts:
+                net = resnet(args.channels)
+                rec["resnet"] = os.path.join(tmp, "traj-resnet")
+                s = record(rec["resnet"], net, args.resnet_samples, t_floor)
+                print(f"\nrecorded the ResNet ({args.channels} channels) {t_floor} steps in {s:.1f} s")
+                m = sum(p.numel() for p in net.parameters())
+                rows.append(
+                    (f"ResNet {m / 1e6:.2f}M", rec["resnet"], lambda: resnet(args.channels), args.resnet_samples)
+                )
             print(f"\n3. analyze(method='simpson', keep='unit') vs floor, T={t_floor}, best of {args.repeats}")
             print(
-                f"   {'digits':>7} {'gradients':>10} {'floor s':>8} {'kept s':>7} {'ms/grad':>8} {'analyze s':>10} "
-                f"{'ratio':>6} {'ratio/kept':>10} {'overhead ms/iteration':>22} {'outside gradients':>18}"
+                f"   {'model':>13} {'digits':>7} {'gradients':>10} {'floor s':>8} {'kept s':>7} {'ms/grad':>8} "
+                f"{'analyze s':>10} {'ratio':>6} {'ratio/kept':>10} {'overhead ms/iteration':>22} {'outside gradients':>18}"
             )
-            for n in dict.fromkeys((args.floor_samples, samples)):
-                fl, kfl, an, n_points, out = against_floor(rec[t_small], args.width, n, t_floor, args.repeats)
+            for label, traj, make, n in rows:
+                fl, kfl, an, n_points, out = against_floor(traj, make, n, t_floor, args.repeats)
                 print(
-                    f"   {n:>7} {n_points:>10} {fl:>8.2f} {kfl:>7.2f} {1e3 * kfl / n_points:>8.0f} {an:>10.2f} "
-                    f"{an / fl:>6.3f} {an / kfl:>10.3f} {1e3 * (an - kfl) / t_floor:>22.0f} {out:>17.1%}"
+                    f"   {label:>13} {n:>7} {n_points:>10} {fl:>8.2f} {kfl:>7.2f} {1e3 * kfl / n_points:>8.0f} "
+                    f"{an:>10.2f} {an / fl:>6.3f} {an / kfl:>10.3f} {1e3 * (an - kfl) / t_floor:>22.0f} {out:>17.1%}"
                 )
             print("   (floor: a plain process; kept: the same loop inside heap.kept, as analyze's loop runs;")
             print("    ms/grad and overhead against the kept floor; target: ratio/kept <= 1.05; outside gradients:")
