@@ -1,6 +1,6 @@
 """Every benchmark in one run, side by side: their tables go to stdout and to benchmarks/results.md.
 
-    .venv/bin/python benchmarks/run_all.py           # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py           # about 40 minutes on 2 cores
     .venv/bin/python benchmarks/run_all.py --quick   # a few minutes, smaller sizes
 
 Each script runs in its own process, one after the other, on an otherwise idle machine: timings are
@@ -27,7 +27,7 @@ SCRIPTS = [  # (script, full-run arguments, quick-run arguments, what it answers
     ("bench_distributed.py", [], ["--steps", "60", "--repeats", "1"], "2 Dask workers vs 1 process (issue 6)"),
     ("bench_accuracy.py", [], ["--quick"], "param_tol: evaluations and the error made vs its estimate (issue 12)"),
     ("bench_follow.py", ["--explorer"], ["--quick"], "LCA while the model trains: lag and memory (issue 14)"),
-    ("bench_scale.py", [], ["--quick"], "a 10M-parameter MLP: store size per keep=, RSS vs T, floor (issue 15)"),
+    ("bench_scale.py", [], ["--quick"], "10M parameters (MLP, ResNet): store per keep, RSS vs T, floor (issue 15)"),
 ]
 
 
