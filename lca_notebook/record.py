@@ -83,6 +83,18 @@ class Recorder(Trajectory):
         """Hook the optimizer (``with`` does it for you)."""
         if self._handles:
             return self
+        if self._closed and self.path is not None:
+            raise RecordingError(
+                f"this recorder finished its recording in {self.path!r} when its `with` block ended; a closed "
+                "recording on disk is not continued. Keep one `with lca.record(...)` around all of the training, or "
+                "record the rest with a new lca.record(model, optimizer, path=...) at another path"
+            )
+        if self._closed and self._steps and self._changed_since_last():
+            warnings.warn(
+                "the model changed since this recorder's last snapshot (steps taken outside its `with` block): the "
+                "next snapshot's iteration spans them all, and they are not counted in `steps`",
+                stacklevel=3,
+            )
         self._closed = False
         if not self._steps:  # theta_0, before any forward pass moves BatchNorm's running statistics
             self._snapshot(0)
@@ -104,9 +116,11 @@ class Recorder(Trajectory):
         if self._closed:
             return
         self._closed = True
-        if self._steps and self._steps[-1] != self._step:
-            self._snapshot(self._step)
-        self._stop_writer()
+        try:
+            if self._steps and self._steps[-1] != self._step:
+                self._snapshot(self._step)
+        finally:  # a snapshot refused (the model changed): what is on disk is still flushed, closed and unlocked
+            self._stop_writer()
         now = self.model.state_dict()
         moved = [k for k, v in self._unrecorded.items() if k in now and not torch.equal(now[k].detach().cpu(), v)]
         if moved:
@@ -176,9 +190,14 @@ class Recorder(Trajectory):
             t = state[e["name"]]
             if list(t.shape) != e["shape"] or str(t.dtype).removeprefix("torch.") != e["dtype"]:
                 raise RecordingError(
-                    f"tensor {e['name']!r} changed from {e['dtype']}{e['shape']} to {t.dtype}{list(t.shape)} during "
-                    "recording"
+                    f"tensor {e['name']!r} changed from {e['dtype']}{e['shape']} to "
+                    f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} during recording"
                 )
+
+    def _changed_since_last(self) -> bool:
+        """Whether a recorded tensor differs from the last snapshot in memory."""
+        last = self._snapshots[-1]
+        return any(k in last and not torch.equal(v.detach().cpu(), last[k]) for k, v in self._state().items())
 
     def _stop_writer(self):
         if self._writer is not None:

@@ -40,6 +40,7 @@ run, ``fractions(uncertain=True)``, sums finer than kept) raises a :class:`Reduc
 
 from __future__ import annotations
 
+import numbers
 import os
 from functools import cached_property
 
@@ -363,6 +364,9 @@ class LCAResult:
 
     def _range(self, start, stop) -> tuple[int, int]:
         t = self.n_iterations
+        for name, v in (("start", start), ("stop", stop)):
+            if v is not None and not isinstance(v, numbers.Integral):  # 2.7 would be cut to 2, silently
+                raise TypeError(f"{name} must be an iteration number (an int) or None, got {v!r}")
         start = 0 if start is None else int(start)
         stop = t if stop is None else int(stop)
         if start < 0:
@@ -568,7 +572,8 @@ def _saved_kind(path: str) -> str:
         return files.describe(path, attrs)
     try:  # a netCDF file: ours if it holds a result's variables
         with xr.open_dataset(path, engine="h5netcdf") as ds:
-            if {"lca", "loss", "residual"} <= set(ds.data_vars):
+            names = set(ds.data_vars)  # lca, or a reduced result's lca_<by>
+            if {"loss", "residual"} <= names and any(n == "lca" or n.startswith("lca_") for n in names):
                 return "result"
     except Exception:
         pass

@@ -96,8 +96,10 @@ def test_reduced_store_equals_numpy_and_is_small(run, keep, tmp_path):
     assert_reduced_matches(stored, full, keep)
     assert_reduced_matches(lca.open(tmp_path / "s"), full, keep)
     assert not (tmp_path / "s" / "lca").exists() and not (tmp_path / "s" / "prefix_parameter").exists()
-    # saved and read back whole
-    assert_reduced_matches(lca.open(stored.save(tmp_path / "copy.zarr")), full, keep)
+    # saved and read back whole, and replaced when asked: a saved reduced result is a result (no `lca` in it)
+    for name in ("copy.zarr", "copy.nc"):
+        assert_reduced_matches(lca.open(stored.save(tmp_path / name)), full, keep)
+        assert_reduced_matches(lca.open(stored.save(tmp_path / name, overwrite=True)), full, keep)
 
 
 def test_a_reduced_store_resumes_after_ctrl_c_mid_chunk(run, tmp_path):

@@ -173,6 +173,56 @@ def test_a_write_error_surfaces_in_the_training_thread_and_keeps_earlier_snapsho
     _assert_same(kept, snaps[:7])
 
 
+def test_a_model_changed_mid_recording_leaves_the_store_closed_unlocked_and_whole(digits, tmp_path):
+    """The last snapshot at close is refused (the model became float64): the snapshots before it are flushed, the
+    store closed and its lock released, so a new recorder may take the path."""
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.zarr"
+    with pytest.raises(RecordingError, match=r"changed from float32\[16, 64\] to float64\[16, 64\]"):
+        with lca.record(model, opt, path=path, every=2):  # snapshots 0 and 2; step 3's is taken at close
+            _train(model, opt, x, y, 3)
+            model.double()  # the snapshot at close meets it
+    kept = open_path(path)
+    assert len(kept) == 2 and kept.closed and not kept.writer_alive()
+    fresh = _model()
+    with lca.record(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), path=path, overwrite=True) as rec:
+        pass
+    assert len(rec) == 1
+
+
+def test_a_recorder_on_disk_is_not_reentered_and_reads_stop_at_its_end(digits, tmp_path):
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt, path=tmp_path / "run.zarr") as rec:
+        _train(model, opt, x, y, 3)
+    with pytest.raises(RecordingError, match=r"a closed recording on disk is not continued"):
+        with rec:
+            _train(model, opt, x, y, 2)
+    assert len(rec) == 4 and len(open_path(tmp_path / "run.zarr")) == 4
+    with pytest.raises(IndexError, match=r"snapshot 5 of a trajectory of 4 snapshots"):
+        open_path(tmp_path / "run.zarr").load(5)  # its arrays have spare rows of zeros past the end
+
+
+def test_reentering_a_recorder_in_memory_after_steps_outside_it_warns(digits):
+    x, y = digits
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lca.record(model, opt) as rec:
+        _train(model, opt, x, y, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec:  # nothing moved in between: no warning
+            _train(model, opt, x, y, 1)
+    _train(model, opt, x, y, 2)  # outside the recorder
+    with pytest.warns(UserWarning, match=r"steps taken outside its `with` block"):
+        with rec:
+            _train(model, opt, x, y, 1)
+    assert rec.steps == [0, 1, 2, 3, 4]
+
+
 def test_refuses_to_overwrite_what_is_not_its_own(tmp_path):
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -64,6 +64,16 @@ def test_range_sums_at_every_granularity(result, start, stop):
     assert result.total("total", start, stop).item() == pytest.approx(raw.sum(), abs=1e-8)
 
 
+def test_a_range_takes_iteration_numbers_only(result):
+    assert result.total("layer", np.int64(2), 5).equals(result.total("layer", 2, 5))
+    with pytest.raises(TypeError, match=r"start must be an iteration number \(an int\) or None, got 2.7"):
+        result.total("layer", 2.7, 5)
+    with pytest.raises(TypeError, match=r"stop must be an iteration number"):
+        result.per_iteration("layer", 0, 5.0)
+    with pytest.raises(IndexError, match=r"outside"):
+        result.total("layer", 5, 2)
+
+
 def test_per_iteration_cumulative_and_fractions(result):
     values = result.lca.values.astype(np.float64)
     fc = result.dataset["layer"].values == "fc"

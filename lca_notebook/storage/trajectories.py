@@ -319,6 +319,8 @@ class RecordedTrajectory(Trajectory):
         return f"recorded snapshot {k} (step {self.steps[k] if self.steps else '?'}) in {self.path}"
 
     def load(self, k):
+        if not 0 <= k < self.n:  # past the end, the arrays' spare rows hold zeros, not a snapshot
+            raise IndexError(f"snapshot {k} of a trajectory of {self.n} snapshots in {self.path}")
         rows = {}
         for key, arr in self.arrays.items():
             try:
