@@ -572,7 +572,7 @@ def _saved_kind(path: str) -> str:
         return files.describe(path, attrs)
     try:  # a netCDF file: ours if it holds a result's variables
         with xr.open_dataset(path, engine="h5netcdf") as ds:
-            names = set(ds.data_vars)  # lca, or a reduced result's lca_<by>
+            names = {str(n) for n in ds.data_vars}  # lca, or a reduced result's lca_<by>
             if {"loss", "residual"} <= names and any(n == "lca" or n.startswith("lca_") for n in names):
                 return "result"
     except Exception:
