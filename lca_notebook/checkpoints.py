@@ -1,7 +1,9 @@
-"""Trajectories from checkpoint files: one ``torch.save`` file per snapshot, loaded when needed.
+"""Trajectories from checkpoint files: one ``torch.save`` or safetensors file per snapshot, or one Hugging Face
+``checkpoint-<step>`` folder per snapshot, loaded when needed.
 
 Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)`` only, which
-unpickles tensors and plain containers and refuses anything that could run code.
+unpickles tensors and plain containers and refuses anything that could run code; safetensors files hold
+tensors only.
 """
 
 from __future__ import annotations
@@ -17,9 +19,21 @@ import torch
 from .trajectory import Trajectory
 
 #: File name endings taken from a directory of checkpoints.
-SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".safetensors")
+#: The model's weights in a Hugging Face checkpoint folder (``Trainer``'s ``checkpoint-<step>``), whole or in
+#: shards (``model-00001-of-00002.safetensors``), safetensors before ``pytorch_model*.bin``; the folder's other
+#: files (the optimizer's state, ``training_args.bin``, a pickle of Python objects) are not read.
+WEIGHTS = (re.compile(r"model(-\d+-of-\d+)?\.safetensors"), re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin"))
 #: Keys under which a checkpoint dict usually holds the model's state_dict, tried in this order.
 STATE_KEYS = ("model", "state_dict", "model_state_dict", "net")
+
+
+def _name(path) -> str:
+    """The name that orders a checkpoint: its file's, or its folder's where the file's holds no number
+    (``checkpoint-500/model.safetensors``)."""
+    path = os.fspath(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return name if re.search(r"\d", name) else os.path.basename(os.path.dirname(path)) or name
 
 
 def natural_key(path) -> list:
@@ -28,13 +42,22 @@ def natural_key(path) -> list:
     >>> sorted(["step_10.pt", "step_2.pt", "step_1.pt"], key=natural_key)
     ['step_1.pt', 'step_2.pt', 'step_10.pt']
     """
-    name = os.path.basename(os.fspath(path))
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", _name(path)) if part]
 
 
 def _step_of(path) -> int | None:
-    numbers = re.findall(r"\d+", os.path.splitext(os.path.basename(os.fspath(path)))[0])
+    numbers = re.findall(r"\d+", _name(path))
     return int(numbers[-1]) if numbers else None
+
+
+def weight_files(folder) -> list[str]:
+    """The files of a Hugging Face checkpoint folder that hold the model's weights (see :data:`WEIGHTS`), or []."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for pattern in WEIGHTS:
+        found = [os.path.join(folder, n) for n in names if pattern.fullmatch(n)]
+        if found:
+            return found
+    return []
 
 
 def check_given_order(paths):
@@ -74,7 +97,7 @@ class CheckpointFiles(Trajectory):
             raise ValueError("no checkpoint files given")
         self.paths = sorted(paths, key=natural_key) if sort else paths
         for p in self.paths:
-            if not os.path.isfile(p):
+            if not (os.path.isfile(p) or weight_files(p)):
                 raise FileNotFoundError(f"checkpoint file {p!r} does not exist")
         steps = [_step_of(p) for p in self.paths]
         numbered = [s for s in steps if s is not None]
@@ -92,8 +115,23 @@ class CheckpointFiles(Trajectory):
 
 
 def load_checkpoint(path) -> dict:
-    """The ``state_dict`` in one checkpoint file, loaded safely (``weights_only=True``) onto the CPU."""
+    """The ``state_dict`` in one checkpoint file (or Hugging Face checkpoint folder), loaded safely
+    (``weights_only=True``, or safetensors) onto the CPU."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # a Hugging Face checkpoint folder: its weight files, shards merged
+        state: dict = {}
+        for shard in weight_files(path):
+            state.update(load_checkpoint(shard))
+        return state
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(f"{path!r} is a safetensors file: reading it needs pip install safetensors") from exc
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a file it cannot parse
+            raise ValueError(f"{path!r} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order
+from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order, weight_files
 from .errors import RecordingError
 from .storage.files import KIND, read_attrs
 from .storage.trajectories import RecordedTrajectory
@@ -44,7 +44,8 @@ def as_trajectory(obj) -> Trajectory:
 
 
 def open_path(path) -> Trajectory:
-    """A trajectory from a path: a recorder store, or a directory of checkpoint files.
+    """A trajectory from a path: a recorder store, a directory of checkpoint files, or a Hugging Face ``Trainer``'s
+    output directory (its ``checkpoint-<step>`` folders).
 
     >>> import torch, tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -71,10 +72,13 @@ def open_path(path) -> Trajectory:
         copies = [f for f in files if re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(f))]
         if copies and len(copies) < len(files):
             files = [f for f in files if f not in copies]
+        if not files:  # a Hugging Face Trainer's output: a checkpoint-<step> folder a snapshot
+            files = [f for f in (os.path.join(path, n) for n in os.listdir(path)) if weight_files(f)]
         if not files:
             listing = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
             raise ValueError(
-                f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}); it has: {listing}"
+                f"the directory {path!r} holds no checkpoint files ({'/'.join(SUFFIXES)}) and no Hugging Face "
+                f"checkpoint folders (with model*.safetensors or pytorch_model*.bin); it has: {listing}"
             )
         return CheckpointFiles(files)
     return CheckpointFiles([path])

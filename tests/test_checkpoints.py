@@ -68,6 +68,37 @@ def test_directory_is_read_in_natural_order_and_matches_the_snapshots(run, tmp_p
         np.testing.assert_array_equal(got.dataset["step"].values, STEPS)
 
 
+def test_a_hugging_face_trainers_output_folder_is_a_trajectory(run, tmp_path):
+    """Trainer's output_dir: a checkpoint-<step> folder a snapshot, weights in safetensors (whole or in shards) or
+    pytorch_model.bin, beside files that are never read (training_args.bin is a pickle of Python objects)."""
+    from safetensors.torch import save_file
+
+    model, x, y, snaps = run
+    out = tmp_path / "trainer_output"
+    for i, step in enumerate(reversed(STEPS)):
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        sd = {k: v.contiguous() for k, v in snaps[step].items()}
+        if i % 3 == 0:
+            save_file(sd, folder / "model.safetensors")
+        elif i % 3 == 1:  # shards, as large models are saved
+            names = list(sd)
+            save_file({k: sd[k] for k in names[:2]}, folder / "model-00001-of-00002.safetensors")
+            save_file({k: sd[k] for k in names[2:]}, folder / "model-00002-of-00002.safetensors")
+        else:
+            torch.save(sd, folder / "pytorch_model.bin")
+        torch.save(_Payload(str(tmp_path / "payload_ran")), folder / "training_args.bin")
+        torch.save({"state": {}}, folder / "optimizer.pt")
+    (out / "runs").mkdir()  # TensorBoard logs: not a checkpoint
+    traj = open_path(out)
+    assert traj.steps == STEPS
+    ref = lca.analyze(model, (x, y), [snaps[s] for s in STEPS], method="simpson", progress=False)
+    got = lca.analyze(model, (x, y), out, method="simpson", progress=False)
+    np.testing.assert_array_equal(got.lca.values, ref.lca.values)
+    np.testing.assert_array_equal(got.dataset["step"].values, STEPS)
+    assert not (tmp_path / "payload_ran").exists()
+
+
 def test_a_list_of_files_keeps_its_order_and_a_shuffled_numbered_list_is_refused(run, tmp_path):
     model, x, y, snaps = run
     d = tmp_path / "named"
