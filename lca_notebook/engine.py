@@ -178,16 +178,16 @@ class _DifferentiableBatchNorm(TorchFunctionMode):
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     if training or running_mean is None or not (running_mean.requires_grad or running_var.requires_grad):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    # As PyTorch's own eval-mode kernel: a scale and a shift per channel, then one pass over the activations
-    # (written as four passes, a 10M-parameter ResNet's gradient cost 5% more than the floor's)
-    scale = torch.rsqrt(running_var + eps)
+    # A scale and a shift per channel that carry the statistics' gradient (PyTorch's own formula), applied by its
+    # kernel as weight and bias over statistics 0 and 1 with eps 0: one fused pass over the activations each way
+    # (written out as four elementwise passes, a 10M-parameter ResNet's gradient cost 5% more than the floor's)
+    scale = 1 / torch.sqrt(running_var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -running_mean * scale
     if bias is not None:
         shift = shift + bias
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    return torch.addcmul(shift.view(shape), input, scale.view(shape))
+    return F.batch_norm(input, torch.zeros_like(shift), torch.ones_like(scale), scale, shift, False, 0.0, 0.0)
 
 
 def _instance_norm(

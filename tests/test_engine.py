@@ -322,3 +322,19 @@ def test_a_param_tol_not_met_at_max_splits_is_warned_with_the_iteration():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_stuck(np.zeros(2), np.array([4, 4]), options, error=np.array([1e-7, 1e-6]))  # met: no warning
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3, 3), (2, 5, 7)])
+def test_batch_norm_with_moving_statistics_is_pytorchs_and_differentiates_them(shape):
+    """Eval-mode batch norm whose running statistics need a gradient: PyTorch's own output (to an ulp: PyTorch's
+    kernel fuses the shift's multiply-add), and a gradient for mean and variance that finite differences confirm
+    (gradcheck, float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3 + 1
+    m, v, w, b = torch.randn(5), torch.rand(5) + 0.1, torch.randn(5), torch.randn(5)
+    want = torch.nn.functional.batch_norm(x, m, v, w, b, False)
+    got = engine._batch_norm(x, m.clone().requires_grad_(), v.clone().requires_grad_(), w, b)
+    torch.testing.assert_close(got.detach(), want, rtol=2e-7, atol=2e-6)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    stats = (m.double().requires_grad_(), v.double().requires_grad_())
+    assert torch.autograd.gradcheck(lambda mean, var: engine._batch_norm(x64, mean, var, w64, b64), stats)
