@@ -47,9 +47,18 @@ def __dir__():
 
 
 def explore(result, **options):
-    """The interactive explorer of a result: ``lca.explore(result)`` (an ipywidgets panel).
+    """The interactive explorer of a result: ``lca.explore(result)`` (an ipywidgets panel; end a cell with it).
 
+    ``result``: an :class:`LCAResult`, or a result store's path. Options: ``granularity`` ("parameter", "unit",
+    "tensor" or "layer"), ``layer`` (one layer's name; None: all), ``sign`` ("both", "helped", "hurt"),
+    ``smoothing``, ``log_count``; ``follow=True`` re-reads a store that is still being filled every ``interval``
+    seconds (see :class:`lca_notebook.widgets.Explorer` for the rest).
     Widgets are imported here, on first use, so computing LCA never needs the notebook stack.
+
+    >>> import lca_notebook as lca
+    >>> panel = lca.explore(lca.LCAResult.example(), granularity="layer", sign="helped")
+    >>> panel.granularity.value, panel.sign.value
+    ('layer', 'helped')
     """
     from .widgets import explore as _explore
 

@@ -91,7 +91,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the URL but open no web browser (the default with no display, no terminal, or CI set)",
     )
-    p.add_argument("--port", type=int, default=None, help="JupyterLab's port on 127.0.0.1 (default: a free one)")
+    p.add_argument(
+        "--port", type=int, default=None, help="JupyterLab's port on 127.0.0.1, 1-65535 (default: a free one)"
+    )
     return p
 
 
@@ -163,20 +165,50 @@ def run_notebook(result_path: Path, summary: str):
     return nb
 
 
-def _foreign_notebook(path: Path) -> str | None:
-    """Why ``path`` may not be written: it holds a notebook this job did not write (checked before training)."""
-    if not path.exists():
+#: The first line of the JupyterLab log this job writes: a file of that name without it is not replaced.
+LOG_HEADER = "# lca_notebook: JupyterLab's log for this run folder\n"
+
+
+def _foreign(folder: Path, lab: bool = True) -> str | None:
+    """Why the run folder may not be written: a file this job writes is there and is not one it wrote (the
+    notebook, the result, with ``lab`` JupyterLab's log), checked before training."""
+    from lca_notebook.result import _saved_kind
+
+    names = [(NOTEBOOK_NAME, "a notebook"), (RESULT_NAME, "an LCA result")] + ([(LOG_NAME, "a log")] if lab else [])
+    for name, what in names:
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            if name == NOTEBOOK_NAME:
+                ours = "lca_notebook" in json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+            elif name == RESULT_NAME:
+                ours = _saved_kind(str(path)) == "result"
+            else:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    ours = f.readline() == LOG_HEADER
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            return (
+                f"{path} is there already and is not {what} this job wrote: it is left as it is. "
+                "Choose another folder with --out DIR (or leave --out out for a new folder under ~/lca_runs)."
+            )
+    return None
+
+
+def _port_problem(port: int | None) -> str | None:
+    """Why ``--port`` cannot serve JupyterLab (checked before training), or None."""
+    if port is None:
         return None
-    try:
-        ours = "lca_notebook" in json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if ours:
-        return None
-    return (
-        f"{path} is there already and is not a notebook this job wrote: it is left as it is. "
-        "Choose another folder with --out DIR (or leave --out out for a new folder under ~/lca_runs)."
-    )
+    if not 1 <= port <= 65535:
+        return f"--port must be a port number from 1 to 65535, got {port}; leave it out for a free one"
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return f"port {port} on 127.0.0.1 is not free ({exc.strerror}): choose another with --port, or leave it out"
+    return None
 
 
 def write_notebook(nb, path: Path, *, trusted: bool) -> None:
@@ -226,7 +258,7 @@ class Lab:
 
     def __init__(self, root: Path, port: int | None = None):
         self.root = root
-        self.port = port or _free_port()
+        self.port = port if port is not None else _free_port()
         self.token = secrets.token_hex(16)
         self.proc: subprocess.Popen | None = None
         self._dirs = ""
@@ -270,6 +302,8 @@ class Lab:
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             cmd.append("--allow-root")
         with open(self.root / LOG_NAME, "w") as log:
+            log.write(LOG_HEADER)
+            log.flush()
             # stdin closed: JupyterLab then stops on the first Ctrl-C instead of asking on the terminal
             self.proc = subprocess.Popen(
                 cmd, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -417,8 +451,12 @@ def main(argv=None) -> int:
     if args.steps < 1:
         print(f"--steps must be at least 1, got {args.steps}", file=sys.stderr)
         return 2
+    problem = None if args.no_lab else _port_problem(args.port)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     folder = run_folder(args.out)
-    foreign = _foreign_notebook(folder / NOTEBOOK_NAME)
+    foreign = _foreign(folder, lab=not args.no_lab)
     if foreign:
         print(foreign, file=sys.stderr)
         return 2

@@ -511,7 +511,9 @@ def residual_table(results: Mapping[str, LCAResult]) -> xr.Dataset:
     Variables: ``residual`` and ``drift`` (cumulative residual: how far the loss rebuilt from LCA is from
     the true loss) over (rule, iteration); ``evaluations`` (gradient evaluations) likewise; and per
     rule ``max_abs_residual``, ``mean_abs_residual``, ``final_drift``, ``relative_drift`` (final drift /
-    |true loss change|), ``total_evaluations``.
+    |true loss change|), ``total_evaluations`` (the run's gradient evaluations, ``attrs["gradient_evaluations"]``:
+    the first snapshot's included, so Simpson's is 2T+1; the sum of ``evaluations`` where a result has no such
+    attribute).
 
     >>> import lca_notebook as lca
     >>> r = lca.LCAResult.example()
@@ -540,6 +542,8 @@ def residual_table(results: Mapping[str, LCAResult]) -> xr.Dataset:
     drift = np.cumsum(res, axis=1)
     final = drift[:, -1] if drift.shape[1] else np.zeros(len(names))
     it = np.arange(res.shape[1])
+    per_run = evals.sum(axis=1)
+    totals = [results[n].attrs.get("gradient_evaluations", e) for n, e in zip(names, per_run, strict=True)]
     return xr.Dataset(
         {
             "residual": (("rule", "iteration"), res),
@@ -549,7 +553,7 @@ def residual_table(results: Mapping[str, LCAResult]) -> xr.Dataset:
             "mean_abs_residual": (("rule",), np.abs(res).mean(axis=1) if res.shape[1] else np.zeros(len(names))),
             "final_drift": (("rule",), final),
             "relative_drift": (("rule",), np.abs(final) / change if change else np.full(len(names), np.nan)),
-            "total_evaluations": (("rule",), evals.sum(axis=1)),
+            "total_evaluations": (("rule",), np.array(totals, dtype=np.int64)),
         },
         coords={"rule": names, "iteration": it},
     )

@@ -47,6 +47,17 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 _NAMESPACE_NAME = "lca"
 
 
+def _unquoted(value: str | None) -> str | None:
+    """``value`` without one pair of quotes around it: ``"(x, y)"`` is the expression ``(x, y)``.
+
+    >>> _unquoted('"(x, y)"'), _unquoted("'/tmp/a b.zarr'"), _unquoted("data")
+    ('(x, y)', '/tmp/a b.zarr', 'data')
+    """
+    if value is not None and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 @magics_class
 class LCAMagics(Magics):
     @magic_arguments()
@@ -65,6 +76,10 @@ class LCAMagics(Magics):
         import lca_notebook
 
         args = parse_argstring(self.lca_record, line)
+        for key in ("model", "optimizer", "to", "name", "data", "store"):  # IPython keeps the quotes of "(x, y)"
+            setattr(args, key, _unquoted(getattr(args, key)))
+        if not args.refresh > 0:
+            raise ValueError(f"--refresh must be a number of seconds > 0, got {args.refresh!r}")
         if not args.name.isidentifier():
             raise ValueError(f"--name {args.name!r} is not a Python variable name; use e.g. --name trajectory")
         shell = self.shell
@@ -116,6 +131,8 @@ class LiveLCA:
 
         self.model = copy.deepcopy(model)  # the LCA evaluates it at every snapshot; training uses the original
         self.data, self.path, self.store = data, os.path.abspath(trajectory_path), os.path.abspath(store)
+        if not float(refresh) > 0:
+            raise ValueError(f"refresh must be a number of seconds > 0, got {refresh!r}")
         self.refresh, self.options = float(refresh), analyze_options
         self.status = widgets.HTML("LCA: waiting for the first snapshots")
         self.status.add_class("lca-live-status")

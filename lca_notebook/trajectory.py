@@ -16,8 +16,8 @@ import torch
 class Trajectory(Sequence):
     """Base of every snapshot source: ``len(traj)`` snapshots, ``traj[k]`` a dict name -> tensor.
 
-    >>> import torch
-    >>> traj = Trajectory.from_list([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
+    >>> import torch, lca_notebook as lca
+    >>> traj = lca.Trajectory.from_list([{"w": torch.zeros(2)}, {"w": torch.ones(2)}])
     >>> len(traj), traj[1]["w"].tolist()
     (2, [1.0, 1.0])
     """
@@ -53,6 +53,7 @@ class Trajectory(Sequence):
 
     @staticmethod
     def from_list(snapshots: Sequence[Mapping[str, torch.Tensor]], steps: Sequence[int] | None = None) -> Trajectory:
+        """Snapshots held in a list (``state_dict`` copies), with the training step of each when known."""
         return SnapshotList(snapshots, steps)
 
     @staticmethod

@@ -330,7 +330,8 @@ def test_rule_accuracy_on_a_real_run():
     assert float(mx.sel(rule="simpson")) < float(mx.sel(rule="trapezoid")) < float(mx.sel(rule="first_order"))
     assert float(mx.sel(rule="adaptive")) <= 1e-3
     ev = table["total_evaluations"]
-    assert int(ev.sel(rule="simpson")) == 2 * 8  # mid and end point per iteration (the start is shared)
+    assert int(ev.sel(rule="simpson")) == 2 * 8 + 1  # mid and end point per iteration, and the first snapshot
+    assert int(ev.sel(rule="trapezoid")) == 8 + 1 and int(ev.sel(rule="first_order")) == 8 + 1
 
 
 def test_residual_table_refuses_results_of_different_runs():

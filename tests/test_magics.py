@@ -93,8 +93,8 @@ def test_lca_record_default_name_and_store_path(shell, tmp_path):
     shell.run_line_magic("load_ext", "lca_notebook")
     _setup_model(shell)
     shell.user_ns["torch"] = torch
-    store = tmp_path / "run.zarr"
-    shell.run_cell_magic("lca_record", f"model opt --to {store}", TRAIN)
+    store = tmp_path / "a folder" / "run.zarr"  # quoted, as the path has a space: the quotes are not the path's
+    shell.run_cell_magic("lca_record", f'model opt --to "{store}"', TRAIN)
     rec = shell.user_ns["trajectory"]
     assert rec.steps == [0, 1, 2, 3, 4, 5]
     assert store.exists()
@@ -198,7 +198,10 @@ def test_lca_record_live_computes_the_lca_while_the_cell_trains(shell, tmp_path)
     try:
         with pytest.raises(ValueError, match="--live needs --data"):
             shell.run_cell_magic("lca_record", f"model opt --to {path} --live", LIVE_TRAIN)
-        shell.run_cell_magic("lca_record", f"model opt --to {path} --live --data data --refresh 0.05", LIVE_TRAIN)
+        with pytest.raises(ValueError, match=r"--refresh must be a number of seconds > 0, got -1"):
+            shell.run_cell_magic("lca_record", f"model opt --to {path} --live --data data --refresh -1", LIVE_TRAIN)
+        # the expression quoted, as the hint for a missing --data shows it
+        shell.run_cell_magic("lca_record", f'model opt --to {path} --live --data "(x, y)" --refresh 0.05', LIVE_TRAIN)
         snapshots, stored = shell.user_ns["seen_while_training"]
         assert snapshots == 4 and 1 <= stored <= 3  # the LCA ran during training, behind it
         live = shell.user_ns["trajectory_live"]

@@ -109,6 +109,33 @@ def test_no_lab_saves_the_run_folder_under_home_and_nothing_where_it_starts(tmp_
     assert refused.returncode == 2 and "is not a notebook this job wrote" in refused.stderr, refused.stderr
     assert sorted(p.name for p in theirs.iterdir()) == ["explorer.ipynb"]
     assert "iterations x" not in refused.stdout  # nothing was trained
+    # ... and so are a file of the result's name that is not a result, a log of theirs, and a port out of range
+    (theirs / "explorer.ipynb").unlink()
+    for name, text, options, says in (
+        ("digits_mlp.nc", "hello", ["--no-lab"], "is not an LCA result this job wrote"),
+        ("jupyterlab.log", "mine", ["--no-browser"], "is not a log this job wrote"),
+        (None, None, ["--port", "70000"], "--port must be a port number from 1 to 65535, got 70000"),
+    ):
+        if name:
+            (theirs / name).write_text(text)
+        refused = subprocess.run(
+            [sys.executable, "-m", "lca_notebook", "--steps", "3", "--out", str(theirs), *options],
+            cwd=cwd, env=_env(HOME=str(home)), capture_output=True, text=True, timeout=280,
+        )  # fmt: skip
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+        assert "iterations x" not in refused.stdout and "Traceback" not in refused.stderr
+        if name:
+            assert (theirs / name).read_text() == text
+            (theirs / name).unlink()
+    with socket.socket() as taken:  # a port in use: said before training, not as JupyterLab's traceback after it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        refused = subprocess.run(
+            [sys.executable, "-m", "lca_notebook", "--steps", "3", "--out", str(theirs), "--port", port],
+            cwd=cwd, env=_env(HOME=str(home)), capture_output=True, text=True, timeout=280,
+        )  # fmt: skip
+    assert refused.returncode == 2 and f"port {port} on 127.0.0.1 is not free" in refused.stderr, refused.stderr
 
 
 def _port_open(port: int) -> bool:

@@ -390,6 +390,21 @@ def test_explorer_on_a_real_run():
     check_all(ex, truth)
 
 
+def test_bad_arguments_name_the_value_and_the_choices():
+    r = lca.LCAResult.example()
+    with pytest.raises(ValueError, match=r"granularity must be one of parameter, unit, tensor, layer, got 'bogus'"):
+        lca.explore(r, granularity="bogus")
+    with pytest.raises(ValueError, match=r"layer 'nope' is not one of the result's layers: fc1, fc2"):
+        lca.explore(r, layer="nope")
+    with pytest.raises(ValueError, match=r"sign must be one of both, helped, hurt, got 'x'"):
+        lca.explore(r, sign="x")
+    with pytest.raises(TypeError, match=r"needs an LCAResult .* got a int$"):
+        lca.explore(123)
+    with pytest.raises(TypeError, match=r"got a Dataset: wrap it, lca.LCAResult\(dataset\)"):
+        lca.explore(r.dataset)
+    assert lca.explore(r, granularity="unit", layer="fc2", sign="hurt").layer.value == "fc2"
+
+
 def test_a_result_without_iterations_is_refused_with_a_reason():
     r = from_arrays(
         np.zeros((0, 2), np.float32),

@@ -33,7 +33,7 @@ import ipywidgets as widgets
 import numpy as np
 import xarray as xr
 
-from ..result import ReducedResultError
+from ..result import LCAResult, ReducedResultError
 from . import figures
 from .reduce import (
     ParameterRanges,
@@ -96,6 +96,16 @@ class Explorer(widgets.VBox):
         histogram_bins: int = 40,
         parameter_budget_bytes: int = 64 << 20,
     ):
+        if not isinstance(result, LCAResult):
+            hint = ": wrap it, lca.LCAResult(dataset)" if isinstance(result, xr.Dataset) else ""
+            raise TypeError(
+                f"explore needs an LCAResult (from lca.analyze or lca.open) or a result store's path, got a "
+                f"{type(result).__name__}{hint}"
+            )
+        if granularity not in (bys := [by for _, by in GRANULARITIES]):
+            raise ValueError(f"granularity must be one of {', '.join(bys)}, got {granularity!r}")
+        if sign not in SIGNS:
+            raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
         self.result = result
         r = result
         t = r.n_iterations
@@ -149,6 +159,8 @@ class Explorer(widgets.VBox):
             style={"button_width": "auto"},
             tooltips=[tips.get(by, "each layer") for _, by in offered],
         )
+        if layer is not None and layer not in self.layers:
+            raise ValueError(f"layer {layer!r} is not one of the result's layers: {', '.join(self.layers)}")
         # values are strings: a Dropdown treats None as "nothing selected" and shows a blank box
         self.layer = widgets.Dropdown(
             options=[ALL_LAYERS, *self.layers],
