@@ -245,23 +245,18 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
             pin_memory=loader.pin_memory,
             worker_init_fn=loader.worker_init_fn,
         )
-    if loader.batch_size is None:  # the user's own batching (a batch_sampler): kept, but nothing dropped
+    if loader.batch_size is None:  # the user's own batching (a batch_sampler): kept, unless it drops samples
         sampler = loader.batch_sampler
         if not (isinstance(sampler, BatchSampler) and sampler.drop_last):
             return loader
-        return DataLoader(
-            loader.dataset,
-            batch_sampler=BatchSampler(sorted(sampler.sampler), sampler.batch_size, drop_last=False),
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-        )
-    if isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
+        indices, size = sorted(sampler.sampler), sampler.batch_size
+    elif isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
         return loader
-    indices = sorted(loader.sampler)  # any finite sampler: the same samples, sorted (a shuffle reads the same)
+    else:  # any finite sampler: the same samples, sorted (a shuffle reads the same)
+        indices, size = sorted(loader.sampler), loader.batch_size
     return DataLoader(
         loader.dataset,
-        batch_sampler=BatchSampler(indices, loader.batch_size, drop_last=False),
+        batch_sampler=BatchSampler(indices, size, drop_last=False),
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
