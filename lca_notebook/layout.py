@@ -250,9 +250,8 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
             layer = owner or name.split(".")[1]
         else:  # the owning module's path; the model's own tensors (a bare nn.Linear's) share one layer
             layer = name.rsplit(".", 1)[0] if "." in name else spec.root
-            if stacked := _RNN_LAYER.fullmatch(
-                name.rsplit(".", 1)[-1]
-            ):  # layer k of an RNN: "rnn.l0", "rnn.l1_reverse"
+            # layer k of an RNN: "rnn.l0", "rnn.l1_reverse"
+            if stacked := _RNN_LAYER.fullmatch(name.rsplit(".", 1)[-1]):
                 layer = f"{layer}.{stacked[1]}"
         tensors.append(name)
         layers.append(layer)
