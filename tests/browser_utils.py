@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "example_notebooks"
 CHROMIUM = "/usr/bin/chromium"
+#: Where the browser tests leave their screenshots and JupyterLab's logs (and .ci/run the documentation site):
+#: outside the checkout, which no test writes into. LCA_ARTIFACTS chooses another folder.
+ARTIFACTS = Path(os.environ.get("LCA_ARTIFACTS") or Path(tempfile.gettempdir()) / "lca_notebook-artifacts")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook, write_lab_settings
+from browser_utils import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook, write_lab_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
-ARTIFACTS = REPO / "artifacts"
 SUMMARY = re.compile(r"iterations \[(\d+), (\d+)\)")
 FIGURES = ("loss", "residual", "fractions", "cumulative", "layers", "heatmap", "histogram")
 
@@ -37,7 +36,7 @@ def lab_page(tmp_path_factory):
     sync_api = pytest.importorskip("playwright.sync_api")
     root = tmp_path_factory.mktemp("lab")
     copy_notebook("01_quickstart.ipynb", root)
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     settings = write_lab_settings(tmp_path_factory.mktemp("lab-settings"))
     saved = {k: os.environ.get(k) for k in ("JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")}
     os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(settings)

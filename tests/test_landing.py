@@ -1,7 +1,8 @@
 """The first five minutes, in a real browser: `python -m lca_notebook --out DIR`, started from the checkout,
 prints a URL; opened in headless Chromium with no click, it shows THAT run's explorer drawn and live; Export
-writes into the run folder; the checkout is unchanged. Leaves artifacts/landing.png (the README's picture:
-see "What you will see" there for the command that refreshes docs/explorer.png).
+writes into the run folder; the checkout is unchanged, ignored files included (no bytecode either, whatever
+PYTHONDONTWRITEBYTECODE says). Leaves landing.png in browser_utils.ARTIFACTS (the README's picture: see "What
+you will see" there for the command that refreshes docs/explorer.png).
 """
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from browser_utils import (
+    ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
     REPO,
@@ -24,7 +26,6 @@ from browser_utils import (
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
-ARTIFACTS = REPO / "artifacts"
 STEPS = 40
 
 
@@ -42,18 +43,19 @@ def _checkout_state() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    # artifacts/ (git-ignored) is where this test leaves its screenshots: the one place a test may write
-    return "\n".join(line for line in out.stdout.splitlines() if line[3:] != "artifacts/")
+    return out.stdout
 
 
 def test_the_url_shows_the_runs_explorer_drawn_and_live_with_no_click(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    ARTIFACTS.mkdir(exist_ok=True)  # before the snapshot: .ci/run makes it too
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     before = _checkout_state()
     run = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "JUPYTER_PATH", "CI")}
+    # a new user's environment: no PYTHONDONTWRITEBYTECODE (.ci/setup's venv writes no bytecode by itself)
+    drop = ("DISPLAY", "JUPYTER_PATH", "CI", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["OMP_NUM_THREADS"] = "1"
     # JupyterLab's own defaults (light theme, no restored tabs), whatever another run left in ~/.jupyter/lab
     env["JUPYTERLAB_SETTINGS_DIR"] = str(tmp_path / "lab-settings")

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, kernel_env, write_lab_settings
+from browser_utils import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, kernel_env, write_lab_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
-ARTIFACTS = REPO / "artifacts"
 STEPS = 150  # optimizer steps, so the finished run has STEPS iterations
 PAUSE_AT = 5  # the trainer waits here for the "go" file
 STEP_SECONDS = 0.15  # pace of training after "go": ~25 s, many explorer refreshes (interval 1 s)
@@ -180,7 +179,7 @@ def lab(tmp_path, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api")
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     settings = write_lab_settings(tmp_path_factory.mktemp("live-lab-settings"))
     saved = {k: os.environ.get(k) for k in ("JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR")}
     os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
