@@ -267,17 +267,20 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
     start = 0
     for (name, shape), n in zip(spec.selected, sizes, strict=True):
         at = slice(start, start + n)
-        index = out["index"][at]
-        index[:] = np.arange(n)
-        if not len(shape):
-            out["unit"][at] = 0
-        elif name in spec.transposed:  # output channel = group * (out // groups) + index along dim 1
-            ix = np.unravel_index(index, tuple(shape))
-            per_group_in = shape[0] // spec.transposed[name]
-            out["unit"][at] = ix[0] // per_group_in * shape[1] + ix[1]
-        else:  # the index along dim 0 of each element of tensor.flatten()
-            np.floor_divide(index, max(1, math.prod(shape[1:])), out=out["unit"][at])
         start += n
+        if not n:
+            continue
+        # as (rows, rest): filled by broadcasting a row and a column, no temporary of the tensor's length
+        rows = shape[0] if len(shape) else 1
+        index, unit = out["index"][at].reshape(rows, -1), out["unit"][at]
+        index[:] = np.arange(index.shape[1])
+        index += np.arange(0, n, index.shape[1])[:, None]
+        if name in spec.transposed:  # output channel = group * (out // groups) + index along dim 1
+            ix = np.unravel_index(out["index"][at], tuple(shape))
+            per_group_in = shape[0] // spec.transposed[name]
+            unit[:] = ix[0] // per_group_in * shape[1] + ix[1]
+        else:  # the index along dim 0 of each element of tensor.flatten()
+            unit.reshape(rows, -1)[:] = np.arange(rows)[:, None]
     return out
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_utils import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, JupyterLab, copy_notebook, write_lab_settings
+from browser_utils import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, JupyterLab, copy_notebook, write_lab_settings
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 

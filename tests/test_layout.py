@@ -38,6 +38,8 @@ def test_coords_and_groups_match_an_element_by_element_walk():
     coords = parameter_coords(spec)
     naive = _naive(model)
     assert list(zip(coords["tensor"], coords["layer"], coords["unit"].tolist(), strict=True)) == naive
+    flat_index = np.concatenate([np.arange(p.numel()) for p in model.parameters()])
+    assert coords["index"].dtype == np.int64 and np.array_equal(coords["index"], flat_index)
     groups = Groups(coords)
     from_shapes = Groups.of(spec)  # runs from the tensors' shapes: the same as comparing neighbours' coordinates
     assert all(np.array_equal(a, b) for a, b in zip(from_shapes._runs, groups._runs, strict=True))
