@@ -309,8 +309,7 @@ def batch_weights(batch_list: list[Batch], loss_fn) -> list[float]:
     rows = [float(b.size) for b in batch_list]
     if isinstance(loss_fn, ModelLoss):  # the model's own loss: what it averages over
         rows = model_loss_counts(batch_list, loss_fn) or rows
-    ignore = _ignore_index(loss_fn)
-    weight = getattr(loss_fn, "weight", None) if isinstance(loss_fn, torch.nn.Module) else None
+    ignore, weight = _class_loss(loss_fn) or (None, None)
     targets_are_labels = all(
         isinstance(b.target, torch.Tensor) and not b.target.is_floating_point() for b in batch_list
     )
@@ -388,13 +387,30 @@ def describe_batch(batch_list: list[Batch], index: int) -> str:
     return f"data batch {index} (samples {start}..{start + batch_list[index].size - 1})"
 
 
-def _ignore_index(loss_fn) -> int | None:
-    """The ignored target of PyTorch's class-index losses (cross entropy, NLL); None for any other loss."""
-    if loss_fn in (F.cross_entropy, F.nll_loss):
-        return -100
+def _class_loss(loss_fn) -> tuple[int, torch.Tensor | None] | None:
+    """The ignored target and class weights of PyTorch's class-index losses (cross entropy, NLL: the modules, the
+    functions, and ``functools.partial`` of a function with keywords); None for any other loss.
+
+    >>> _class_loss(functools.partial(F.cross_entropy, ignore_index=0))
+    (0, None)
+    """
     if isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
-        return loss_fn.ignore_index
+        return loss_fn.ignore_index, loss_fn.weight
+    keywords: dict = {}
+    while isinstance(loss_fn, functools.partial):
+        if loss_fn.args:  # a positional weight or more: not a form this reads
+            return None
+        keywords = {**loss_fn.keywords, **keywords}  # the outer partial's keywords win, as calling it does
+        loss_fn = loss_fn.func
+    if loss_fn in (F.cross_entropy, F.nll_loss):
+        return keywords.get("ignore_index", -100), keywords.get("weight")
     return None
+
+
+def _ignore_index(loss_fn) -> int | None:
+    """The ignored target of PyTorch's class-index losses (see :func:`_class_loss`); None for any other loss."""
+    known = _class_loss(loss_fn)
+    return None if known is None else known[0]
 
 
 def _labels_out_of_range(out, batch_list: list[Batch], indices, ignore: int | None, loss_fn) -> ValueError | None:

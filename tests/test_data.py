@@ -176,3 +176,25 @@ def test_rebatching_batches_padded_to_their_own_length_names_the_key():
     ]
     with pytest.raises(ValueError, match=r"batches' 'input_ids' differ.*\[5\], \[7\].*without batch_size="):
         data.batches(loader, batch_size=3)
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        functools.partial(F.cross_entropy, weight=torch.tensor([0.1, 1.0, 2.0, 3.0])),
+        functools.partial(F.cross_entropy, ignore_index=0),
+        functools.partial(functools.partial(F.nll_loss, ignore_index=0), weight=torch.tensor([1.0, 2.0, 3.0, 4.0])),
+    ],
+    ids=["class weights", "ignore_index", "nested partial of nll_loss"],
+)
+def test_a_partial_of_a_class_loss_averages_batches_as_the_whole_data(loss_fn):
+    """functools.partial(F.cross_entropy, weight=...) divides by the weights of its targets, as the module does:
+    batches weigh what each divides by, so the loss over batches is the loss of all the data in one call (a batch
+    whose targets are all ignored weighs nothing, instead of making the loss nan)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 4).log_softmax(1), torch.randint(0, 4, (200,))
+    y[:60] = 0  # batch 0 (of 50) is all class 0: all ignored with ignore_index=0
+    read = data.batches((x, y), batch_size=50)
+    weights = data.batch_weights(read, loss_fn)
+    by_batches = sum(w * float(loss_fn(b.args[0], b.target)) for w, b in zip(weights, read, strict=True) if w)
+    assert by_batches == pytest.approx(float(loss_fn(x, y)), rel=1e-6)
