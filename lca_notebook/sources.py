@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order, weight_files
@@ -72,6 +73,17 @@ def open_path(path) -> Trajectory:
         copies = [f for f in files if re.fullmatch(r"last(-v\d+)?\.ckpt", os.path.basename(f))]
         if copies and len(copies) < len(files):
             files = [f for f in files if f not in copies]
+        # Other copies (best.pt, model_final.pth) have no number either: sorted by name they would land anywhere
+        unnumbered = [f for f in files if not re.search(r"\d", os.path.splitext(os.path.basename(f))[0])]
+        if unnumbered and len(unnumbered) < len(files):
+            files = [f for f in files if f not in unnumbered]
+            names = ", ".join(sorted(os.path.basename(f) for f in unnumbered))
+            warnings.warn(
+                f"{path!r}: left out {names}, beside checkpoints numbered by step: a file without a number has no "
+                "place in training order (a copy such as best.pt). To read it, pass the files as a list in "
+                "training order.",
+                stacklevel=3,
+            )
         if not files:  # a Hugging Face Trainer's output: a checkpoint-<step> folder a snapshot
             files = [f for f in (os.path.join(path, n) for n in os.listdir(path)) if weight_files(f)]
         if not files:

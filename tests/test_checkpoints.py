@@ -199,6 +199,23 @@ def test_lightnings_last_ckpt_is_not_read_twice(run, tmp_path):
     assert result.n_iterations == len(STEPS) - 1
 
 
+def test_an_unnumbered_copy_beside_numbered_checkpoints_is_left_out_with_a_warning(run, tmp_path):
+    """best.pt sorts before step_0.pt by name: read, it would be snapshot 0 and the first iteration would run from
+    the best model back to the untrained one."""
+    snaps = run[-1]
+    d = _write_dir(tmp_path, snaps)
+    torch.save(snaps[STEPS[1]], d / "best.pt")
+    with pytest.warns(UserWarning, match=r"left out best\.pt, beside checkpoints numbered by step"):
+        traj = open_path(d)
+    assert [os.path.basename(p) for p in traj.paths] == [f"step_{s}.pt" for s in STEPS]
+    assert traj.steps == STEPS
+    only = tmp_path / "unnumbered"
+    only.mkdir()
+    for name, step in (("init.pt", 0), ("trained.pt", STEPS[-1])):
+        torch.save(snaps[step], only / name)
+    assert len(open_path(only)) == 2  # nothing numbered: every file is read, in order of the names
+
+
 def test_an_integer_tensor_in_a_checkpoint_file_is_refused_naming_the_file(run, tmp_path):
     model, x, y, snaps = run
     d = _write_dir(tmp_path, snaps)
