@@ -121,6 +121,14 @@ class Recorder(Trajectory):
                 self._snapshot(self._step)
         finally:  # a snapshot refused (the model changed): what is on disk is still flushed, closed and unlocked
             self._stop_writer()
+        if self._steps and self._changed_since_last():
+            warnings.warn(
+                f"the model changed after this recorder's last snapshot (step {self._steps[-1]}) without a step of "
+                "its optimizer: another optimizer that steps after it (a split such as Muon + AdamW), or updates "
+                "outside optimizer.step(). The trajectory ends before those changes, not at the trained model: "
+                "record with the optimizer that steps last.",
+                stacklevel=3,
+            )
         now = self.model.state_dict()
         moved = [k for k, v in self._unrecorded.items() if k in now and not torch.equal(now[k].detach().cpu(), v)]
         if moved:
@@ -195,8 +203,8 @@ class Recorder(Trajectory):
                 )
 
     def _changed_since_last(self) -> bool:
-        """Whether a recorded tensor differs from the last snapshot in memory."""
-        last = self._snapshots[-1]
+        """Whether a recorded tensor differs from the last snapshot (read back from disk with ``path=``)."""
+        last = self._snapshots[-1] if self.path is None else self.load(len(self) - 1)
         return any(k in last and not torch.equal(v.detach().cpu(), last[k]) for k, v in self._state().items())
 
     def _stop_writer(self):

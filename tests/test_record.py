@@ -223,6 +223,33 @@ def test_reentering_a_recorder_in_memory_after_steps_outside_it_warns(digits):
     assert rec.steps == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("where", ["memory", "store"])
+def test_a_second_optimizer_stepping_after_the_recorded_one_is_named_at_close(digits, tmp_path, where):
+    """Weights with one optimizer, biases with another that steps after it: each snapshot is taken between the
+    two steps, so the trajectory ends before the last bias step, not at the trained model. Hooking the optimizer
+    that steps last gives a trajectory that ends there, and no warning."""
+    x, y = digits
+    path = str(tmp_path / "t.zarr") if where == "store" else None
+    for hooked, warns in (("weights", True), ("biases", False)):
+        model = _model()
+        weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        opt_w, opt_b = torch.optim.SGD(weights, lr=0.1), torch.optim.AdamW(biases, lr=1e-2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with lca.record(model, opt_w if hooked == "weights" else opt_b, path=path, overwrite=True) as rec:
+                for _ in range(3):
+                    opt_w.zero_grad()
+                    opt_b.zero_grad()
+                    nn.functional.cross_entropy(model(x), y).backward()
+                    opt_w.step()
+                    opt_b.step()
+        named = [w for w in caught if "changed after this recorder's last snapshot (step 3)" in str(w.message)]
+        assert len(named) == (1 if warns else 0), [str(w.message) for w in caught]
+        ends_trained = all(torch.equal(v, rec[len(rec) - 1][k]) for k, v in model.state_dict().items())
+        assert ends_trained == (not warns)
+
+
 def test_refuses_to_overwrite_what_is_not_its_own(tmp_path):
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
