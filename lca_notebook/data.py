@@ -502,6 +502,39 @@ def _rowless(x, n: int, key: str) -> str | None:
     return next((f for f in found if f is not None), None)
 
 
+def _first_nonfinite(x, key: str) -> tuple[str, tuple] | None:
+    """The first leaf of ``x`` holding nan or inf: its name (``key``: where ``x`` sits) and the value's index."""
+    if isinstance(x, torch.Tensor):
+        if not (x.is_floating_point() or x.is_complex()) or bool(torch.isfinite(x).all()):
+            return None
+        at = tuple((~torch.isfinite(x)).nonzero()[0].tolist())
+        return f"{key} holds {x[at].item()} at {at}", at
+    if isinstance(x, (list, tuple)):
+        found = (_first_nonfinite(v, f"{key}[{i}]") for i, v in enumerate(x))
+    elif isinstance(x, dict):
+        found = (_first_nonfinite(v, f"{key}[{k!r}]") for k, v in x.items())
+    else:
+        return None
+    return next((f for f in found if f is not None), None)
+
+
+def nonfinite_data(batch_list: list[Batch]) -> str | None:
+    """Where the data holds nan or inf (the first such value), in words, or None.
+
+    >>> x = torch.zeros(4, 2); x[3, 1] = float("nan")
+    >>> nonfinite_data(batches((x, torch.zeros(4)), batch_size=2))
+    'data batch 1 (samples 2..3): input[0] holds nan at (1, 1) (sample 3)'
+    """
+    for i, b in enumerate(batch_list):
+        for key, x in (("input", b.args), ("input", b.kwargs), ("target", b.target)):
+            if (found := _first_nonfinite(x, key)) is not None:
+                words, at = found
+                first = sum(c.size for c in batch_list[:i])
+                sample = f" (sample {first + at[0]})" if at and _batched(x, b.size) else ""
+                return f"{describe_batch(batch_list, i)}: {words}{sample}"
+    return None
+
+
 def _batched(x, n: int) -> bool:
     """Whether every leaf of ``x`` is a tensor with ``n`` rows (so halving it along dim 0 halves the batch)."""
     return _rowless(x, n, "") is None

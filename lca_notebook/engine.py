@@ -417,9 +417,7 @@ class Evaluator:
         self.evaluations += 1
         self._checked = True
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path"
-            )
+            raise self._not_finite(value, where)
         if into is not None:
             return value, None
         assert grads is not None  # batch_weights never makes every weight zero
@@ -455,10 +453,18 @@ class Evaluator:
         values = total.tolist()
         for k, value in enumerate(values):
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"the loss is {value} at {where} (point {k}): LCA needs a finite loss at every point of the path"
-                )
+                raise self._not_finite(value, f"{where} (point {k})")
         return values, grads
+
+    def _not_finite(self, value: float, where: str) -> Exception:
+        """The error for a loss that is not finite: the data's fault where it holds nan or inf (every point's loss
+        is then nan), else the path's (:func:`_checked` names the snapshot's tensor when it can)."""
+        if (bad := data_mod.nonfinite_data(self.batches)) is not None:
+            return ValueError(
+                f"the loss is {value} at {where} because the data is not finite: {bad}. Clean it (torch.nan_to_num, "
+                "or leave those samples out) before analyze."
+            )
+        return FloatingPointError(f"the loss is {value} at {where}: LCA needs a finite loss at every point of the path")
 
     def _first_loss(self, tensors: dict, i: int, first: bool) -> torch.Tensor:
         """Batch ``i``'s loss at the first evaluation, checked once: what torch would report obscurely (data of

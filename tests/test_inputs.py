@@ -261,6 +261,10 @@ def test_bad_data_and_options_are_refused(small):
     _raises(r"batchnorm must be one of", model, (x, y), snaps, batchnorm="train")
     _raises(r"parameters=\['conv\*'\] match none", model, (x, y), snaps, parameters=["conv*"])
     _raises(r"loss is nan at snapshot 0", model, (x, y), snaps, loss_fn=lambda o, t: (o * float("nan")).mean())
+    dirty = x.clone()
+    dirty[70, 3] = float("nan")  # a missing value: the data, not the path, is named, down to the sample
+    _raises(r"data is not finite: data batch 2 \(samples 64..95\): input\[0\] holds nan at \(6, 3\) \(sample 70\)",
+            model, (dirty, y), snaps, batch_size=32)  # fmt: skip
     frozen = copy.deepcopy(model).requires_grad_(False)
     _raises(r"no trainable parameters", frozen, (x, y), snaps)
 
