@@ -247,7 +247,7 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
     for name, shape in spec.selected:
         if ".parametrizations." in f".{name}":  # torch.nn.utils.parametrize: the layer is the parametrized module
             owner = f".{name}".split(".parametrizations.")[0][1:]
-            layer = owner or name.split(".")[1]
+            layer = owner or spec.root  # a bare parametrized module: the model itself
         else:  # the owning module's path; the model's own tensors (a bare nn.Linear's) share one layer
             layer = name.rsplit(".", 1)[0] if "." in name else spec.root
             # layer k of an RNN: "rnn.l0", "rnn.l1_reverse"

@@ -83,6 +83,10 @@ def test_a_bare_modules_weight_and_bias_are_one_layer_whose_units_span_both():
     assert g.labels("layer").tolist() == ["Linear"]
     assert g.labels("unit").tolist() == ["Linear[0]", "Linear[1]", "Linear[2]"]
     assert g.sizes("unit").tolist() == [5, 5, 5]  # a row of the weight and its bias
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))  # parametrized: its weight is g and v
+    g = Groups(parameter_coords(build_spec(normed, normed.state_dict())))
+    assert g.labels("layer").tolist() == ["ParametrizedLinear"]
+    assert g.sizes("unit").tolist() == [6, 6, 6]  # g's row, v's row and the bias
 
 
 def test_each_layer_of_a_stacked_rnn_is_a_layer_whose_units_are_rows_of_its_gates():
