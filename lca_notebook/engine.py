@@ -530,6 +530,8 @@ class SnapshotReader:
     def __init__(self, traj: Sequence, spec: PathSpec, device):
         self.traj, self.spec, self.device = traj, spec, device
         self._warned_precision = False
+        self._last_extras: tuple[int, dict] | None = None  # the last snapshot read's k and non-floating tensors
+        self._warned_changed = False
 
     def _where(self, k: int) -> str:
         describe = getattr(self.traj, "describe", None)
@@ -588,7 +590,25 @@ class SnapshotReader:
                 t = t.detach().to(device, spec.dtype)
             tensors.append(t)
         extras = {n: snap[n].detach().to(self.device) for n in spec.fixed_names if n in snap}
+        last, self._last_extras = self._last_extras, (k, extras)
+        if last is not None and last[0] == k - 1 and not _same(last[1], extras):
+            self._warn_changed(k, last[1], extras)
         return tensors, extras
+
+    def _warn_changed(self, k: int, before: dict, after: dict):
+        """Warn (once a run) that a non-floating tensor changed from snapshot ``k - 1`` to ``k``."""
+        if self._warned_changed:
+            return
+        self._warned_changed = True
+        names = sorted(before.keys() | after.keys())
+        name = next(n for n in names if n not in before or n not in after or not _same({n: before[n]}, {n: after[n]}))
+        warnings.warn(
+            f"{self._where(k)}: the non-floating tensor {name!r} differs from snapshot {k - 1}'s (a mask "
+            "or an index that training changed): a change with no path between its values is allocated to no "
+            f"parameter, so what it does to the loss stays in the residual of iteration {k - 1} (adaptive does not "
+            "refine such an iteration: more points would not shrink it). Later changes are not named again.",
+            stacklevel=2,
+        )
 
     def check_finite(self, k: int, flat: torch.Tensor):
         """Raise naming the tensor of snapshot ``k`` (read into ``flat``) that holds nan or inf, if one does."""
@@ -864,7 +884,7 @@ def _rows(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, opti
             read.check_finite(t + 1, b)
             read.check_finite(t, a)
         row, pieces, error = lca, 1, math.nan
-        if refine is not None:
+        if refine is not None and _same(extras_a, extras_b):  # a jump in a non-floating tensor: no point helps
             assert g_m is not None
             row, total, selected, pieces, error = refine(t, a, d, extras_a, g_a, g_b, g_m, lca, total, selected, change)
         yield _row(t, row, total, selected, change, pieces, loss_b, evaluate.evaluations - before, error, p_sel)
@@ -952,7 +972,7 @@ def _chunks(evaluate: Evaluator, read: SnapshotReader, start: int, stop: int, op
                 read.check_finite(t + 1, ends[j + 1])
                 read.check_finite(t, ends[j])
             row, pieces, error = lca[j], 1, math.nan
-            if refine is not None and mids is not None and g_mids is not None:
+            if refine is not None and mids is not None and g_mids is not None and _same(extras[j], extras[j + 1]):
                 before = evaluate.evaluations
                 g_a, g_b, g_m = _split(grads[j], sizes), _split(grads[j + 1], sizes), _split(g_mids[j], sizes)
                 row, total, selected, pieces, error = refine(

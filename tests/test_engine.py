@@ -338,3 +338,48 @@ def test_batch_norm_with_moving_statistics_is_pytorchs_and_differentiates_them(s
     x64, w64, b64 = x.double(), w.double(), b.double()
     stats = (m.double().requires_grad_(), v.double().requires_grad_())
     assert torch.autograd.gradcheck(lambda mean, var: engine._batch_norm(x64, mean, var, w64, b64), stats)
+
+
+class _Pruned(nn.Module):
+    """A bool mask buffer that training changes (pruning half the hidden units at one step)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("mask", torch.ones(8, dtype=torch.bool))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)) * self.mask)
+
+
+@pytest.mark.parametrize("method", ["simpson", "adaptive"])
+def test_a_non_floating_tensor_that_changes_is_named_and_not_refined(method):
+    """A mask has no path between its values: what its jump does to the loss stays in that iteration's residual
+    (of the jump's size, computed here: the end snapshot's loss with the old mask against the new), adaptive
+    spends no points on it, and one warning names the tensor and the iteration."""
+    import lca_notebook as lca
+
+    model, x = _Pruned(), torch.randn(64, 6)
+    y = torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for step in range(4):
+        if step == 2:
+            model.mask[:4] = False
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        snaps.append({k: v.clone() for k, v in model.state_dict().items()})
+    with pytest.warns(UserWarning, match=r"snapshot 3: the non-floating tensor 'mask' differs.*iteration 2") as caught:
+        result = lca.analyze(model, (x, y), snaps, method=method, tol=1e-9, progress=False)
+    assert sum("non-floating" in str(w.message) for w in caught) == 1
+    with torch.no_grad():
+        new, old = (
+            float(nn.functional.cross_entropy(torch.func.functional_call(model, snaps[3] | {"mask": m}, (x,)), y))
+            for m in (snaps[3]["mask"], snaps[2]["mask"])
+        )
+    residual = result.residual.values
+    assert abs(residual[2]) > abs(new - old) / 10 > 1e-3  # the jump's order, not quadrature's
+    assert result.dataset["evaluations"].values[2] == 2
+    assert np.abs(np.delete(residual, 2)).max() < abs(residual[2]) / 100
