@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,13 +247,24 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
         )
     if loader.batch_size is None:  # the user's own batching (a batch_sampler): kept, unless it drops samples
         sampler = loader.batch_sampler
-        if not (isinstance(sampler, BatchSampler) and sampler.drop_last):
-            return loader
-        indices, size = sorted(sampler.sampler), sampler.batch_size
+        if isinstance(sampler, BatchSampler) and sampler.drop_last:
+            indices, size = sorted(_drawn(sampler.sampler, loader.dataset)), sampler.batch_size
+        else:
+            # indices only: cheap to read twice (bounded: a sampler that never ends is refused when the data is read)
+            drawn, again = ([list(b) for b in itertools.islice(sampler, MAX_BATCHES + 1)] for _ in range(2))
+            if drawn == again or len(drawn) > MAX_BATCHES:
+                return loader
+            indices, size = sorted(i for b in drawn for i in b), max(len(b) for b in drawn)
+            warnings.warn(
+                f"the DataLoader's batch_sampler ({type(sampler).__name__}) gives other batches each time it is "
+                f"read: analyze reads the same samples in a fixed order, in batches of {size} (the mean loss is "
+                "the same), so that every point of the path sees the same data and a stored run can resume.",
+                stacklevel=4,
+            )
     elif isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
         return loader
     else:  # any finite sampler: the same samples, sorted (a shuffle reads the same)
-        indices, size = sorted(loader.sampler), loader.batch_size
+        indices, size = sorted(_drawn(loader.sampler, loader.dataset)), loader.batch_size
     return DataLoader(
         loader.dataset,
         batch_sampler=BatchSampler(indices, size, drop_last=False),
@@ -261,6 +272,26 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
+
+
+def _drawn(sampler, dataset) -> Iterable[int]:
+    """The samples a sampler chooses: its own, unless it draws them at random each time (with replacement, or a
+    random part of the data: a WeightedRandomSampler, a RandomSampler with replacement or num_samples), when
+    the mean loss would change from one reading to the next: then every sample of the dataset once, said so."""
+    from torch.utils.data import RandomSampler, WeightedRandomSampler
+
+    random_draw = isinstance(sampler, WeightedRandomSampler) or (
+        isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(dataset))
+    )
+    if not random_draw:
+        return sampler
+    warnings.warn(
+        f"the DataLoader's {type(sampler).__name__} draws other samples each time it is read, so the mean loss "
+        f"would change from one point of the path to the next: analyze reads every sample of its dataset once "
+        f"instead ({len(dataset)} samples, unweighted). Pass a loader without that sampler to choose the data.",
+        stacklevel=5,
+    )
+    return range(len(dataset))
 
 
 def _concat(parts, key: str = "inputs"):

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -198,3 +199,29 @@ def test_a_partial_of_a_class_loss_averages_batches_as_the_whole_data(loss_fn):
     weights = data.batch_weights(read, loss_fn)
     by_batches = sum(w * float(loss_fn(b.args[0], b.target)) for w, b in zip(weights, read, strict=True) if w)
     assert by_batches == pytest.approx(float(loss_fn(x, y)), rel=1e-6)
+
+
+def test_samplers_that_draw_at_random_give_the_same_data_every_time_and_say_so():
+    """A WeightedRandomSampler (or a RandomSampler with replacement) draws other samples at each reading: the
+    mean loss would differ between points of the path. Every sample is read once instead. A batch_sampler that
+    shuffles gives the same samples in a fixed order; one that does not shuffle is kept as it is, silently."""
+    from torch.utils.data import BatchSampler, RandomSampler, TensorDataset, WeightedRandomSampler
+
+    x, y = torch.arange(40.0)[:, None], torch.arange(40) % 3
+    ds = TensorDataset(x, y)
+    for sampler in (WeightedRandomSampler(torch.rand(40), 40), RandomSampler(ds, replacement=True)):
+        with pytest.warns(UserWarning, match=rf"{type(sampler).__name__} draws other samples.*every sample"):
+            read = data.batches(DataLoader(ds, batch_size=16, sampler=sampler))
+        assert torch.equal(torch.cat([b.args[0] for b in read]), x)
+    shuffled = DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 16, drop_last=False))
+    with pytest.warns(UserWarning, match=r"batch_sampler \(BatchSampler\) gives other batches.*batches of 16"):
+        first = data.batches(shuffled)
+    with pytest.warns(UserWarning):
+        second = data.batches(shuffled)
+    assert all(torch.equal(a.args[0], b.args[0]) for a, b in zip(first, second, strict=True))
+    assert torch.equal(torch.cat([b.args[0] for b in first]), x)
+    fixed = [[3, 1], [0, 2, 5], [4]]  # the user's own grouping, the same at every reading: kept as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = data.batches(DataLoader(ds, batch_sampler=fixed))
+    assert [b.args[0].flatten().tolist() for b in kept] == [[3.0, 1.0], [0.0, 2.0, 5.0], [4.0]]
