@@ -247,6 +247,7 @@ def _whole_loader(loader: DataLoader) -> DataLoader:
         )
     if loader.batch_size is None:  # the user's own batching (a batch_sampler): kept, unless it drops samples
         sampler = loader.batch_sampler
+        assert sampler is not None  # a loader without batch_size has one
         if isinstance(sampler, BatchSampler) and sampler.drop_last:
             indices, size = sorted(_drawn(sampler.sampler, loader.dataset)), sampler.batch_size
         else:
