@@ -84,3 +84,27 @@ def test_callback_records_a_real_trainer(tmp_path):
     ref = lca.analyze(module, (x, y), hand.snaps, method="simpson", progress=False)
     np.testing.assert_array_equal(result.lca.values, ref.lca.values)
     assert result.n_iterations == 8
+
+
+def test_a_second_fit_with_the_callback_continues_its_recording(tmp_path):
+    """Train, look, train again (a new Trainer, the same callback): one recording from the untrained module to
+    the end of the second fit, as the hand-made copies of both fits; a recording on disk is refused instead of
+    replaced."""
+    d = load_digits()
+    x, y = torch.tensor(d.data[:256] / 16.0, dtype=torch.float32), torch.tensor(d.target[:256])
+    loader = DataLoader(TensorDataset(x, y), batch_size=128)
+    torch.manual_seed(0)
+    module, recorder, on_disk, hand = Digits(), LCARecorder(), LCARecorder(path=tmp_path / "rec"), HandCopies()
+    options = dict(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                   enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice about num_workers
+        L.Trainer(callbacks=[recorder, on_disk, hand], **options).fit(module, loader)
+        with pytest.raises(ValueError, match=r"recorded an earlier fit, and a recording on disk is not continued"):
+            L.Trainer(callbacks=[on_disk], **options).fit(module, loader)
+        L.Trainer(callbacks=[recorder, hand], **options).fit(module, loader)
+    snaps = hand.snaps[:3] + hand.snaps[4:]  # the second fit's start is the first fit's end
+    assert recorder.recorder.steps == [0, 1, 2, 3, 4]
+    for k, ref in enumerate(snaps):
+        for name, t in ref.items():
+            torch.testing.assert_close(recorder.recorder[k][name], t, rtol=0, atol=0, msg=f"snapshot {k} {name}")
