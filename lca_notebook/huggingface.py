@@ -34,7 +34,8 @@ class LCARecorder(TrainerCallback):
     ``every``-th optimizer step (gradient-accumulation micro-steps are not steps) and at the end. After
     ``trainer.train()`` the callback is itself a trajectory source: ``lca.analyze(model, data, rec)``; with
     ``path``, that path works too, in another process. If training raises, call ``rec.close()`` to keep
-    what was recorded (the ``Trainer`` has no exception event).
+    what was recorded (the ``Trainer`` has no exception event). Another ``train()`` with the same callback
+    continues the recording in memory (one on disk is not continued: that training is refused).
     """
 
     def __init__(self, path=None, every: int = 1, parameters=None, *, overwrite: bool = False):
@@ -49,6 +50,9 @@ class LCARecorder(TrainerCallback):
                 "LCARecorder: the Trainer passed no model or optimizer when training began; pass the callback "
                 "as Trainer(..., callbacks=[rec])"
             )
+        if self.recorder is not None:  # another train() with this callback: the recording goes on
+            self.recorder.continue_with(model, _unwrap(optimizer))
+            return
         self.recorder = Recorder(
             model, _unwrap(optimizer), path=self.path, every=self.every, parameters=self.parameters,
             overwrite=self.overwrite,

@@ -41,17 +41,8 @@ class LCARecorder(Callback):
                 f"LCARecorder: the trainer has {len(optimizers)} optimizer(s); optimizer_index={self.optimizer_index} "
                 "is out of range"
             )
-        if self.recorder is not None:  # another fit with this callback: the recording goes on (a new optimizer)
-            if self.recorder.path is not None:
-                raise ValueError(
-                    f"LCARecorder(path={self.recorder.path!r}) recorded an earlier fit, and a recording on disk is not "
-                    "continued: record all of the training in one fit, or give this fit a new LCARecorder with "
-                    "another path"
-                )
-            if self.recorder.model is not pl_module:
-                raise ValueError("LCARecorder recorded another module in an earlier fit: give each module its own")
-            self.recorder.optimizer = optimizers[self.optimizer_index]
-            self.recorder.start()
+        if self.recorder is not None:  # another fit with this callback: the recording goes on
+            self.recorder.continue_with(pl_module, optimizers[self.optimizer_index])
             return
         self.recorder = Recorder(
             pl_module,

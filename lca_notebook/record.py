@@ -108,6 +108,19 @@ class Recorder(Trajectory):
         self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
         return self
 
+    def continue_with(self, model, optimizer) -> Recorder:
+        """Go on recording ``model`` with ``optimizer`` after a pause: a framework's callback at its next fit or
+        train, which makes a new optimizer. A recording on disk is not continued (see :meth:`start`)."""
+        if self.path is not None:
+            raise RecordingError(
+                f"the recording in {self.path!r} ended with the earlier training, and a recording on disk is not "
+                "continued: record all of the training in one run, or give the rest a new recorder with another path"
+            )
+        if model is not self.model:
+            raise RecordingError("this recorder recorded another model before: give each model a recorder of its own")
+        self.optimizer = optimizer
+        return self.start()
+
     def close(self):
         """Unhook, take a last snapshot if the last steps were not recorded, and wait for the disk."""
         for h in self._handles:

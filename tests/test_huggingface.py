@@ -185,6 +185,22 @@ def test_recorder_to_a_path_every_second_step_with_gradient_accumulation(tmp_pat
     np.testing.assert_array_equal(from_callback.lca.values, from_path.lca.values)
 
 
+def test_a_second_train_with_the_callback_continues_its_recording(tmp_path):
+    """train() twice with the same callback (a new optimizer each time): one recording of both, step for step as
+    the hand-made copies; a recording on disk is refused instead of replaced."""
+    rows = _rows(_sequences(16, seed=6), causal=False, padded=True)
+    model = _bert()
+    rec, on_disk, hand = LCARecorder(), LCARecorder(path=tmp_path / "traj.zarr"), HandCopies()
+    _train(model, rows, tmp_path, [rec, on_disk, hand], steps=2)
+    with pytest.raises(lca.RecordingError, match=r"a recording on disk is not continued"):
+        _train(model, rows, tmp_path, [on_disk], steps=2)
+    _train(model, rows, tmp_path, [rec, hand], steps=2)
+    assert rec.recorder.steps == [0, 1, 2, 3, 4]
+    snaps = hand.snaps[:3] + hand.snaps[4:]  # the second train()'s start is the first one's end
+    for k, snap in enumerate(snaps):
+        assert all(torch.equal(rec.recorder.load(k)[name], t) for name, t in snap.items()), k
+
+
 def test_recording_a_subset_warns_like_record_when_the_rest_trains(tmp_path):
     rows = _rows(_sequences(16, seed=5), causal=False, padded=True)
     rec = LCARecorder(parameters="classifier.*")

@@ -100,7 +100,9 @@ def test_a_second_fit_with_the_callback_continues_its_recording(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice about num_workers
         L.Trainer(callbacks=[recorder, on_disk, hand], **options).fit(module, loader)
-        with pytest.raises(ValueError, match=r"recorded an earlier fit, and a recording on disk is not continued"):
+        with pytest.raises(
+            lca.RecordingError, match=r"ended with the earlier training, and a recording on disk is not continued"
+        ):
             L.Trainer(callbacks=[on_disk], **options).fit(module, loader)
         L.Trainer(callbacks=[recorder, hand], **options).fit(module, loader)
     snaps = hand.snaps[:3] + hand.snaps[4:]  # the second fit's start is the first fit's end
