@@ -139,6 +139,11 @@ def canonical(snapshot: Mapping, aliases: Mapping[str, str], where: str, expecte
         extra = f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         if all(k.startswith("module.") for k in unknown):
             extra += " (they start with 'module.': strip that prefix left by DataParallel/DistributedDataParallel)"
+        elif all(k.startswith("_orig_mod.") for k in unknown):
+            extra += (
+                " (they start with '_orig_mod.': snapshots of a torch.compile'd model; strip that prefix, or analyze "
+                "the compiled model itself)"
+            )
     missing = [n for n in expected if n not in out]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

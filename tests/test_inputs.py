@@ -242,6 +242,8 @@ def test_bad_snapshots_name_the_culprit(small):
         _raises(rf"snapshot 4: tensor '2.weight' holds {word}", model, (x, y), broken)
     prefixed = [{f"module.{k}": v for k, v in s.items()} for s in snaps]
     _raises(r"strip that prefix", model, (x, y), prefixed)
+    compiled = [{f"_orig_mod.{k}": v for k, v in s.items()} for s in snaps]
+    _raises(r"'_orig_mod\.': snapshots of a torch.compile'd model", model, (x, y), compiled)
 
 
 def test_bad_data_and_options_are_refused(small):
