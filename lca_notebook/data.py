@@ -496,6 +496,12 @@ def explain_forward_error(exc: Exception, batch_list: list[Batch], index: int, m
             f"({type(exc).__name__}: {exc}). Give data of the model's dtype, e.g. "
             f"(x.to(torch.{str(want).removeprefix('torch.')}), y)."
         )
+    if "Expected more than 1 value per channel when training" in str(exc):  # batchnorm="batch", a tiny batch
+        return ValueError(
+            f"{describe_batch(batch_list, index)} is too small for batch norm with batch statistics "
+            f"(batchnorm='batch'): a channel needs more than one value ({exc}). Choose a batch_size that leaves no "
+            f"batch of one sample ({batch.size} here), or batchnorm='eval' (the running statistics)."
+        )
     return None
 
 

@@ -261,6 +261,10 @@ def test_bad_data_and_options_are_refused(small):
     )
     _raises(r"unknown method 'euler'", model, (x, y), snaps, method="euler")
     _raises(r"batchnorm must be one of", model, (x, y), snaps, batchnorm="train")
+    bn = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    bn_snaps = [{k: v + 0.01 * i if v.is_floating_point() else v for k, v in bn.state_dict().items()} for i in (0, 1)]
+    _raises(r"data batch 2 \(samples 100..100\) is too small for batch norm with batch statistics.*batch_size",
+            bn, (x, y), bn_snaps, batchnorm="batch", batch_size=50)  # fmt: skip
     _raises(r"parameters=\['conv\*'\] match none", model, (x, y), snaps, parameters=["conv*"])
     _raises(r"loss is nan at snapshot 0", model, (x, y), snaps, loss_fn=lambda o, t: (o * float("nan")).mean())
     dirty = x.clone()
