@@ -106,7 +106,10 @@ def _select(model: torch.nn.Module, parameters) -> tuple[list[str], list[str], l
     if parameters is None:
         return trainable, [], frozen
     patterns = [parameters] if isinstance(parameters, str) else list(parameters)
-    selected = [n for n in trainable if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    names: dict[str, list[str]] = {}  # a tied tensor is selected by any of its names (out.weight as emb.weight)
+    for alias, name in _aliases(model).items():
+        names.setdefault(name, []).append(alias)
+    selected = [n for n in trainable if any(fnmatch.fnmatchcase(a, p) for a in names.get(n, [n]) for p in patterns)]
     if not selected:
         raise ValueError(
             f"parameters={patterns!r} match none of the model's trainable parameters: {', '.join(trainable)}"

@@ -99,11 +99,11 @@ class Recorder(Trajectory):
         if not self._steps:  # theta_0, before any forward pass moves BatchNorm's running statistics
             self._snapshot(0)
             if self.subset:  # what is not recorded must stay fixed: keep it to check on close
-                recorded = set(self._state())
+                recorded = {id(v) for v in self._state().values()}  # a tied tensor is recorded under any name
                 self._unrecorded = {
                     k: v.detach().to("cpu", copy=True)
-                    for k, v in self.model.state_dict().items()
-                    if k not in recorded and isinstance(v, torch.Tensor) and v.is_floating_point()
+                    for k, v in self.model.state_dict(keep_vars=True).items()
+                    if id(v) not in recorded and isinstance(v, torch.Tensor) and v.is_floating_point()
                 }
         self._handles = [self.optimizer.register_step_post_hook(self._after_step)]
         return self

@@ -212,6 +212,18 @@ def test_parameter_globs_and_tied_weights(small):
         with torch.no_grad():
             want = float(nn.functional.cross_entropy(check(x), y))
         assert result.loss.values[k] == pytest.approx(want, rel=1e-5), k
+    # the shared tensor is selected, and recorded, by either of its names
+    by_alias = lca.analyze(tied, (x, y), snaps, parameters="dec.weight", method="simpson", progress=False)
+    assert by_alias.tensors == ["enc.weight"]
+    opt = torch.optim.SGD(tied.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unrecorded moved: enc.weight is dec.weight
+        with lca.record(tied, opt, parameters=["dec.*", "head.*"]) as rec:
+            for _ in range(2):
+                opt.zero_grad()
+                nn.functional.cross_entropy(tied(x), y).backward()
+                opt.step()
+    assert list(rec[0]) == ["dec.weight", "head.weight", "head.bias"]
 
 
 def _raises(match, *args, **kwargs):
