@@ -133,6 +133,9 @@ def test_resuming_with_other_inputs_is_refused_naming_what_differs(run, tmp_path
         with pytest.raises(ValueError, match="computed from other inputs") as err:
             lca.analyze(model, data, traj, store=tmp_path / "s", progress=False, **kw)
         assert what in str(err.value), (what, str(err.value))
+    # tol and max_splits steer adaptive only: a Simpson store is the same with any
+    again = lca.analyze(model, (x, y), snaps[:4], method="simpson", tol=1e-7, max_splits=4, store=tmp_path / "s")
+    assert again.n_iterations == 3
 
 
 def test_a_folder_that_is_not_a_store_is_never_written(run, tmp_path):

@@ -270,7 +270,13 @@ class StoreSink:
                 f"the store {path!r} was written before compact prefix sums (a float64 prefix row per iteration), so "
                 "this version cannot continue it; lca.open still reads it. Give analyze another store path."
             )
-        diffs = {k: _describe_difference(k, attrs.get(k), v) for k, v in self.inputs.items() if attrs.get(k) != v}
+        # tol and max_splits only steer adaptive: another tol leaves a fixed rule's numbers as they are
+        unused = ("tol", "max_splits", "param_tol") if self.inputs.get("method") != "adaptive" else ()
+        diffs = {
+            k: _describe_difference(k, attrs.get(k), v)
+            for k, v in self.inputs.items()
+            if attrs.get(k) != v and k not in unused
+        }
         if "data_fingerprint" in diffs and self.batch and attrs.get("data_contents") == self.batch["data_contents"]:
             stored = str(attrs.get("batch_sizes"))
             if stored != self.batch["batch_sizes"]:  # same contents, split otherwise: the batch size changed
