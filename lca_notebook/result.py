@@ -66,7 +66,8 @@ class CompactPrefix:
     ``boundaries[j]`` is the sum of iterations ``[0, j * stride)`` (float64); row ``k`` is
     ``boundaries[k // stride]`` plus the ``lca`` rows from there to ``k`` (float32, added in float64 one
     row at a time, as the store's writer adds them). Indexed like the ``(T+1, P)`` array it stands for:
-    ``p[k]`` (a row) or ``p[a:b]`` (rows a..b-1).
+    ``p[k]`` (a row) or ``p[a:b]`` (rows a..b-1); ``n_iterations`` (T) when ``lca`` has more rows than were
+    written (a store whose run stopped early).
 
     >>> import numpy as np
     >>> lca = np.arange(12, dtype=np.float32).reshape(6, 2)
@@ -75,9 +76,11 @@ class CompactPrefix:
     ([12.0, 16.0], (7, 2))
     """
 
-    def __init__(self, lca, boundaries, stride: int):
+    def __init__(self, lca, boundaries, stride: int, n_iterations: int | None = None):
         self.lca, self.boundaries, self.stride = lca, boundaries, int(stride)
-        self.shape = (lca.shape[0] + 1, lca.shape[1])
+        # a store's lca has a row for every iteration of the run; one stopped early has fewer of them written
+        t = lca.shape[0] if n_iterations is None else int(n_iterations)
+        self.shape = (t + 1, lca.shape[1])
 
     @staticmethod
     def build(lca, stride: int = PREFIX_STRIDE) -> np.ndarray:
@@ -359,7 +362,7 @@ class LCAResult:
 
                 lca = CheckedArray(source, "lca", "r", "iteration")
                 boundaries = CheckedArray(source, "prefix_parameter", "r", "boundary")
-            return CompactPrefix(lca, boundaries, int(self.attrs.get("prefix_stride", 1)))
+            return CompactPrefix(lca, boundaries, int(self.attrs.get("prefix_stride", 1)), self.n_iterations)
         return CompactPrefix(lca, CompactPrefix.build(lca), PREFIX_STRIDE)
 
     def _range(self, start, stop) -> tuple[int, int]:

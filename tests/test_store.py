@@ -378,3 +378,22 @@ def test_concurrent_writers_of_one_store_one_wins_the_other_is_told(run, tmp_pat
         go_on.set()
         thread.join(120)
     assert_results_equal(outcome["result"], memory)  # the winner's work is whole
+
+
+def test_a_store_whose_run_stopped_early_sums_only_what_it_holds(run, tmp_path):
+    """A bad snapshot stops the run after 9 of 12 iterations (chunks of 4: the third is half written). The store
+    opened, and the error's partial result, sum parameters over the iterations they hold, as numpy does on the
+    in-memory LCA; the parameter prefix had taken every row of the pre-allocated store and read unwritten ones."""
+    model, x, y, snaps, memory = run
+    bad = list(snaps)
+    bad[10] = dict(bad[10], **{"0.weight": torch.full_like(bad[10]["0.weight"], float("nan"))})
+    with pytest.raises(ValueError, match="snapshot 10") as info:
+        lca.analyze(model, (x, y), bad, store=tmp_path / "s", progress=False)  # memory's method
+    lca64 = memory.lca.values[:9].astype(np.float64)
+    for got in (lca.open(tmp_path / "s"), info.value.partial_result):
+        assert got.n_iterations == 9
+        np.testing.assert_allclose(got.parameter_total().values, lca64.sum(0), rtol=1e-9, atol=1e-12)
+        for a, b in ((0, 9), (2, 7), (1, 9), (6, 9)):
+            np.testing.assert_allclose(got.total("parameter", a, b).values, lca64[a:b].sum(0), rtol=1e-9, atol=1e-12)
+        cumulative = got.cumulative("parameter").values
+        np.testing.assert_allclose(cumulative, np.cumsum(lca64, axis=0), rtol=1e-9, atol=1e-12)
