@@ -172,7 +172,7 @@ LOG_HEADER = "# lca_notebook: JupyterLab's log for this run folder\n"
 def _foreign(folder: Path, lab: bool = True) -> str | None:
     """Why the run folder may not be written: a file this job writes is there and is not one it wrote (the
     notebook, the result, with ``lab`` JupyterLab's log), checked before training."""
-    from lca_notebook.result import _saved_kind
+    from lca_notebook.result import saved_kind
 
     names = [(NOTEBOOK_NAME, "a notebook"), (RESULT_NAME, "an LCA result")] + ([(LOG_NAME, "a log")] if lab else [])
     for name, what in names:
@@ -183,7 +183,7 @@ def _foreign(folder: Path, lab: bool = True) -> str | None:
             if name == NOTEBOOK_NAME:
                 ours = "lca_notebook" in json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
             elif name == RESULT_NAME:
-                ours = _saved_kind(str(path)) == "result"
+                ours = saved_kind(str(path)) == "result"
             else:
                 with open(path, encoding="utf-8", errors="replace") as f:
                     ours = f.readline() == LOG_HEADER

@@ -8,7 +8,6 @@ or a result store in ``storage``) and runs the engine, in this process or sharde
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 
@@ -21,7 +20,7 @@ from .layout import Groups, build_spec, check_keep
 from .result import LCAResult
 from .sinks import MemorySink, Sink, resolve_keep
 from .sources import POLL_SECONDS, Follower, as_trajectory
-from .storage.files import read_attrs
+from .storage.files import local_path, read_attrs
 from .storage.results import StoreSink
 from .storage.trajectories import RecordedTrajectory
 from .trajectory import stillness, unmoved
@@ -227,7 +226,7 @@ def _stored_snapshots(store) -> int | None:
     if store is None:
         return None
     try:
-        attrs = read_attrs(os.path.abspath(os.fspath(store)))
+        attrs = read_attrs(local_path(store))
     except (FileNotFoundError, NotADirectoryError):
         return None
     n = attrs.get("n_snapshots")

@@ -10,7 +10,6 @@ disk is slower than training for longer than the queue is deep.
 from __future__ import annotations
 
 import fnmatch
-import os
 import queue
 import threading
 import warnings
@@ -18,7 +17,7 @@ import warnings
 import torch
 
 from .errors import RecordingError
-from .storage.files import refuse_foreign
+from .storage.files import local_path, refuse_foreign
 from .storage.trajectories import RecordedTrajectory, TrajectoryWriter, make_layout, pack
 from .trajectory import Trajectory
 
@@ -58,7 +57,7 @@ class Recorder(Trajectory):
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.model, self.optimizer, self.every = model, optimizer, every
-        self.path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self.path = local_path(path) if path is not None else None
         self.patterns = (
             [parameters] if isinstance(parameters, str) else (list(parameters) if parameters is not None else None)
         )

@@ -498,7 +498,7 @@ class LCAResult:
         """
         from .storage import files
 
-        path = os.path.abspath(os.fspath(path))
+        path = files.local_path(path)
         source = self.dataset.encoding.get("source")
         if source is not None and os.path.abspath(source) == path:
             raise ValueError(
@@ -507,7 +507,7 @@ class LCAResult:
             )
         with files.lock(path, "LCAResult.save"):
             if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-                what = _saved_kind(path)
+                what = saved_kind(path)
                 if what != "result":
                     raise ValueError(
                         f"{path!r} already exists and is {what}; save never replaces that (nothing was written). "
@@ -559,7 +559,7 @@ class LCAResult:
         return from_arrays(lca, loss, coords, attrs={"method": "example"})
 
 
-def _saved_kind(path: str) -> str:
+def saved_kind(path: str) -> str:
     """``"result"`` when ``path`` holds an LCA result (a store or a netCDF file), else what it is, in words."""
     from .storage import files
 

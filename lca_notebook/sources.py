@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .checkpoints import SUFFIXES, CheckpointFiles, check_given_order, weight_files
 from .errors import RecordingError
-from .storage.files import KIND, read_attrs
+from .storage.files import KIND, local_path, read_attrs
 from .storage.trajectories import RecordedTrajectory
 from .trajectory import SnapshotList, Trajectory
 
@@ -55,7 +55,7 @@ def open_path(path) -> Trajectory:
     >>> len(open_path(d))
     3
     """
-    path = os.fspath(path)
+    path = local_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no trajectory at {path!r}: give a directory of checkpoint files or a recorder store")
     if os.path.isdir(path):
@@ -123,7 +123,7 @@ class Follower:
             raise ValueError(f"poll must be a number of seconds > 0, got {poll!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
             raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = local_path(path)
         self.poll, self.timeout = float(poll), timeout
         self.traj: RecordedTrajectory | None = None
         #: Called (no arguments) at each look while the follower waits: a sink shows what it has so far.

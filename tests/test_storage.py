@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 
+import lca_notebook as lca
 from lca_notebook.storage import files
 from lca_notebook.storage.trajectories import make_layout, pack
 
@@ -222,6 +223,7 @@ def _try_lock(target):
 
 LOCKER = """
 import sys
+import lca_notebook as lca
 from lca_notebook.storage import files
 held = files.lock(sys.argv[1], "a test")
 print("locked", flush=True)
@@ -285,3 +287,16 @@ def test_a_replacement_is_all_or_nothing(tmp_path, kind):
     files.replace_atomically(target, write("new"))
     assert read() == "new"
     assert os.listdir(tmp_path) == [os.path.basename(target)]  # no temporary left beside it
+
+
+def test_a_path_under_home_is_the_home_folders_for_save_and_open(tmp_path, monkeypatch):
+    """save('~/run.nc') wrote <cwd>/~/run.nc (a folder named ~), while lca.open('~/run.nc') looked in $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    r = lca.LCAResult.example()
+    for name in ("run.nc", "run.zarr"):
+        written = r.save(f"~/{name}")
+        assert written == str(tmp_path / "home" / name)
+        assert lca.open(f"~/{name}").lca.equals(r.lca)
+    assert not (tmp_path / "~").exists()

@@ -353,6 +353,28 @@ def test_export_csv_and_netcdf(result, truth, tmp_path):
     assert "wrote" in ex.export_status.value
 
 
+def test_export_replaces_a_file_only_when_asked_and_never_a_result(result, tmp_path):
+    ex = Explorer(result)
+    csv = tmp_path / "sel.csv"
+    csv.write_text("mine")
+    with pytest.raises(FileExistsError, match=r"sel\.csv exists: choose another name, or replace it"):
+        ex.export(csv)
+    assert csv.read_text() == "mine"
+    ex.export(csv, overwrite=True)
+    assert csv.read_text().startswith("element,layer,lca")
+    saved = result.save(tmp_path / "run.nc")  # another run's result: never replaced, even when asked
+    with pytest.raises(FileExistsError, match=r"run\.nc is an LCA result, which an export never replaces"):
+        ex.export(saved, overwrite=True)
+    assert lca.open(saved).n_iterations == result.n_iterations
+    # the button: a first click on an existing name asks, a second on the same name replaces
+    csv.write_text("mine")
+    ex.export_path.value = str(csv)
+    ex.export_button.click()
+    assert "exists: click Export again to replace it" in ex.export_status.value and csv.read_text() == "mine"
+    ex.export_button.click()
+    assert "wrote" in ex.export_status.value and csv.read_text().startswith("element,layer,lca")
+
+
 def test_export_refuses_an_unknown_format_and_says_which(result, tmp_path):
     ex = Explorer(result)
     with pytest.raises(ValueError, match=r"sel\.xlsx.*\.csv, \.nc, \.png or \.svg"):

@@ -54,6 +54,11 @@ FORMAT = 2
 RESULT_FORMAT = 3
 
 
+def local_path(path) -> str:
+    """``path`` (str or path-like, ``~`` expanded) as an absolute path: how every store and file path is taken."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def checksummed() -> list:
     """The ``compressors`` of every array this package writes: a CRC32C of each chunk, nothing else."""
     return [Crc32cCodec()]

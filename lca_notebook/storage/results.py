@@ -52,6 +52,7 @@ from .files import (
     damaged_chunk,
     decoded_names,
     int_attr,
+    local_path,
     lock,
     number_attr,
     read_attrs,
@@ -211,7 +212,7 @@ class StoreSink:
         self, path, *, spec: PathSpec, traj, data_fingerprint: str, options: Options, batches=None,
         keep: str = "parameter",
     ):  # fmt: skip
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = local_path(path)
         self.keep = check_keep(keep)
         self.n_iterations = len(traj) - 1
         self.coords = parameter_coords(spec)
@@ -682,7 +683,7 @@ def open_store(path) -> LCAResult:
     its exact size (a damaged store fails here, naming the file); reading a chunk checks its CRC32C
     checksum (a damaged chunk fails then, naming the store, array, chunk and file).
     """
-    path = os.path.abspath(os.fspath(path))
+    path = local_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no LCA result at {path!r}")
     attrs = read_attrs(path)
@@ -762,7 +763,7 @@ def open_store(path) -> LCAResult:
 def open(path) -> LCAResult:
     """Open a result saved with :meth:`LCAResult.save` (netCDF or zarr) or computed into a store
     (``analyze(store=...)``). Nothing is read into memory until used."""
-    path = os.fspath(path)
+    path = local_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no LCA result at {path!r}")
     if os.path.isdir(path):

@@ -27,6 +27,7 @@ from .files import (
     create_atomically,
     damaged_attribute,
     int_attr,
+    local_path,
     lock,
     open_array,
     read_attrs,
@@ -128,7 +129,7 @@ class TrajectoryWriter:
     the same path is refused, even with ``overwrite=True``, instead of deleting the first one's work."""
 
     def __init__(self, path, layout, *, overwrite=False, subset=False):
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = local_path(path)
         self.layout, self.subset = layout, subset
         self.n = 0
         self.lock: PathLock | None = lock(self.path, "record(path=...)")
@@ -234,7 +235,7 @@ class RecordedTrajectory(Trajectory):
     """
 
     def __init__(self, path, *, upto: int | None = None):
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = local_path(path)
         attrs = read_attrs(self.path)
         self.closed = attrs.get("closed", True) is True
         if attrs.get(KIND) != "trajectory":

@@ -33,7 +33,8 @@ import ipywidgets as widgets
 import numpy as np
 import xarray as xr
 
-from ..result import LCAResult, ReducedResultError
+from ..result import LCAResult, ReducedResultError, saved_kind
+from ..storage.files import local_path
 from . import figures
 from .reduce import (
     ParameterRanges,
@@ -215,6 +216,7 @@ class Explorer(widgets.VBox):
         self.export_status = widgets.HTML()
         self.export_status.add_class("lca-export-status")
         self.export_button.on_click(lambda _: self._export_clicked())
+        self._confirmed: str | None = None  # the existing file a second click on Export replaces
 
         cells = [loss_panel] + [self.figures[k] for k in ("fractions", "cumulative", "layers", "heatmap", "histogram")]
         grid = widgets.GridBox(
@@ -1003,16 +1005,27 @@ class Explorer(widgets.VBox):
         )
         return ds
 
-    def export(self, path) -> list[str]:
+    def export(self, path, *, overwrite: bool = False) -> list[str]:
         """Write what is on screen: ``.csv`` (the selected elements' LCA), ``.nc`` (:meth:`selection`),
         ``.png`` / ``.svg`` (each figure as ``<stem>_<figure><ext>``). Returns the paths.
+
+        An existing file is replaced only with ``overwrite=True`` (the panel's button asks for a second
+        click), and an LCA result or a folder never is.
 
         PNG and SVG are rendered by the browser showing the panel and arrive asynchronously: the files
         appear once the front end answers (none without a displayed panel).
         """
-        path = os.fspath(path)
+        path = local_path(path)
         stem, ext = os.path.splitext(path)
         ext = ext.lower()
+        targets = [f"{stem}_{name}{ext}" for name in self.figures] if ext in (".png", ".svg") else [path]
+        for target in (t for t in targets if os.path.exists(t)):
+            kind = saved_kind(target)
+            if kind == "result" or os.path.isdir(target):
+                what = "an LCA result" if kind == "result" else "a folder"
+                raise FileExistsError(f"{target} is {what}, which an export never replaces: choose another name")
+            if not overwrite:
+                raise _Exists(target)
         if ext == ".csv":
             ds = self.selection()
             lines = ["element,layer,lca,start,stop"]
@@ -1036,15 +1049,30 @@ class Explorer(widgets.VBox):
         raise ValueError(f"cannot export to {path!r}: use a name ending in .csv, .nc, .png or .svg")
 
     def _export_clicked(self):
-        try:
-            paths = self.export(self.export_path.value)
+        path = self.export_path.value
+        try:  # an existing file: a second click on the same name replaces it
+            paths = self.export(path, overwrite=self._confirmed == path)
+        except _Exists as exc:
+            self._confirmed = path
+            self.export_status.value = f"{html.escape(exc.target)} exists: click Export again to replace it"
+            return
         except Exception as exc:  # shown in the panel: a button callback's exception would vanish
+            self._confirmed = None
             self.export_status.value = f'<span style="color:#d73027">export failed: {html.escape(str(exc))}</span>'
             return
+        self._confirmed = None
         if self.export_path.value.lower().endswith((".png", ".svg")):
             self.export_status.value = f"rendering {len(paths)} figures in the browser&hellip;"
         else:
             self.export_status.value = f"wrote {html.escape(paths[0])}"
+
+
+class _Exists(FileExistsError):
+    """An export's file exists and may be replaced (``overwrite=True``)."""
+
+    def __init__(self, target: str):
+        super().__init__(f"{target} exists: choose another name, or replace it (overwrite=True)")
+        self.target = target
 
 
 def _csv(text) -> str:
