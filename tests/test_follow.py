@@ -326,3 +326,22 @@ def test_follow_with_a_reduced_keep_equals_a_plain_run(tmp_path, monkeypatch):
     assert out["r"].n_iterations == 11
     for name in want.dataset.data_vars:
         np.testing.assert_array_equal(out["r"].dataset[name].values, want.dataset[name].values, err_msg=name)
+
+
+def test_following_a_saved_result_stops_and_a_file_is_refused(tmp_path):
+    """A saved store holds no 'complete' attribute (only one being computed says complete: false): following it
+    stops at once. A .nc file never grows: follow=True is refused, saying so. Refreshing says each note once."""
+    pytest.importorskip("ipywidgets")
+    r = lca.LCAResult.example()
+    store = r.save(tmp_path / "saved.zarr")
+    ex = lca.explore(store, follow=True, interval=0.01)
+    _wait_for(lambda: not ex.following, "the follower of a saved store to stop")
+    with pytest.raises(ValueError, match=r"saved\.nc is a saved file, which does not grow"):
+        lca.explore(r.save(tmp_path / "saved.nc"), follow=True)
+    model, (x, y) = _model(), _data()
+    snaps = [{k: v + 0.01 * i for k, v in model.state_dict().items()} for i in range(3)]
+    reduced = lca.analyze(model, (x, y), snaps, keep="layer", progress=False)
+    ex = lca.explore(reduced.save(tmp_path / "reduced.zarr"))
+    notes = list(ex.notes)
+    ex._precompute(ex._parameter_budget)  # what each refresh does
+    assert ex.notes == notes and len(notes) == len(set(notes)) >= 1

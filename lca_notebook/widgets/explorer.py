@@ -310,14 +310,19 @@ class Explorer(widgets.VBox):
         path = self.result.dataset.encoding.get("source")
         if path is None:
             raise ValueError("follow=True re-reads a result store: give lca.explore a store path (or its result)")
+        if not os.path.isdir(path):
+            raise ValueError(
+                f"follow=True re-reads a result store that analyze(store=..., follow=True) is filling; {path} is a "
+                "saved file, which does not grow: leave out follow=True"
+            )
         stop = self._follow_stop = threading.Event()
 
         def loop():
             took = 0.0
             while not stop.wait(max(interval, 2 * took)):  # a slow redraw never takes more than a third of the time
-                try:
-                    complete = read_attrs(path).get("complete") is True
-                except Exception:
+                try:  # a store being computed says complete: false; a saved one holds no such attribute
+                    complete = read_attrs(path).get("complete") is not False
+                except Exception:  # caught mid-write: look again
                     complete = False
                 t0 = time.perf_counter()
                 self.refresh()
@@ -344,6 +349,7 @@ class Explorer(widgets.VBox):
     # -- precomputation (once) ------------------------------------------------------------------
     def _precompute(self, budget):
         r = self.result
+        self.notes = []  # made again at each refresh: said once
         groups = r.groups
         self.layers = [str(x) for x in groups.labels("layer")]
         n_layers = len(self.layers)
