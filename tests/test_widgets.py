@@ -650,3 +650,28 @@ def test_a_histogram_of_fewer_than_200_values_spans_them_all_whatever_the_roundi
             assert outside == 0 and counts.sum() == len(values) and zeros == 0
             tol = 1e-9 * width  # the centres are the edges' midpoints, rounded
             assert centres[0] - width / 2 - tol <= values.min() and values.max() <= centres[-1] + width / 2 + tol
+
+
+def test_the_summary_adds_up_with_the_parameters_left_out():
+    """With parameters=, the LCA of the others (lca_rest) is part of the loss change: the summary says it, so
+    LCA sum + other parameters + residual is the change it shows."""
+    import torch
+
+    from lca_notebook import models
+
+    torch.manual_seed(0)
+    x, y = models.digits_data()
+    model = models.mlp(hidden=(8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    snaps = [{k: v.clone() for k, v in model.state_dict().items()}]
+    for _ in range(4):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:256]), y[:256]).backward()
+        opt.step()
+        snaps.append({k: v.clone() for k, v in model.state_dict().items()})
+    r = lca.analyze(model, (x, y), snaps, parameters="fc2.*", method="simpson", progress=False)
+    text = Explorer(r).summary.value
+    numbers = {k: float(v) for k, v in re.findall(r"(change|LCA sum|other parameters|residual) ([-+][\d.e+-]+)", text)}
+    assert numbers["other parameters"] == pytest.approx(float(r.lca_rest.sum()), rel=1e-5)
+    parts = numbers["LCA sum"] + numbers["other parameters"]
+    assert parts == pytest.approx(numbers["change"] + numbers["residual"], abs=1e-5)

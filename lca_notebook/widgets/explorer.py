@@ -789,13 +789,15 @@ class Explorer(widgets.VBox):
         _labels, _, values = s["elements"]
         total = float(self.element_totals("layer", start, stop).sum())
         residual = float(np.sum(self._residual_finite[start:stop]))
+        rest = float(np.nansum(self._rest[start:stop]))  # the parameters not selected (analyze(parameters=...))
+        others = f", other parameters {rest:+.6g}" if np.any(self._rest[start:stop] != 0) else ""
         by = self.granularity.value
         where = "all layers" if self.selected_layer is None else self.layer.value
         zeros = s["histogram"][3]
         body = (
             f'<div class="lca-summary" data-start="{start}" data-stop="{stop}" data-n="{len(values)}">'
             f"<b>iterations [{start}, {stop})</b> of {self.n_iterations} &middot; loss {loss0:.6g} &rarr; {loss1:.6g} "
-            f"(change {loss1 - loss0:+.6g}) &middot; LCA sum {total:+.6g}, residual {residual:+.3g}<br>"
+            f"(change {loss1 - loss0:+.6g}) &middot; LCA sum {total:+.6g}{others}, residual {residual:+.3g}<br>"
             f"{html.escape(where)}, by {by}, {self.sign.value}: <b>{len(values)}</b> elements "
             f"({zeros:,} exactly 0), sum {values.sum():+.6g}{self._helped_band(start, stop)}</div>"
         )
