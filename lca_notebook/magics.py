@@ -3,7 +3,7 @@
 Loading it puts the package in the user's namespace as ``lca`` (so ``lca.analyze(...)`` runs with no
 import), makes an ``LCAResult`` that ends a cell display as the explorer, and adds the cell magic::
 
-    %%lca_record MODEL OPTIMIZER [--every N] [--to PATH] [--name VAR] [--live --data DATA [--store PATH]]
+    %%lca_record MODEL OPTIMIZER [--every N] [--to PATH [--overwrite]] [--name VAR] [--live --data DATA [--store PATH]]
 
 which runs the cell (a training loop) inside ``lca.record(MODEL, OPTIMIZER, path=PATH, every=N)`` and
 binds the recorder to ``VAR`` (default ``trajectory``) before the first line runs, so an interrupted
@@ -65,6 +65,7 @@ class LCAMagics(Magics):
     @argument("optimizer", help="its torch.optim optimizer")
     @argument("--every", type=int, default=1, help="snapshot after every N-th optimizer step (default 1)")
     @argument("--to", default=None, help="stream snapshots to a zarr store at this path instead of memory")
+    @argument("--overwrite", action="store_true", help="with --to: replace a trajectory recorded there before")
     @argument("--name", default="trajectory", help="variable that receives the recorder (default: trajectory)")
     @argument("--live", action="store_true", help="compute the LCA while the cell trains, shown in an explorer")
     @argument("--data", default=None, help="with --live: the data the LCA's loss is taken over (name or expression)")
@@ -105,7 +106,13 @@ class LCAMagics(Magics):
         path = args.to
         if args.live and path is None:
             path = os.path.join(tempfile.mkdtemp(prefix="lca-live-"), "trajectory.zarr")
-        with lca_notebook.record(values["model"], values["optimizer"], path=path, every=args.every) as recorder:
+        try:
+            recording = lca_notebook.record(
+                values["model"], values["optimizer"], path=path, every=args.every, overwrite=args.overwrite
+            )
+        except ValueError as exc:  # a trajectory already there: the magic's option, not record's keyword
+            raise ValueError(f"%%lca_record: {exc}".replace("pass overwrite=True", "add --overwrite")) from None
+        with recording as recorder:
             shell.user_ns[args.name] = recorder
             if args.live:
                 store = args.store or os.path.join(os.path.dirname(os.path.abspath(path)), "lca.zarr")

@@ -103,6 +103,11 @@ def test_lca_record_default_name_and_store_path(shell, tmp_path):
     )
     in_mem = lca_notebook.analyze(shell.user_ns["model"], (shell.user_ns["x"], shell.user_ns["y"]), rec, progress=False)
     np.testing.assert_allclose(from_disk.lca.values, in_mem.lca.values)
+    # recording there again: refused with the magic's own option named, which then replaces it
+    with pytest.raises(ValueError, match=r"already holds a recorded trajectory; add --overwrite to replace it"):
+        shell.run_cell_magic("lca_record", f'model opt --to "{store}"', TRAIN)
+    shell.run_cell_magic("lca_record", f'model opt --to "{store}" --overwrite --every 5', TRAIN)
+    assert shell.user_ns["trajectory"].steps == [0, 5]
 
 
 def test_lca_record_keeps_what_was_recorded_when_the_loop_fails(shell):

@@ -345,6 +345,8 @@ def test_export_csv_and_netcdf(result, truth, tmp_path):
     xr.testing.assert_allclose(ds.load(), ex.selection())
     assert ds.attrs["layer"] == "conv" and ds.attrs["start"] == 4 and ds.attrs["granularity"] == "unit"
     ds.close()
+    with pytest.raises(ValueError, match=r"sel\.nc' is a netCDF file but not an LCA result.*xarray.open_dataset"):
+        lca.open(nc)  # a selection, not a result: said so (it was a KeyError)
 
     # the button does the same and reports the file in the panel
     ex.export_path.value = str(tmp_path / "button.csv")

@@ -775,6 +775,14 @@ def open(path) -> LCAResult:
             f"{path!r} is a file but not a readable LCA result ({type(exc).__name__}: {exc}). lca.open reads a "
             "folder analyze(store=...) or LCAResult.save(...zarr) wrote, or a netCDF file LCAResult.save(...nc) wrote."
         ) from exc
+    if "iteration" not in ds.dims:  # an explorer's export (a selection) or any other netCDF file
+        names = ", ".join(list(map(str, ds.data_vars))[:6]) or "no variables"
+        ds.close()
+        raise ValueError(
+            f"{path!r} is a netCDF file but not an LCA result: it has no iteration dimension (it holds {names}). An "
+            "explorer's Export writes such a selection: read it with xarray.open_dataset. lca.open reads what "
+            "LCAResult.save or analyze(store=...) wrote."
+        )
     ds = _without_save_marks(ds)
     ds.encoding["source"] = os.path.abspath(path)
     return LCAResult(ds)
