@@ -11,7 +11,14 @@ from __future__ import annotations
 import importlib
 
 from .api import analyze
-from .errors import LCAError, RecordingError, StoreDamagedError, StoreInUseError, StoreWriteError
+from .errors import (
+    LCAError,
+    RecordingError,
+    ReducedResultError,
+    StoreDamagedError,
+    StoreInUseError,
+    StoreWriteError,
+)
 from .record import record
 from .result import LCAResult
 from .storage.results import open as open  # lca.open; not in __all__, so `import *` keeps the builtin
@@ -21,6 +28,7 @@ __all__ = [
     "LCAError",
     "LCAResult",
     "RecordingError",
+    "ReducedResultError",
     "StoreDamagedError",
     "StoreInUseError",
     "StoreWriteError",

@@ -206,6 +206,7 @@ def per_window(
         raise ValueError(f"windows must be a positive int, got {windows!r}")
     windows = min(windows, max(t, 1))
     edges = np.unique(np.linspace(0, t, windows + 1).round().astype(int))
+    result._needs(f"per_window(by={by!r})", by)
     p = result.prefix(by)
     rows = np.stack([np.asarray(p[e], dtype=np.float64) for e in edges])
     da = result._wrap(np.diff(rows, axis=0), by, iteration=np.arange(len(edges) - 1)).rename({"iteration": "window"})
@@ -666,7 +667,9 @@ def findings(result: LCAResult, trajectory=None, *, rules: xr.Dataset | None = N
                 f"{100 * float(s['shared_fraction']):.0f}% of peaks are shared with another layer",
             )
         )
-    if result.keep == "parameter":
+    if result.n_iterations < 2:
+        text = "not measured: a change of sign needs two iterations or more, and this run has one"
+    elif result.keep == "parameter":
         o = oscillation(result, trajectory)
         text = f"parameters' LCA changes sign on {100 * float(o['all_lca_flip_rate']):.0f}% of consecutive iterations"
         if "all_reversal_rate" in o:

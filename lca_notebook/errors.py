@@ -31,3 +31,8 @@ class StoreDamagedError(LCAError, ValueError):
 
 class StoreInUseError(LCAError, RuntimeError):
     """Another writer (in this or another process) holds the path; nothing was written, nothing was lost."""
+
+
+class ReducedResultError(LCAError, ValueError):
+    """A method needs each parameter's LCA at each iteration, which a reduced result (``keep=``) does not have;
+    the message names the method and ``keep=``."""

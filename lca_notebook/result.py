@@ -48,16 +48,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .errors import ReducedResultError
 from .layout import GRANULARITIES, GROUP_DIMS, NAMED, PER_PARAMETER, Groups, check_granularity, fixed_width, kept, names
 
 __all__ = ["GRANULARITIES", "CompactPrefix", "LCAResult", "ReducedResultError", "from_arrays", "reduced_from_arrays"]
 
 #: Iterations between the float64 parameter prefix rows of a result built in memory.
 PREFIX_STRIDE = 64
-
-
-class ReducedResultError(ValueError):
-    """A method needs each parameter's LCA at each iteration, which a reduced result (``keep=``) does not have."""
 
 
 class CompactPrefix:
@@ -251,11 +248,11 @@ class LCAResult:
 
     @property
     def layers(self) -> list[str]:
-        return list(self.groups.labels("layer"))
+        return [str(x) for x in self.groups.labels("layer")]
 
     @property
     def tensors(self) -> list[str]:
-        return list(self.groups.labels("tensor"))
+        return [str(x) for x in self.groups.labels("tensor")]
 
     def __repr__(self) -> str:
         a = self.attrs
@@ -325,7 +322,7 @@ class LCAResult:
         A stored result reads them from disk, lazily. In memory they are built on first use: the
         parameter level alone (``(T+1) x P`` float64), the four coarser levels together in one pass."""
         check_granularity(by)
-        self._needs(f"prefix sums by {by!r}", by)
+        self._needs(f"prefix({by!r}) (sums by {by} at each iteration)", by)
         if by not in self._prefix_cache:
             name = f"prefix_{by}"
             if by == "parameter":
@@ -376,6 +373,8 @@ class LCAResult:
             start += t
         if stop < 0:
             stop += t
+        if start > stop and 0 <= stop <= start <= t:
+            raise IndexError(f"iteration range [{start}, {stop}) is reversed: start must be <= stop")
         if not 0 <= start <= stop <= t:
             raise IndexError(f"iteration range [{start}, {stop}) is outside [0, {t}]")
         return start, stop
@@ -388,6 +387,7 @@ class LCAResult:
             if (start, stop) == (0, self.n_iterations):
                 return self.parameter_total()
             self._needs(f"total(by='parameter') over iterations [{start}, {stop}) (part of the run)")
+        self._needs(f"total(by={by!r})", by)
         p = self.prefix(by)
         if isinstance(p, CompactPrefix):
             return self._wrap(p.range_sum(start, stop), by)
@@ -397,11 +397,13 @@ class LCAResult:
     def per_iteration(self, by: str = "layer", start: int | None = None, stop: int | None = None) -> xr.DataArray:
         """LCA summed at a granularity for each iteration: ``(iteration, groups)``."""
         start, stop = self._range(start, stop)
+        self._needs(f"per_iteration(by={by!r})", by)
         p = np.asarray(self.prefix(by)[start : stop + 1], dtype=np.float64)
         return self._wrap(np.diff(p, axis=0), by, iteration=np.arange(start, stop))
 
     def cumulative(self, by: str = "layer") -> xr.DataArray:
         """Cumulative LCA over iterations ``(iteration, groups)``: row t sums iterations ``0..t``."""
+        self._needs(f"cumulative(by={by!r})", by)
         p = np.asarray(self.prefix(by)[1:], dtype=np.float64)
         return self._wrap(p, by, iteration=np.arange(self.n_iterations))
 

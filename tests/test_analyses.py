@@ -83,6 +83,8 @@ def test_findings_give_the_helped_fraction_with_its_error_band():
     assert "no per-parameter error estimate" in without and "param_tol" in without
     partial = analyses.findings(make(rows, ["a", "a", "b", "b"], error=[0.05, np.nan]))[0].this_run
     assert "only 1 of 2 iterations have an error estimate" in partial
+    one = {f.name: f.this_run for f in analyses.findings(make(rows[:1], ["a", "a", "b", "b"]))}
+    assert one["oscillation"].startswith("not measured: a change of sign needs two iterations")  # was "nan%"
 
 
 def test_fractions_rejects_unknown_granularity():

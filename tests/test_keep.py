@@ -3,6 +3,7 @@
 answer raises an error naming keep=."""
 
 import json
+import re
 import sys
 
 import cloudpickle
@@ -13,7 +14,7 @@ import zarr
 from torch import nn
 
 import lca_notebook as lca
-from lca_notebook import models, sinks
+from lca_notebook import analyses, models, sinks
 from lca_notebook.result import ReducedResultError
 from lca_notebook.storage import results as store_mod
 from lca_notebook.storage.files import checksummed
@@ -149,6 +150,20 @@ def test_bad_keep_values_and_per_parameter_questions_give_clear_errors(run, tmp_
     ):
         with pytest.raises(ReducedResultError, match=r"keep='tensor'.*analyze\(\.\.\., keep="):
             call()
+    # the message names the call that needs the finer data, and lca.ReducedResultError is an lca.LCAError
+    for name, call in (
+        ("per_iteration(by='unit')", lambda: reduced.per_iteration("unit")),
+        ("cumulative(by='unit')", lambda: reduced.cumulative("unit")),
+        ("total(by='unit')", lambda: reduced.total("unit")),
+        ("per_window(by='unit')", lambda: analyses.per_window(reduced, by="unit")),
+    ):
+        with pytest.raises(lca.LCAError, match=re.escape(name) + " needs each unit's LCA at each iteration"):
+            call()
+    assert lca.ReducedResultError is ReducedResultError and reduced.layers == ["0", "2"]
+    assert all(type(n) is str for n in reduced.layers + reduced.tensors)
+    with pytest.raises(ValueError, match=r"granularity='unit' is finer than this result keeps.*choose tensor, layer"):
+        lca.explore(reduced, granularity="unit")
+    assert lca.explore(reduced).granularity.value == "tensor"  # the finest it keeps, by default
     # a store computed with keep="parameter" is not continued with another keep either
     lca.analyze(model, (x, y), snaps[:4], method="simpson", store=tmp_path / "p", progress=False)
     with pytest.raises(ValueError, match="computed with keep='parameter'"):

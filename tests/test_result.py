@@ -70,8 +70,10 @@ def test_a_range_takes_iteration_numbers_only(result):
         result.total("layer", 2.7, 5)
     with pytest.raises(TypeError, match=r"stop must be an iteration number"):
         result.per_iteration("layer", 0, 5.0)
-    with pytest.raises(IndexError, match=r"outside"):
+    with pytest.raises(IndexError, match=r"\[5, 2\) is reversed: start must be <= stop"):
         result.total("layer", 5, 2)
+    with pytest.raises(IndexError, match=r"is outside \[0, "):
+        result.total("layer", 2, result.n_iterations + 1)
 
 
 def test_per_iteration_cumulative_and_fractions(result):

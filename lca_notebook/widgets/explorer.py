@@ -63,8 +63,9 @@ class Explorer(widgets.VBox):
     """Interactive view of an ``LCAResult``: controls on top, linked figures, export at the bottom.
 
     The controls are ``range`` (iterations ``[start, stop)``; a drag on the fractions chart sets it too),
-    ``granularity``, ``layer`` (``None`` for all layers), ``sign``, ``smoothing`` (trailing mean of the
-    fractions and the residual) and ``log_count`` (the histogram's count axis); set their ``.value`` from
+    ``granularity`` (the finest the result keeps by default), ``layer`` (``None`` for all layers), ``sign``,
+    ``smoothing`` (trailing mean of the fractions and the residual) and ``log_count`` (the histogram's count
+    axis); set their ``.value`` from
     Python or use them in the page. ``marks`` maps names to the bqplot marks, ``figures`` names to figures,
     :meth:`selection` gives what is on screen as an ``xarray.Dataset`` and :meth:`export` writes it (CSV,
     netCDF) or the figures (PNG, SVG). Figures fill the width they are given (two columns from about 900 px);
@@ -84,7 +85,7 @@ class Explorer(widgets.VBox):
         self,
         result,
         *,
-        granularity: str = "parameter",
+        granularity: str | None = None,
         layer: str | None = None,
         sign: str = "both",
         smoothing: int = 1,
@@ -103,7 +104,7 @@ class Explorer(widgets.VBox):
                 f"explore needs an LCAResult (from lca.analyze or lca.open) or a result store's path, got a "
                 f"{type(result).__name__}{hint}"
             )
-        if granularity not in (bys := [by for _, by in GRANULARITIES]):
+        if granularity is not None and granularity not in (bys := [by for _, by in GRANULARITIES]):
             raise ValueError(f"granularity must be one of {', '.join(bys)}, got {granularity!r}")
         if sign not in SIGNS:
             raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
@@ -154,9 +155,14 @@ class Explorer(widgets.VBox):
             (label, by) for label, by in GRANULARITIES if (by == "parameter" and self.keep == by) or by in self._prefix
         ]
         tips = {"parameter": "each scalar parameter", "unit": "each output neuron or channel", "tensor": "each tensor"}
+        if granularity is not None and granularity not in (kept_bys := [by for _, by in offered]):
+            raise ValueError(
+                f"granularity={granularity!r} is finer than this result keeps (analyze(keep={self.keep!r})): choose "
+                f"{', '.join(kept_bys)}, or compute it again with a finer keep="
+            )
         self.granularity = widgets.ToggleButtons(
             options=offered,
-            value=granularity if any(by == granularity for _, by in offered) else offered[0][1],
+            value=offered[0][1] if granularity is None else granularity,  # the finest kept by default
             style={"button_width": "auto"},
             tooltips=[tips.get(by, "each layer") for _, by in offered],
         )
@@ -749,7 +755,7 @@ class Explorer(widgets.VBox):
         _put(ys, "max", float(y[-1]) + step / 2)
         n_rows = heat.shape[0] if s["heatmap"][2].shape[0] >= 2 else 1
         _put(fig.axes[0], "tick_values", _x_ticks(s["start"], s["stop"]))
-        colour_axis.label = "LCA"
+        colour_axis.label = figures.COLOUR_LABEL
         _put(colour_axis, "tick_values", np.array([-limit, 0.0, limit]) if limit else None)
         clip = f" · colour ±{limit:.2g} = p99 |LCA|" if limit else ""
         rows = s["heatmap_rows"]
@@ -760,10 +766,12 @@ class Explorer(widgets.VBox):
             _put(
                 name_axis, "tick_values", None if len(rows) <= 16 else list(reversed(rows))[:: max(1, len(rows) // 16)]
             )
+            per = "layer" if self.selected_layer is None or "tensor" not in self._prefix else "tensor"
+            name_axis.label = per  # a layer's rows are its tensors where the result keeps no units
             if self.selected_layer is None:
                 fig.title = f"LCA per layer and iteration{clip}"
             else:
-                fig.title = f"{self.layer.value}: LCA per {'tensor' if 'tensor' in self._prefix else 'layer'}{clip}"
+                fig.title = f"{self.layer.value}: LCA per {per}{clip}"
         else:
             name_axis.visible, unit_axis.visible = False, True
             _put(unit_axis, "tick_values", figures.integer_ticks(float(y[0]), float(y[n_rows - 1]), 6))

@@ -43,6 +43,8 @@ LAYER_COLOURS = ["#3b7dd8", "#d97706", "#9467bd", "#b07a4f", "#d6409f", "#0f8b8d
 _EMPTY = np.zeros(0, dtype=np.float32)
 _MARGIN = {"top": 32, "bottom": 44, "left": 74, "right": 30}
 HELPED_DOWN = "↓ helped"
+#: The heat map's colour bar: negative (green, helped) on its left.
+COLOUR_LABEL = "LCA (← helped, hurt →)"
 TOOLTIP_STYLE = {"opacity": 0.95}
 
 
@@ -265,7 +267,7 @@ def heatmap_figure(height):
         x_axis(xs),
         Axis(scale=ys, side="left", label="unit", label_offset="46px", tick_format="d"),
         Axis(scale=names, side="left", label="layer", label_offset="62px", visible=False),
-        ColorAxis(scale=bar, side="bottom", label="LCA", tick_format=".2~g"),
+        ColorAxis(scale=bar, side="bottom", label=COLOUR_LABEL, tick_format=".2~g"),
     ]
     fig = _figure("LCA per layer and iteration", [heat, hover, empty], axes, height, {"bottom": 100, "left": 82})
     return fig, {"heatmap": heat, "heatmap_hover": hover, "heatmap_empty": empty, "heatmap_names": names}
