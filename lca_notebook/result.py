@@ -152,6 +152,9 @@ class LCAResult:
     (3, 2)
     """
 
+    #: Kept while a result reads a store lazily (storage.files.reading): that store is not replaced under it.
+    _reader: object | None = None
+
     def __init__(self, dataset: xr.Dataset):
         need = {"loss", "residual"} | ({"lca_total"} if "lca" not in dataset.data_vars else {"lca"})
         missing = need - set(dataset.data_vars)
@@ -518,6 +521,11 @@ class LCAResult:
                 if not overwrite:
                     raise ValueError(
                         f"{path!r} already holds an LCA result; pass overwrite=True to replace it, or give another path"
+                    )
+                if files.in_use(path):
+                    raise ValueError(
+                        f"{path!r} is open in this process (an LCAResult or an explorer reads it lazily): replaced, it "
+                        "would be read as theirs, wrong. Save to another path, or drop them first (del result)."
                     )
             if os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)

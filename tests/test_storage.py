@@ -300,3 +300,20 @@ def test_a_path_under_home_is_the_home_folders_for_save_and_open(tmp_path, monke
         assert written == str(tmp_path / "home" / name)
         assert lca.open(f"~/{name}").lca.equals(r.lca)
     assert not (tmp_path / "~").exists()
+
+
+def test_a_store_open_in_this_process_is_not_replaced_under_its_readers(tmp_path):
+    """A zarr result is read chunk by chunk by path: replaced while open, the open result read the new files as its
+    own (nan, 0 sums) without a word. Replacing it waits until no result reads it."""
+    import gc
+
+    path = lca.LCAResult.example().save(tmp_path / "run.zarr")
+    opened = lca.open(path)
+    other = lca.LCAResult(lca.LCAResult.example().dataset.isel(iteration=slice(0, 2), checkpoint=slice(0, 3)))
+    with pytest.raises(ValueError, match=r"run\.zarr' is open in this process"):
+        other.save(path, overwrite=True)
+    assert float(opened.total("layer").sum()) == pytest.approx(float(lca.LCAResult.example().total("layer").sum()))
+    del opened
+    gc.collect()
+    other.save(path, overwrite=True)
+    assert lca.open(path).n_iterations == 2

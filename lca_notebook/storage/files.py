@@ -59,6 +59,28 @@ def local_path(path) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
+class _Readers:
+    """Alive while a result in this process reads a store lazily (:func:`reading`)."""
+
+
+#: Result stores opened lazily in this process, each to a token its results hold (gone when they are).
+_READERS: weakref.WeakValueDictionary[str, _Readers] = weakref.WeakValueDictionary()
+
+
+def reading(path: str) -> _Readers:
+    """The token a result opened from the store at ``path`` keeps: while one lives, :func:`in_use` says so (a
+    zarr store's chunks are read by path, so a store replaced under an open result would be read as its own)."""
+    token = _READERS.get(path)
+    if token is None:
+        token = _READERS[path] = _Readers()
+    return token
+
+
+def in_use(path: str) -> bool:
+    """Whether a result of this process reads the store at ``path``."""
+    return _READERS.get(path) is not None
+
+
 def checksummed() -> list:
     """The ``compressors`` of every array this package writes: a CRC32C of each chunk, nothing else."""
     return [Crc32cCodec()]

@@ -56,6 +56,7 @@ from .files import (
     lock,
     number_attr,
     read_attrs,
+    reading,
     refuse_foreign,
     update_attrs,
 )
@@ -755,7 +756,9 @@ def open_store(path) -> LCAResult:
     ds = _without_save_marks(ds)
     ds.encoding["source"] = path
     try:
-        return LCAResult(ds)
+        result = LCAResult(ds)
+        result._reader = reading(path)  # replacing this store is refused while the result lives
+        return result
     except ValueError as exc:
         raise ValueError(f"{path!r} is not an LCA result: {exc}") from exc
 
