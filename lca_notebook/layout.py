@@ -247,10 +247,8 @@ def build_spec(
 _RNN_LAYER = re.compile(r"(?:weight|bias)_(?:ih|hh|hr)_(l\d+(?:_reverse)?)")
 
 
-def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
-    """Coordinates on the flat ``parameter`` dimension: tensor and layer as :func:`names` (small codes into the
-    names), unit and index as int64, each made once at its full length and filled tensor by tensor (10M
-    parameters: 170 MB, where names as fixed-width strings took 360 MB more and a second to write)."""
+def _tensor_layers(spec: PathSpec) -> tuple[list[str], list[str], list[int]]:
+    """Each selected tensor's name, layer and number of parameters."""
     tensors, layers, sizes = [], [], []
     for name, shape in spec.selected:
         if ".parametrizations." in f".{name}":  # torch.nn.utils.parametrize: the layer is the parametrized module
@@ -264,6 +262,21 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
         tensors.append(name)
         layers.append(layer)
         sizes.append(math.prod(shape))
+    return tensors, layers, sizes
+
+
+def _transposed_units(spec: PathSpec, name: str, shape, index: np.ndarray) -> np.ndarray:
+    """A transposed convolution's unit (output channel) of its elements ``index``: group * (out // groups) +
+    the index along dim 1 (its weight is (in, out // groups, ...))."""
+    ix = np.unravel_index(index, tuple(shape))
+    return ix[0] // (shape[0] // spec.transposed[name]) * shape[1] + ix[1]
+
+
+def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
+    """Coordinates on the flat ``parameter`` dimension: tensor and layer as :func:`names` (small codes into the
+    names), unit and index as int64, each made once at its full length and filled tensor by tensor (10M
+    parameters: 170 MB, where names as fixed-width strings took 360 MB more and a second to write)."""
+    tensors, layers, sizes = _tensor_layers(spec)
     p = sum(sizes)
     layer_names = list(dict.fromkeys(layers))
     out = {
@@ -283,13 +296,38 @@ def parameter_coords(spec: PathSpec) -> dict[str, np.ndarray | pd.Categorical]:
         index, unit = out["index"][at].reshape(rows, -1), out["unit"][at]
         index[:] = np.arange(index.shape[1])
         index += np.arange(0, n, index.shape[1])[:, None]
-        if name in spec.transposed:  # output channel = group * (out // groups) + index along dim 1
-            ix = np.unravel_index(out["index"][at], tuple(shape))
-            per_group_in = shape[0] // spec.transposed[name]
-            unit[:] = ix[0] // per_group_in * shape[1] + ix[1]
+        if name in spec.transposed:
+            unit[:] = _transposed_units(spec, name, shape, out["index"][at])
         else:  # the index along dim 0 of each element of tensor.flatten()
             unit.reshape(rows, -1)[:] = np.arange(rows)[:, None]
     return out
+
+
+def coords_at(spec: PathSpec, at: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`parameter_coords` of the parameters ``at`` only (names as str), without making the full arrays.
+
+    >>> import torch
+    >>> spec = build_spec(torch.nn.Linear(3, 2), torch.nn.Linear(3, 2).state_dict())
+    >>> at = coords_at(spec, np.array([0, 4, 6]))
+    >>> at["tensor"].tolist(), at["layer"].tolist(), at["unit"].tolist(), at["index"].tolist()
+    (['weight', 'weight', 'bias'], ['Linear', 'Linear', 'Linear'], [0, 1, 0], [0, 4, 0])
+    """
+    tensors, layers, sizes = _tensor_layers(spec)
+    at = np.asarray(at, dtype=np.int64)
+    ends = np.cumsum(sizes, dtype=np.int64)
+    which = np.searchsorted(ends, at, side="right")
+    index = at - (ends - np.asarray(sizes, dtype=np.int64))[which]
+    unit = np.zeros(len(at), np.int64)
+    for k in np.unique(which).tolist():
+        name, shape = spec.selected[k]
+        mine = which == k
+        if name in spec.transposed:
+            unit[mine] = _transposed_units(spec, name, shape, index[mine])
+        elif len(shape):
+            unit[mine] = index[mine] // max(1, math.prod(shape[1:]))
+    names = np.asarray(tensors) if tensors else np.zeros(0, str)
+    owners = np.asarray(layers) if layers else np.zeros(0, str)
+    return {"tensor": names[which], "layer": owners[which], "unit": unit, "index": index}
 
 
 def fixed_width(names: pd.Categorical, at=slice(None)) -> np.ndarray:
@@ -346,25 +384,47 @@ class Groups:
     {'tensor': [1.0, 2.0, 3.0], 'total': [6.0]}
     """
 
-    def __init__(self, coords: Mapping):
-        self.coords = {k: names(coords[k]) if k in NAMED else np.asarray(coords[k]) for k in PER_PARAMETER}
-        self.n_parameters = len(self.coords["tensor"])
+    def __init__(self, coords: Mapping | None = None, *, spec: PathSpec | None = None):
+        """From the per-parameter ``coords``, or from a path's ``spec``: then they are worked out only where the
+        groups need them (at the start of each run) and made whole only when :attr:`coords` is read."""
+        self._coords: dict | None = None
+        self._spec = spec
+        if coords is not None:
+            self.coords = coords
+        elif spec is None:
+            raise TypeError("Groups needs the per-parameter coords or the path's spec")
+        self.n_parameters = len(self.coords["tensor"]) if spec is None else spec.n_selected
+
+    @property
+    def coords(self) -> dict:
+        """The coordinates of every parameter (:func:`parameter_coords`; made on first use when given a spec)."""
+        if self._coords is None:
+            assert self._spec is not None
+            self.coords = parameter_coords(self._spec)
+        assert self._coords is not None
+        return self._coords
+
+    @coords.setter
+    def coords(self, coords: Mapping):
+        self._coords = {k: names(coords[k]) if k in NAMED else np.asarray(coords[k]) for k in PER_PARAMETER}
 
     def _at(self, key: str, at: np.ndarray) -> np.ndarray:
         """The coordinate ``key`` of the parameters ``at``, as plain numpy (names as str)."""
+        if self._coords is None and self._spec is not None:
+            return coords_at(self._spec, at)[key]
         c = self.coords[key]
         return fixed_width(c, at) if isinstance(c, pd.Categorical) else c[at]
 
     @classmethod
     def of(cls, spec: PathSpec, coords: Mapping[str, np.ndarray] | None = None) -> Groups:
-        """The groups of a path's selected parameters (``coords``: its :func:`parameter_coords`, made when not
-        given), the runs worked out from the tensors' shapes rather than by comparing every parameter's
-        coordinates with the next one's (10M parameters: 5 ms against 75)."""
-        groups = cls(parameter_coords(spec) if coords is None else coords)
+        """The groups of a path's selected parameters (``coords``: its :func:`parameter_coords`; without them,
+        worked out where needed: see :class:`Groups`), the runs worked out from the tensors' shapes rather than
+        by comparing every parameter's coordinates with the next one's (10M parameters: 5 ms against 75)."""
+        groups = cls(coords) if coords is not None else cls(spec=spec)
         starts, offset = [np.zeros(0, np.int64)], 0
         for (name, shape), n in zip(spec.selected, spec.numels, strict=False):
             if n and name in spec.transposed:  # a unit's elements are not contiguous: compare its units
-                unit = groups.coords["unit"][offset : offset + n]
+                unit = groups._at("unit", np.arange(offset, offset + n))
                 starts.append(offset + np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]))
             elif n:  # unit u is row u of the tensor (a 0-d tensor: one unit)
                 rows = shape[0] if len(shape) else 1

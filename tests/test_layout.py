@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lca_notebook.layout import GRANULARITIES, Groups, build_spec, parameter_coords
+from lca_notebook.layout import GRANULARITIES, Groups, build_spec, coords_at, parameter_coords
 
 
 class Net(nn.Module):
@@ -60,6 +60,14 @@ def test_coords_and_groups_match_an_element_by_element_walk():
             want[:, labels.index(key)] += block[:, j]
         np.testing.assert_allclose(sums[by], want, rtol=1e-12, atol=1e-12, err_msg=by)
         assert groups.sizes(by).tolist() == [keys[by].count(k) for k in labels]
+        # Groups.of(spec) works its coordinates out at the runs' starts only, and gives the same groups
+        assert np.array_equal(from_shapes.labels(by), groups.labels(by)), by
+        np.testing.assert_array_equal(from_shapes.sums(block, (by,))[by], sums[by], err_msg=by)
+    assert from_shapes._coords is None  # no per-parameter arrays were made for any of that
+    at = np.random.default_rng(1).integers(0, len(naive), 50)
+    for key, values in coords_at(spec, at).items():
+        whole = coords[key]
+        assert [str(v) for v in values] == [str(whole[i]) for i in at], key
         for label, cols in zip(labels, groups.columns(by), strict=True) if by != "parameter" else ():
             want = [j for j, key in enumerate(keys[by]) if key == label]  # contiguous ones as a slice
             assert np.arange(len(naive))[cols].tolist() == want, (by, label)
