@@ -381,6 +381,9 @@ def test_export_refuses_an_unknown_format_and_says_which(result, tmp_path):
     ex = Explorer(result)
     with pytest.raises(ValueError, match=r"sel\.xlsx.*\.csv, \.nc, \.png or \.svg"):
         ex.export(tmp_path / "sel.xlsx")
+    (tmp_path / "old.xlsx").write_text("mine")  # an existing file of a format export cannot write: the format is named
+    with pytest.raises(ValueError, match=r"old\.xlsx.*\.csv, \.nc, \.png or \.svg"):
+        ex.export(tmp_path / "old.xlsx")
     ex.export_path.value = str(tmp_path / "sel.xlsx")
     ex.export_button.click()  # shown in the panel, not lost in a callback
     assert "export failed" in ex.export_status.value and "sel.xlsx" in ex.export_status.value

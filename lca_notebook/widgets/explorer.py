@@ -1034,6 +1034,8 @@ class Explorer(widgets.VBox):
         path = local_path(path)
         stem, ext = os.path.splitext(path)
         ext = ext.lower()
+        if ext not in (".csv", ".nc", ".png", ".svg"):
+            raise ValueError(f"cannot export to {path!r}: use a name ending in .csv, .nc, .png or .svg")
         targets = [f"{stem}_{name}{ext}" for name in self.figures] if ext in (".png", ".svg") else [path]
         for target in (t for t in targets if os.path.exists(t)):
             kind = saved_kind(target)
@@ -1054,15 +1056,10 @@ class Explorer(widgets.VBox):
         if ext == ".nc":
             self.selection().to_netcdf(path, engine="h5netcdf")
             return [path]
-        if ext in (".png", ".svg"):
-            paths = []
-            for name, fig in self.figures.items():
-                target = f"{stem}_{name}{ext}"
-                paths.append(target)
-                writer = _file_writer(target, self.export_status)
-                fig.get_png_data(writer) if ext == ".png" else fig.get_svg_data(writer)
-            return paths
-        raise ValueError(f"cannot export to {path!r}: use a name ending in .csv, .nc, .png or .svg")
+        for fig, target in zip(self.figures.values(), targets, strict=True):  # .png, .svg: one file a figure
+            writer = _file_writer(target, self.export_status)
+            fig.get_png_data(writer) if ext == ".png" else fig.get_svg_data(writer)
+        return targets
 
     def _export_clicked(self):
         path = self.export_path.value
